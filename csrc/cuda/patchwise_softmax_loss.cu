@@ -7,9 +7,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -150,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_softmax_loss_cuda(
   const auto target = target_in.contiguous();
   const auto mask = mask_in.has_value() ? std::optional<at::Tensor>(mask_in->contiguous())
                                         : std::nullopt;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "patchwise_softmax_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -196,7 +197,7 @@ at::Tensor patchwise_softmax_loss_backward_cuda(
   auto coef = at::empty({g.batch, g.patches()}, patch_loss.options());
   const int64_t total = pred.numel();
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 65535LL * 32);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "patchwise_softmax_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -28,6 +28,9 @@ def build_facts() -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.split(";") if "=" in item)
 
 
+# A constant for torch.compile: the registry does not change while a graph runs, and dynamo
+# cannot trace the dispatcher query itself.
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether `lesionkit::<op>` has a compiled kernel for `dispatch_key` ("CPU", "CUDA")."""
     if not HAS_OPS:
