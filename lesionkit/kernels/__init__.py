@@ -13,17 +13,37 @@ from lesionkit.kernels.backend import (
 )
 from lesionkit.kernels.info import format_info, info
 from lesionkit.kernels.patchwise_softmax_loss import PatchwiseSoftmaxLoss, patchwise_softmax_loss
-from lesionkit.kernels.reference import patchwise_softmax_loss_reference
+from lesionkit.kernels.reference import (
+    cross_merge_reference,
+    cross_scan_reference,
+    patchwise_softmax_loss_reference,
+    selective_scan_2d_reference,
+    selective_scan_reference,
+)
+from lesionkit.kernels.selective_scan import (
+    cross_merge,
+    cross_scan,
+    selective_scan,
+    selective_scan_2d,
+)
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "PatchwiseSoftmaxLoss",
+    "cross_merge",
+    "cross_merge_reference",
+    "cross_scan",
+    "cross_scan_reference",
     "format_info",
     "info",
     "patchwise_softmax_loss",
     "patchwise_softmax_loss_reference",
     "requested_backend",
     "select_backend",
+    "selective_scan",
+    "selective_scan_2d",
+    "selective_scan_2d_reference",
+    "selective_scan_reference",
     "use_backend",
 ]

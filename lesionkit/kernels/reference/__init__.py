@@ -5,5 +5,20 @@ from lesionkit.kernels.reference.patchwise_softmax_loss import (
     patchwise_softmax_loss_per_image_reference,
     patchwise_softmax_loss_reference,
 )
+from lesionkit.kernels.reference.selective_scan import (
+    cross_merge_reference,
+    cross_scan_reference,
+    selective_scan_2d_reference,
+    selective_scan_reference,
+    selective_scan_sequential_reference,
+)
 
-__all__ = ["patchwise_softmax_loss_per_image_reference", "patchwise_softmax_loss_reference"]
+__all__ = [
+    "cross_merge_reference",
+    "cross_scan_reference",
+    "patchwise_softmax_loss_per_image_reference",
+    "patchwise_softmax_loss_reference",
+    "selective_scan_2d_reference",
+    "selective_scan_reference",
+    "selective_scan_sequential_reference",
+]

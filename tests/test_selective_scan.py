@@ -1,0 +1,507 @@
+"""selective_scan, cross_scan / cross_merge and selective_scan_2d on every backend against their
+references (STYLE rule 6; shapes, flags and tolerances of mamba's test suite, REFERENCE 2.1)."""
+
+import pytest
+import torch
+
+import lesionkit.kernels as K
+from lesionkit.kernels import _library
+from lesionkit.kernels.reference.selective_scan import (
+    selective_scan_sequential_reference,
+)
+
+from conftest import backend_params
+
+SCAN_BACKENDS = backend_params("selective_scan")
+SCAN_2D_BACKENDS = backend_params("selective_scan_2d")
+CROSS_BACKENDS = backend_params("cross_scan")
+REFERENCE = pytest.param("reference", torch.device("cpu"), id="reference")
+needs_ops = pytest.mark.skipif(not _library.HAS_OPS, reason="compiled library not built")
+
+# (rtol, atol) of the forward per dtype: mamba's test_selective_scan.
+TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2),
+       torch.float64: (1e-10, 1e-10)}
+
+# (b, d, l, n, g, flags): g = 0 means B, C of shape (b, n, l); uneven lengths from VM-UNet at 224
+# input (49 ... 3136, mamba #368 was a tail bug) and lengths around the 512-step checkpoint chunk.
+CASES = [
+    (2, 4, 49, 16, 1, "z,bias,softplus,D"),
+    (1, 4, 196, 8, 2, "softplus"),
+    (2, 8, 372, 16, 4, "z,D"),
+    (1, 4, 784, 1, 1, "bias,softplus,D"),
+    (1, 4, 1134, 16, 2, "z,bias,softplus,D"),
+    (1, 4, 3136, 16, 4, "bias,softplus"),
+    (2, 6, 512, 8, 0, "z,softplus,D"),
+    (1, 2, 513, 1, 0, ""),
+    (3, 4, 1, 16, 2, "z,bias,softplus,D"),
+    (1, 8, 100, 24, 4, "z,bias,softplus,D"),
+]
+
+
+def case_id(case):
+    b, d, l, n, g, flags = case
+    return f"b{b}d{d}l{l}n{n}g{g}-{flags.replace(',', '+') or 'plain'}"
+
+
+def make_scan_inputs(case, dtype=torch.float32, device="cpu", seed=0, noncontiguous=False):
+    """mamba's test inputs: delta, delta_bias in [0, 0.5), A in (-0.5, 0]."""
+    b, d, l, n, g, flags = case
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, scale=1.0, normal=True, kind=dtype):
+        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
+        return (t * scale).to(device, kind)
+
+    def seq(*shape, **kw):  # (..., l) tensors, optionally with l strided
+        if not noncontiguous:
+            return rand(*shape, **kw)
+        return rand(*shape[:-2], shape[-1], shape[-2], **kw).transpose(-1, -2)
+
+    bc_shape = (b, g, n, l) if g else (b, n, l)
+    return dict(
+        u=seq(b, d, l), delta=seq(b, d, l, scale=0.5, normal=False),
+        A=rand(d, n, scale=-0.5, normal=False, kind=acc),
+        B=seq(*bc_shape), C=seq(*bc_shape),
+        D=rand(d, kind=acc) if "D" in flags else None,
+        z=seq(b, d, l) if "z" in flags else None,
+        delta_bias=rand(d, scale=0.5, normal=False, kind=acc) if "bias" in flags else None,
+        delta_softplus="softplus" in flags,
+    )
+
+
+def scan(backend, **kw):
+    with K.use_backend(backend):
+        return K.selective_scan(**kw)
+
+
+def test_chunked_reference_matches_sequential_oracle():
+    for case in CASES[:8]:
+        kw = make_scan_inputs(case, torch.float64, seed=1)
+        want, want_state = selective_scan_sequential_reference(**kw, return_last_state=True)
+        got, got_state = K.selective_scan_reference(**kw, return_last_state=True)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=case_id(case))
+        torch.testing.assert_close(got_state, want_state, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_is_stable_where_dividing_by_exp_cumsum_overflows():
+    # Decays of exp(-20) per step over 3136 steps: exp(-cumsum) overflows float32 and float64.
+    kw = make_scan_inputs((1, 2, 3136, 4, 1, ""), seed=2)
+    kw["A"] = torch.full_like(kw["A"], -40.0)
+    got = K.selective_scan_reference(**kw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, selective_scan_sequential_reference(**kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_matches_reference(backend, device, dtype, case):
+    kw = make_scan_inputs(case, dtype, device, seed=3)
+    got, got_state = scan(backend, **kw, return_last_state=True)
+    want, want_state = scan("reference", **kw, return_last_state=True)
+    assert got.dtype == dtype and got.shape == kw["u"].shape
+    assert got_state.dtype == torch.float32 and got_state.shape == (case[0], case[1], case[3])
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got_state, want_state, rtol=TOL[torch.float32][0],
+                               atol=TOL[torch.float32][1])
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
+def test_noncontiguous_inputs(backend, device):
+    case = (2, 4, 300, 16, 2, "z,bias,softplus,D")
+    kw = make_scan_inputs(case, device=device, seed=4, noncontiguous=True)
+    assert not kw["u"].is_contiguous() and not kw["B"].is_contiguous()
+    contiguous = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    torch.testing.assert_close(scan(backend, **kw), scan("reference", **contiguous),
+                               rtol=6e-4, atol=2e-3)
+
+
+def _grads(backend, kw, with_state=False):
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    leaves = {k: kw[k].detach().clone().requires_grad_() for k in names}
+    out, state = scan(backend, **{**kw, **leaves}, return_last_state=True)
+    gen = torch.Generator().manual_seed(5)
+    loss = (out.float() * torch.randn(out.shape, generator=gen).to(out.device)).sum()
+    if with_state:
+        loss = loss + (state * torch.randn(state.shape, generator=gen).to(out.device)).sum()
+    return dict(zip(names, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+# mamba's gradient tolerances relative to the forward's: du 2x, d(delta) 5x rtol and 10x atol,
+# dA / dD / d(delta_bias) rtol 1e-3 (REFERENCE 2.1); B, C and z like du.
+def _grad_tol(name, rtol, atol):
+    return {"u": (2 * rtol, 2 * atol), "delta": (5 * rtol, 10 * atol), "B": (2 * rtol, 2 * atol),
+            "C": (2 * rtol, 2 * atol), "z": (2 * rtol, 2 * atol)}.get(name, (1e-3, 1e-3))
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gradients_match_reference(backend, device, case):
+    kw = make_scan_inputs(case, device=device, seed=6)
+    got = _grads(backend, kw, with_state=True)
+    want = _grads("reference", {k: v.double() if isinstance(v, torch.Tensor) else v
+                                for k, v in kw.items()}, with_state=True)
+    rtol, atol = TOL[torch.float32]
+    for name, g in got.items():
+        scale = want[name].abs().max().clamp_min(1.0)  # long sums: compare scaled by max |g|
+        r, a = _grad_tol(name, rtol, atol)
+        torch.testing.assert_close(g.double() / scale, want[name] / scale, rtol=r, atol=a,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS + [REFERENCE])
+@pytest.mark.parametrize("case", [(1, 2, 9, 3, 1, "z,bias,softplus,D"), (2, 4, 7, 1, 2, "D"),
+                                  (1, 2, 6, 2, 0, "softplus")], ids=case_id)
+def test_gradcheck_float64(backend, device, case):
+    kw = make_scan_inputs(case, torch.float64, device, seed=7)
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    leaves = [kw[k].requires_grad_() for k in names]
+
+    def fn(*tensors):
+        out, state = scan(backend, **{**kw, **dict(zip(names, tensors))}, return_last_state=True)
+        return out, state
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
+def test_gradcheck_float64_across_checkpoint_chunks(backend, device):
+    # l = 1100 spans three 512-step chunks: the backward's recompute from each checkpoint.
+    kw = make_scan_inputs((1, 2, 1100, 2, 1, "z,bias,softplus,D"), torch.float64, device, seed=8)
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    leaves = [kw[k].requires_grad_() for k in names]
+
+    def fn(*tensors):
+        return scan(backend, **{**kw, **dict(zip(names, tensors))}, return_last_state=True)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
+def test_low_precision_error_within_reference_error(backend, device, dtype):
+    # flash-attention's rule: the kernel's error against a float64 oracle may be at most a
+    # small multiple of the same-dtype reference's own error.
+    kw = make_scan_inputs((2, 8, 700, 16, 2, "z,bias,softplus,D"), dtype, device, seed=9)
+    exact = scan("reference", **{k: v.double() if isinstance(v, torch.Tensor) else v
+                                 for k, v in kw.items()})
+    ref_err = (scan("reference", **kw).double() - exact).abs().max().item()
+    got_err = (scan(backend, **kw).double() - exact).abs().max().item()
+    assert got_err <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
+def test_empty_inputs(backend, device):
+    for case in [(0, 4, 10, 16, 1, ""), (2, 4, 0, 16, 1, "")]:
+        kw = make_scan_inputs(case, device=device)
+        out, state = scan(backend, **kw, return_last_state=True)
+        assert out.shape == kw["u"].shape and state.shape == (case[0], 4, 16)
+        assert not state.any()
+
+
+def _bad(**changes):
+    kw = make_scan_inputs((2, 4, 10, 3, 2, "z,bias,D"))
+    kw.update(changes)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (_bad(u=torch.zeros(2, 4)), r"u should be a \(b, d, l\) tensor"),
+        (_bad(delta=torch.zeros(2, 4, 11)), r"delta should have u's shape \(2, 4, 10\)"),
+        (_bad(A=torch.zeros(5, 3)), r"A should have shape \(d, n\) with d = 4, got \(5, 3\)"),
+        (_bad(A=torch.zeros(4, 300)), r"n \(d_state\) should be in \[1, 256\], got 300"),
+        (_bad(A=torch.zeros(4, 3, dtype=torch.float16)), "A should be torch.float32.*got torch.float16"),
+        (_bad(B=torch.zeros(2, 3, 3, 10), C=torch.zeros(2, 3, 3, 10)),
+         "d should be divisible by the number of groups g, got d = 4, g = 3"),
+        (_bad(B=torch.zeros(2, 2, 3, 9)), r"B should have shape \(b, g, n, l\) or \(b, n, l\)"),
+        (_bad(C=torch.zeros(2, 1, 3, 10)), "B and C should have the same number of groups, got 2 and 1"),
+        (_bad(D=torch.zeros(5)), r"D should have shape \(d,\) = \(4,\)"),
+        (_bad(delta_bias=torch.zeros(4, dtype=torch.float64)), "delta_bias should be torch.float32"),
+        (_bad(z=torch.zeros(2, 4, 10, dtype=torch.float64)), "z should have u's dtype"),
+        (_bad(u=torch.zeros(2, 4, 10, dtype=torch.int64)), "u should be a floating tensor"),
+        (_bad(A=torch.zeros(4, 3, device="meta")), "A should be on u's device cpu, got meta"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        K.selective_scan(**kwargs)
+
+
+@needs_ops
+def test_compiled_op_checks_its_inputs():
+    kw = make_scan_inputs((2, 4, 10, 3, 2, "D"))
+    op = torch.ops.lesionkit.selective_scan
+    with pytest.raises(RuntimeError, match="d should be divisible by the number of groups"):
+        op(kw["u"], kw["delta"], kw["A"], torch.zeros(2, 3, 3, 10), torch.zeros(2, 3, 3, 10),
+           None, None, None, False)
+    with pytest.raises(RuntimeError, match="A should be Float"):
+        op(kw["u"], kw["delta"], kw["A"].half(), kw["B"], kw["C"], None, None, None, False)
+    out, state, ckpt = op(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], None, None, None, False)
+    with pytest.raises(RuntimeError, match="checkpoints should be"):
+        torch.ops.lesionkit.selective_scan_backward(out, None, kw["u"], kw["delta"], kw["A"],
+                                                    kw["B"], kw["C"], None, None, None, False,
+                                                    ckpt[:, :2])
+
+
+@needs_ops
+@pytest.mark.parametrize("case", [(2, 4, 600, 3, 2, "z,bias,softplus,D"), (1, 2, 20, 16, 0, "")],
+                         ids=case_id)
+def test_opcheck_compiled(case):
+    kw = make_scan_inputs(case, seed=10)
+    args = tuple(kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                 "delta_softplus"))
+    for t in args[:5]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan.default, args)
+    out, state, ckpt = torch.ops.lesionkit.selective_scan(*args)
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan_backward.default,
+                          (torch.randn_like(out), torch.randn_like(state), *detached, ckpt))
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS[:1] + [REFERENCE])
+def test_torch_compile_fullgraph(backend, device):
+    kw = make_scan_inputs((2, 4, 100, 16, 2, "z,bias,softplus,D"), device=device, seed=11)
+    u = kw.pop("u").requires_grad_()
+
+    def step(u, kw):
+        out, state = K.selective_scan(u * 2.0, **kw, return_last_state=True)
+        return out.sum() + state.sum()
+
+    with K.use_backend(backend):
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(u, kw)
+    (got_grad,) = torch.autograd.grad(got, u)
+    with K.use_backend("reference"):
+        want = step(u, kw)
+    (want_grad,) = torch.autograd.grad(want, u)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
+# --- cross_scan / cross_merge ----------------------------------------------------------------
+
+SPATIAL = [(2, 3, 5, 7), (1, 2, 14, 14), (1, 1, 1, 9), (2, 4, 8, 3)]
+
+
+@pytest.mark.parametrize("backend,device", CROSS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SPATIAL, ids=lambda s: "x".join(map(str, s)))
+def test_cross_scan_and_merge_match_reference(backend, device, dtype, shape):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(*shape, generator=gen).to(device, dtype)
+    y = torch.randn(shape[0], 4, shape[1], shape[2] * shape[3], generator=gen).to(device, dtype)
+    with K.use_backend(backend):
+        got_scan = K.cross_scan(x.transpose(2, 3).contiguous().transpose(2, 3))  # strided input
+        got_merge = K.cross_merge(y, shape[2], shape[3])
+    assert torch.equal(got_scan, K.cross_scan_reference(x))
+    # The kernels sum the four directions in float32 and round once.
+    want = K.cross_merge_reference(y.double(), shape[2], shape[3]).to(dtype)
+    torch.testing.assert_close(got_merge, want, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2,
+                               atol=1e-6)
+
+
+def test_cross_scan_directions_follow_vmamba_order():
+    x = torch.arange(6.0).view(1, 1, 2, 3)  # [[0, 1, 2], [3, 4, 5]]
+    got = K.cross_scan_reference(x)[0, :, 0]
+    want = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0],
+                         [5, 2, 4, 1, 3, 0]], dtype=x.dtype)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend,device", CROSS_BACKENDS + [REFERENCE])
+def test_cross_merge_is_the_adjoint_of_cross_scan(backend, device):
+    # <cross_scan(x), y> = <x, cross_merge(y)>, and each one's gradient is the other.
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randn(2, 4, 3, 30, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    interpreted = backend == "triton" and device.type == "cpu"  # slow: gradcheck's fast mode
+    with K.use_backend(backend):
+        sx, my = K.cross_scan(x), K.cross_merge(y, 5, 6)
+        torch.testing.assert_close((sx * y).sum(), (x * my).sum())
+        assert torch.autograd.gradcheck(K.cross_scan, (x,), fast_mode=interpreted)
+        assert torch.autograd.gradcheck(lambda t: K.cross_merge(t, 5, 6), (y,),
+                                        fast_mode=interpreted)
+
+
+@needs_ops
+def test_opcheck_cross_scan_and_merge():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.lesionkit.cross_scan.default, (x,))
+    y = torch.randn(2, 4, 3, 20, requires_grad=True)
+    torch.library.opcheck(torch.ops.lesionkit.cross_merge.default, (y, 4, 5))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in CROSS_BACKENDS if p.values[0] == "triton"])
+def test_opcheck_triton_cross_scan(backend, device):
+    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    with K.use_backend("triton"):
+        K.cross_scan(x)  # registers the Triton ops' autograd on first use
+    # The Triton interpreter dereferences fake tensors: fake and compile checks run on a GPU only.
+    kwargs = {"test_utils": ("test_schema", "test_autograd_registration")} if device.type == "cpu" else {}
+    torch.library.opcheck(torch.ops.lesionkit.cross_scan_triton.default, (x,), **kwargs)
+    y = torch.randn(2, 4, 3, 20, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.lesionkit.cross_merge_triton.default, (y, 4, 5), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "fn, args, match",
+    [
+        (K.cross_scan, (torch.zeros(2, 3, 4),), r"x should be a \(B, C, H, W\) tensor"),
+        (K.cross_merge, (torch.zeros(2, 3, 3, 20), 4, 5), r"y should be a \(B, 4, C, H\*W\) tensor"),
+        (K.cross_merge, (torch.zeros(2, 4, 3, 20), 4, 6), "H\\*W = 4\\*6 = 24, got 20"),
+        (K.cross_merge, (torch.zeros(2, 4, 3, 20), 0, 5), "H should be a positive int, got 0"),
+    ],
+)
+def test_cross_bad_inputs(fn, args, match):
+    with pytest.raises(ValueError, match=match):
+        fn(*args)
+
+
+# --- selective_scan_2d -----------------------------------------------------------------------
+
+# (B, D, H, W, N): VM-UNet's 7x7 and 14x14 (L = 49, 196), a non-square 23x25 (L = 575 > one
+# checkpoint chunk), N = 1 (VMamba v2) and N = 16.
+CASES_2D = [(2, 3, 7, 7, 16), (1, 2, 14, 14, 1), (1, 2, 23, 25, 8), (2, 4, 4, 9, 16)]
+
+
+def make_2d_inputs(case, dtype=torch.float32, device="cpu", seed=0):
+    b, d, h, w, n = case
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rand(*shape, scale=1.0, normal=True, kind=dtype):
+        t = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
+        return (t * scale).to(device, kind)
+
+    return dict(x=rand(b, d, h, w), dt=rand(b, 4, d, h, w, scale=0.5),
+                A=rand(4, d, n, scale=-0.5, normal=False, kind=acc), B=rand(b, 4, n, h, w),
+                C=rand(b, 4, n, h, w), D=rand(4, d, kind=acc), dt_bias=rand(4, d, scale=0.5, kind=acc))
+
+
+def scan_2d(backend, **kw):
+    with K.use_backend(backend):
+        return K.selective_scan_2d(**kw)
+
+
+def test_2d_reference_is_cross_scan_then_scan_then_merge():
+    # Independent of directions_to_sequences: gather each direction with explicit index lists.
+    kw = make_2d_inputs((1, 2, 3, 4, 2), torch.float64, seed=14)
+    b, d, h, w = kw["x"].shape
+    L = h * w
+    orders = [list(range(L)), [r * w + c for c in range(w) for r in range(h)]]
+    orders += [orders[0][::-1], orders[1][::-1]]
+    want = torch.zeros(b, d, L, dtype=torch.float64)
+    for k, order in enumerate(orders):
+        idx = torch.tensor(order)
+        seq = lambda t: t.flatten(-2)[..., idx]  # noqa: E731
+        y = selective_scan_sequential_reference(
+            seq(kw["x"]), seq(kw["dt"][:, k]), kw["A"][k], seq(kw["B"][:, k]), seq(kw["C"][:, k]),
+            kw["D"][k], None, kw["dt_bias"][k], True)
+        want[..., idx] += y
+    got = K.selective_scan_2d_reference(**kw)
+    torch.testing.assert_close(got, want.view(b, d, h, w))
+    torch.testing.assert_close(K.selective_scan_2d_reference(**kw, sequential=True), got)
+
+
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES_2D, ids=lambda c: "x".join(map(str, c)))
+def test_2d_forward_matches_reference(backend, device, dtype, case):
+    kw = make_2d_inputs(case, dtype, device, seed=15)
+    got = scan_2d(backend, **kw)
+    want = scan_2d("reference", **kw)
+    assert got.dtype == dtype and got.shape == kw["x"].shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    else:
+        # The reference rounds each direction's output to the dtype before summing, the fused
+        # kernel rounds once: compare both with a float64 oracle (flash-attention's rule).
+        exact = scan_2d("reference", **{k: v.double() for k, v in kw.items()})
+        ref_err = (want.double() - exact).abs().max().item()
+        got_err = (got.double() - exact).abs().max().item()
+        assert got_err <= 2 * ref_err + 1e-6
+
+
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS)
+@pytest.mark.parametrize("case", CASES_2D, ids=lambda c: "x".join(map(str, c)))
+def test_2d_gradients_match_reference(backend, device, case):
+    kw = make_2d_inputs(case, device=device, seed=16)
+    grads = []
+    for name, inputs in ((backend, kw), ("reference", {k: v.double() for k, v in kw.items()})):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+        out = scan_2d(name, **leaves)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(17)).to(out)
+        grads.append(dict(zip(leaves, torch.autograd.grad((out * weight).sum(), list(leaves.values())))))
+    rtol, atol = TOL[torch.float32]
+    for name, g in grads[0].items():
+        want = grads[1][name]
+        scale = want.abs().max().clamp_min(1.0)
+        r, a = _grad_tol({"x": "u", "dt": "delta"}.get(name, name), rtol, atol)
+        torch.testing.assert_close(g.double() / scale, want / scale, rtol=r, atol=a,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS + [REFERENCE])
+def test_2d_gradcheck_float64(backend, device):
+    kw = make_2d_inputs((1, 2, 3, 4, 2), torch.float64, device, seed=18)
+    names = list(kw)
+    leaves = [kw[k].requires_grad_() for k in names]
+
+    def fn(*tensors):
+        return scan_2d(backend, **dict(zip(names, tensors)))
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@needs_ops
+def test_opcheck_2d_compiled():
+    kw = make_2d_inputs((2, 3, 5, 6, 4), seed=19)
+    args = (*kw.values(), True)
+    for t in args[:5]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan_2d.default, args)
+    out, ckpt = torch.ops.lesionkit.selective_scan_2d(*args)
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan_2d_backward.default,
+                          (torch.randn_like(out), *detached, ckpt))
+
+
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS[:1] + [REFERENCE])
+def test_2d_torch_compile_fullgraph(backend, device):
+    kw = make_2d_inputs((2, 3, 6, 5, 16), device=device, seed=20)
+    x = kw.pop("x").requires_grad_()
+
+    def block(x, kw):
+        return K.selective_scan_2d(x.relu(), **kw).square().mean()
+
+    with K.use_backend(backend):
+        got = torch.compile(block, fullgraph=True, backend="aot_eager")(x, kw)
+    (got_grad,) = torch.autograd.grad(got, x)
+    with K.use_backend("reference"):
+        want = block(x, kw)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(x=torch.zeros(2, 3, 6)), r"x should be a \(B, C, H, W\) tensor"),
+        (dict(dt=torch.zeros(2, 4, 3, 6, 6)), r"dt should have shape \(2, 4, 3, 6, 5\)"),
+        (dict(A=torch.zeros(2, 3, 4)), r"A should have shape \(4, D, N\) with D = 3"),
+        (dict(A=torch.zeros(4, 3, 4, dtype=torch.bfloat16)), "A should be torch.float32"),
+        (dict(B=torch.zeros(2, 4, 5, 6, 5)), r"B should have shape \(2, 4, 4, 6, 5\)"),
+        (dict(D=torch.zeros(3)), r"D should have shape \(4, 3\)"),
+        (dict(dt_bias=torch.zeros(4, 3, device="meta")), "dt_bias should be on x's device cpu"),
+    ],
+)
+def test_2d_bad_inputs_name_the_argument(change, match):
+    kw = make_2d_inputs((2, 3, 6, 5, 4))
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        K.selective_scan_2d(**kw)
