@@ -19,7 +19,9 @@ $(STAMP): $(SOURCES)
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade setuptools wheel
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton]"
+	$(BIN)/python -m pip install -v --no-build-isolation -e ".[dev,triton]" > $(VENV)/install.log 2>&1 \
+		|| { tail -n 60 $(VENV)/install.log; exit 1; }
+	@grep -A8 "lesionkit build configuration" $(VENV)/install.log || true
 	touch $@
 
 demo: $(STAMP)
