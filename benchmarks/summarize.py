@@ -1,0 +1,58 @@
+"""Markdown tables from a pytest-benchmark JSON file: median times and speed-ups over the
+eager reference, per op, mode and shape (the README's benchmark tables).
+
+    python benchmarks/summarize.py benchmarks/results/<machine>.json [--op NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def load_rows(path: Path, op: str | None = None) -> tuple[str, dict]:
+    data = json.loads(path.read_text())
+    machine = data.get("machine_info", {}).get("lesionkit_machine", path.stem)
+    groups: dict = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "provider" not in info or (op and info.get("op") != op):
+            continue
+        key = (info["op"], info["mode"], tuple(info["shape"]), info.get("min_bytes"))
+        groups[key][info["provider"]] = bench["stats"]["median"]
+    return machine, groups
+
+
+def to_markdown(machine: str, groups: dict) -> str:
+    providers = sorted({p for times in groups.values() for p in times},
+                       key=lambda p: ["reference", "compile", "cpu", "cuda", "triton"].index(p)
+                       if p in ("reference", "compile", "cpu", "cuda", "triton") else 99)
+    head = ["op", "mode", "shape"] + [f"{p} (ms)" for p in providers]
+    head += [f"{p} vs reference" for p in providers if p != "reference"]
+    head += ["best kernel GB/s"]
+    lines = [f"Machine: {machine}. Median of the timed rounds; speed-up = reference time / time.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (op, mode, shape, min_bytes), times in sorted(groups.items()):
+        ref = times.get("reference")
+        cells = [op, mode, "x".join(map(str, shape))]
+        cells += [f"{times[p] * 1e3:.3f}" if p in times else "-" for p in providers]
+        cells += [f"{ref / times[p]:.2f}x" if ref and p in times else "-"
+                  for p in providers if p != "reference"]
+        kernel_times = [times[p] for p in ("cpu", "cuda", "triton") if p in times]
+        cells.append(f"{min_bytes / min(kernel_times) / 1e9:.1f}" if kernel_times and min_bytes else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--op", default=None)
+    args = parser.parse_args()
+    print(to_markdown(*load_rows(args.json, args.op)))
+
+
+if __name__ == "__main__":
+    main()
