@@ -312,7 +312,7 @@ int64_t backward_splits(int64_t batch, int64_t channels) {
 // ---------------------------------------------------------------------------------------------
 // selective_scan
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
     const std::optional<at::Tensor>& z_in, const std::optional<at::Tensor>& bias_in,
@@ -337,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   const int64_t per_group = s.dim / s.groups, L = s.length, n = s.state;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(),
-                                  "selective_scan_fwd_cpu", [&] {
+                                  "selective_scan_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* u_p = u.const_data_ptr<scalar_t>();
     const scalar_t* delta_p = delta.const_data_ptr<scalar_t>();
@@ -384,7 +384,7 @@ at::Tensor finish_bc_grad(const at::Tensor& partial, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-selective_scan_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_last_in,
+selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_last_in,
                        const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
                        const at::Tensor& B_in, const at::Tensor& C_in,
                        const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& z_in,
@@ -428,7 +428,7 @@ selective_scan_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Te
     const auto grad_last = grad_last_in.has_value() ? grad_last_in->to(acc).contiguous() : at::Tensor();
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(),
-                                    "selective_scan_bwd_cpu", [&] {
+                                    "selective_scan_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* u_p = u.const_data_ptr<scalar_t>();
       const scalar_t* delta_p = delta.const_data_ptr<scalar_t>();
@@ -539,7 +539,7 @@ at::Tensor steps_to_directions(const at::Tensor& steps, int64_t height, int64_t 
       .contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> selective_scan_2d_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cpu(
     const at::Tensor& x_in, const at::Tensor& dt_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus) {
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
@@ -557,9 +557,11 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_2d_fwd_cpu(
   const auto Bt = directions_to_steps(B_in, acc);
   const auto Ct = directions_to_steps(C_in, acc);
   const auto index = direction_indices(s.height, s.width);
+  // The four directions' sum, in the accumulation dtype (the output itself when that matches).
+  auto sum = x_in.scalar_type() == acc ? out : at::empty(x_in.sizes(), x_in.options().dtype(acc));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "selective_scan_2d_fwd_cpu", [&] {
+                                  "selective_scan_2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_p = x.const_data_ptr<scalar_t>();
     const scalar_t* dt_p = dt.const_data_ptr<scalar_t>();
@@ -568,40 +570,44 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_2d_fwd_cpu(
     const acc_t* bias_p = bias.const_data_ptr<acc_t>();
     const acc_t* B_p = Bt.const_data_ptr<acc_t>();
     const acc_t* C_p = Ct.const_data_ptr<acc_t>();
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     acc_t* ckpt_p = checkpoints.mutable_data_ptr<acc_t>();
+    acc_t* sum_p = sum.mutable_data_ptr<acc_t>();
+    // Directions outside, channels inside: consecutive scans share one direction's B and C
+    // rows (2 x L x n floats), which then stay in cache.
     at::parallel_for(0, s.batch * s.dim, 1, [&](int64_t begin, int64_t end) {
       Workspace<acc_t> ws(n, false);
-      std::vector<acc_t> sum(L);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / s.dim, d = idx % s.dim;
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int k = 0; k < kDirections; ++k) {
+      for (int k = 0; k < kDirections; ++k) {
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t b = idx / s.dim, d = idx % s.dim;
           const int64_t kd = k * s.dim + d;
           const int64_t bk = b * kDirections + k;
           const Row<scalar_t, acc_t> row{x_p + idx * L, dt_p + (bk * s.dim + d) * L, A_p + kd * n,
                                          D_p[kd], bias_p[kd], B_p + bk * L * n, C_p + bk * L * n,
                                          ckpt_p + (bk * s.dim + d) * chunks * n};
+          acc_t* sum_row = sum_p + idx * L;
           dispatch_state(n, [&](auto width) {
             scan_row_forward<decltype(width)::value>(
                 row, L, n, DirectionMap{index.data() + k * L}, dt_softplus,
                 static_cast<acc_t*>(nullptr), ws,
                 [&](int64_t t0, int64_t len, const acc_t* y) {
                   const int32_t* idx_k = index.data() + k * L + t0;
-                  for (int64_t i = 0; i < len; ++i) sum[idx_k[i]] += y[i];
+                  if (k == 0) {
+                    for (int64_t i = 0; i < len; ++i) sum_row[idx_k[i]] = y[i];
+                  } else {
+                    for (int64_t i = 0; i < len; ++i) sum_row[idx_k[i]] += y[i];
+                  }
                 });
           });
         }
-        scalar_t* out_row = out_p + idx * L;
-        for (int64_t p = 0; p < L; ++p) out_row[p] = static_cast<scalar_t>(sum[p]);
       }
     });
   });
+  if (!sum.is_same(out)) out.copy_(sum);
   return {out, checkpoints};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-selective_scan_2d_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                           const at::Tensor& dt_in, const at::Tensor& A_in, const at::Tensor& B_in,
                           const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in,
                           bool dt_softplus, const at::Tensor& checkpoints_in) {
@@ -614,7 +620,9 @@ selective_scan_2d_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const int64_t L = s.length(), n = s.state, chunks = scan_chunks(L);
   const int64_t splits = backward_splits(s.batch, s.dim);
 
-  auto dx = at::empty(x_in.sizes(), x_in.options());
+  auto dx = at::zeros(x_in.sizes(), x_in.options());
+  // dx summed over the four directions in the accumulation dtype (dx itself when that matches).
+  auto dx_sum = x_in.scalar_type() == acc ? dx : at::zeros(x_in.sizes(), acc_opts);
   auto ddt = at::empty(dt_in.sizes(), dt_in.options());
   auto dB_part = at::zeros({s.batch, splits, kDirections, L, n}, acc_opts);
   auto dC_part = at::zeros({s.batch, splits, kDirections, L, n}, acc_opts);
@@ -635,7 +643,7 @@ selective_scan_2d_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
     const auto index = direction_indices(s.height, s.width);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                    "selective_scan_2d_bwd_cpu", [&] {
+                                    "selective_scan_2d_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* x_p = x.const_data_ptr<scalar_t>();
       const scalar_t* dt_p = dt.const_data_ptr<scalar_t>();
@@ -646,7 +654,6 @@ selective_scan_2d_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
       const acc_t* B_p = Bt.const_data_ptr<acc_t>();
       const acc_t* C_p = Ct.const_data_ptr<acc_t>();
       const acc_t* ckpt_p = ckpt.const_data_ptr<acc_t>();
-      scalar_t* dx_p = dx.mutable_data_ptr<scalar_t>();
       scalar_t* ddt_p = ddt.mutable_data_ptr<scalar_t>();
       acc_t* dB_p = dB_part.mutable_data_ptr<acc_t>();
       acc_t* dC_p = dC_part.mutable_data_ptr<acc_t>();
@@ -654,26 +661,28 @@ selective_scan_2d_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
       acc_t* dD_p = dD_part.mutable_data_ptr<acc_t>();
       acc_t* dbias_p = dbias_part.mutable_data_ptr<acc_t>();
 
-      // Task (b, split): channels [lo, hi), all four directions, so dx sums in a private row.
+      acc_t* dx_sum_p = dx_sum.mutable_data_ptr<acc_t>();
+      // Task (b, split): channels [lo, hi) of every direction, directions outside so that the
+      // direction's B, C rows and dB, dC partials stay in cache; the task owns its dx rows.
       at::parallel_for(0, s.batch * splits, 1, [&](int64_t begin, int64_t end) {
         Workspace<acc_t> ws(n, true);
-        std::vector<acc_t> g(n), dx_row(L);
+        std::vector<acc_t> g(n);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / splits, split = task % splits;
           const int64_t lo = split * s.dim / splits, hi = (split + 1) * s.dim / splits;
-          for (int64_t d = lo; d < hi; ++d) {
-            const int64_t idx = b * s.dim + d;
-            const scalar_t* go_row = go_p + idx * L;
-            std::fill(dx_row.begin(), dx_row.end(), acc_t(0));
-            for (int k = 0; k < kDirections; ++k) {
+          for (int k = 0; k < kDirections; ++k) {
+            const int64_t bk = b * kDirections + k;
+            const int64_t part = (b * splits + split) * kDirections + k;
+            for (int64_t d = lo; d < hi; ++d) {
+              const int64_t idx = b * s.dim + d;
               const int64_t kd = k * s.dim + d;
-              const int64_t bk = b * kDirections + k;
               const int64_t row_idx = bk * s.dim + d;
+              const scalar_t* go_row = go_p + idx * L;
+              acc_t* dx_row = dx_sum_p + idx * L;
               const Row<scalar_t, acc_t> row{x_p + idx * L, dt_p + row_idx * L, A_p + kd * n,
                                              D_p[kd], bias_p[kd], B_p + bk * L * n,
                                              C_p + bk * L * n,
                                              const_cast<acc_t*>(ckpt_p) + row_idx * chunks * n};
-              const int64_t part = (b * splits + split) * kDirections + k;
               RowGrads<acc_t> grads{dB_p + part * L * n, dC_p + part * L * n, dA_p + row_idx * n};
               std::fill(g.begin(), g.end(), acc_t(0));
               scalar_t* ddt_row = ddt_p + row_idx * L;
@@ -689,12 +698,11 @@ selective_scan_2d_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
               dD_p[row_idx] = grads.dD;
               dbias_p[row_idx] = grads.dbias;
             }
-            scalar_t* dx_out = dx_p + idx * L;
-            for (int64_t p = 0; p < L; ++p) dx_out[p] = static_cast<scalar_t>(dx_row[p]);
           }
         }
       });
     });
+    if (!dx_sum.is_same(dx)) dx.copy_(dx_sum);
   }
   auto dB = steps_to_directions(dB_part.sum(1), s.height, s.width).to(B_in.scalar_type());
   auto dC = steps_to_directions(dC_part.sum(1), s.height, s.width).to(C_in.scalar_type());
@@ -772,10 +780,10 @@ at::Tensor cross_merge_cpu(const at::Tensor& y_in, int64_t H, int64_t W) {
 }  // namespace lesionkit
 
 TORCH_LIBRARY_IMPL(lesionkit, CPU, m) {
-  m.impl("selective_scan_fwd", &lesionkit::selective_scan_fwd_cpu);
-  m.impl("selective_scan_bwd", &lesionkit::selective_scan_bwd_cpu);
-  m.impl("selective_scan_2d_fwd", &lesionkit::selective_scan_2d_fwd_cpu);
-  m.impl("selective_scan_2d_bwd", &lesionkit::selective_scan_2d_bwd_cpu);
+  m.impl("selective_scan", &lesionkit::selective_scan_cpu);
+  m.impl("selective_scan_backward", &lesionkit::selective_scan_backward_cpu);
+  m.impl("selective_scan_2d", &lesionkit::selective_scan_2d_cpu);
+  m.impl("selective_scan_2d_backward", &lesionkit::selective_scan_2d_backward_cpu);
   m.impl("cross_scan", &lesionkit::cross_scan_cpu);
   m.impl("cross_merge", &lesionkit::cross_merge_cpu);
 }
