@@ -35,6 +35,7 @@ CASES = [
     (1, 2, 513, 1, 0, ""),
     (3, 4, 1, 16, 2, "z,bias,softplus,D"),
     (1, 8, 100, 24, 4, "z,bias,softplus,D"),
+    (1, 2, 40, 256, 1, "z,bias,softplus,D"),
 ]
 
 
