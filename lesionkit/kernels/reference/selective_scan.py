@@ -127,9 +127,11 @@ def selective_scan_sequential_reference(u, delta, A, B, C, D=None, z=None, delta
     A_v = A.view(groups, per_group, n)
     h = u.new_zeros((batch, groups, per_group, n), dtype=dt.dtype)
     ys = []
-    for t in range(length):
-        h = torch.exp(dt_s[t] * A_v) * h + x_s[t] * B_s[t]
-        ys.append((h * C_s[t]).sum(-1))
+    # unbind, not indexing per step: the backward of t-indexing writes a full-size gradient
+    # for every step (quadratic in l); unbind's backward is one stack.
+    for dt_t, x_t, B_t, C_t in zip(dt_s.unbind(0), x_s.unbind(0), B_s.unbind(0), C_s.unbind(0)):
+        h = torch.exp(dt_t * A_v) * h + x_t * B_t
+        ys.append((h * C_t).sum(-1))
     if ys:
         y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
     else:
@@ -163,27 +165,31 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     A_v = A.view(groups, per_group, 1, n)
 
     # Pass 1: every chunk scanned at once from a zero state.
+    # Per-step slices by unbind (indexing step t would make the backward quadratic in T).
+    dt_steps = dt_s.unsqueeze(-1).unbind(0)
+    x_steps = x_s.unsqueeze(-1).unbind(0)
+    B_steps, C_steps = B_s.unbind(0), C_s.unbind(0)
     h = dt.new_zeros((batch, groups, per_group, chunks, n))
     y_local = []
     for t in range(T):
-        h = torch.exp(dt_s[t, ..., None] * A_v) * h + x_s[t, ..., None] * B_s[t]
-        y_local.append((h * C_s[t]).sum(-1))
+        h = torch.exp(dt_steps[t] * A_v) * h + x_steps[t] * B_steps[t]
+        y_local.append((h * C_steps[t]).sum(-1))
     # Log-decay of each whole chunk, then the state entering each chunk, carried chunk by chunk:
     # H_{c+1} = exp(S_c) H_c + h_c.
     chunk_decay = torch.exp((dt_s.sum(0)[..., None]) * A_v)
     carried = []
     state = dt.new_zeros((batch, groups, per_group, n))
-    for c in range(chunks):
+    for decay_c, h_c in zip(chunk_decay.unbind(3), h.unbind(3)):
         carried.append(state)
-        state = chunk_decay[:, :, :, c] * state + h[:, :, :, c]
+        state = decay_c * state + h_c
     H = torch.stack(carried, dim=3)
     # Pass 2: the carried state decays by exp(S_t), S_t the log-space segment sum of dt * A from
     # the chunk start to t (at most 1 for A < 0).
     S = torch.zeros_like(H)
     ys = []
     for t in range(T):
-        S = S + dt_s[t, ..., None] * A_v
-        ys.append(y_local[t] + (torch.exp(S) * H * C_s[t]).sum(-1))
+        S = S + dt_steps[t] * A_v
+        ys.append(y_local[t] + (torch.exp(S) * H * C_steps[t]).sum(-1))
     y = torch.stack(ys, dim=-1).reshape(batch, dim, chunks * T)[..., :length]
     out = _finish(y, u, D, z)
     return (out, state.reshape(batch, dim, n)) if return_last_state else out
