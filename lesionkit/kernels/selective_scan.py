@@ -16,11 +16,11 @@ from lesionkit.kernels.reference.selective_scan import (
     check_cross_merge_inputs,
     check_selective_scan_2d_inputs,
     check_selective_scan_inputs,
+    check_spatial_input,
     cross_merge_reference,
     cross_scan_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
-    _check_spatial,
 )
 
 SCAN = register_op(OpSpec("selective_scan", triton=False, auto_gpu_order=("cuda", "reference")))
@@ -237,7 +237,7 @@ def cross_scan(x: torch.Tensor) -> torch.Tensor:
 
     Direction 0 reads row-major (h, w), 1 column-major (w, h), 2 and 3 are 0 and 1 reversed.
     """
-    _check_spatial("x", x)
+    check_spatial_input("x", x)
     backend = select_backend(CROSS_SCAN.name, x.device)
     if backend == "reference":
         return cross_scan_reference(x)

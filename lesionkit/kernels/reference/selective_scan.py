@@ -198,7 +198,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # --- Cross-scan (VMamba / VM-UNet direction order) ----------------------------------------
 
 
-def _check_spatial(name: str, x: torch.Tensor) -> None:
+def check_spatial_input(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} should be a (B, C, H, W) tensor, got {shape}")
@@ -206,7 +206,7 @@ def _check_spatial(name: str, x: torch.Tensor) -> None:
 
 def cross_scan_reference(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
-    _check_spatial("x", x)
+    check_spatial_input("x", x)
     rows = x.flatten(2)
     cols = x.transpose(2, 3).flatten(2)
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
@@ -243,7 +243,7 @@ def directions_to_sequences(t: torch.Tensor) -> torch.Tensor:
 
 def check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias) -> None:
     """Raise ValueError naming the argument for every input selective_scan_2d cannot take."""
-    _check_spatial("x", x)
+    check_spatial_input("x", x)
     batch, dim, height, width = x.shape
     if not x.dtype.is_floating_point:
         raise ValueError(f"x should be a floating tensor, got {x.dtype}")
