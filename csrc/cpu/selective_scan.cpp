@@ -31,7 +31,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC 12 warns inside its own AVX-512 header (min/max of _mm512_undefined_ps); a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include "../selective_scan.h"
 
@@ -164,12 +171,49 @@ LK_INLINE void load_steps(const Row<scalar_t, acc_t>& row, Map map, bool softplu
   for (int64_t i = 0; i < len; ++i) dtu[i] = dt[i] * u[i];
 }
 
+#if defined(__AVX512F__)
+// fast_exp on 16 lanes: the same reduction and polynomial, 2^k applied by vscalefps.
+LK_INLINE __m512 fast_exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-86.0f)), _mm512_set1_ps(88.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-0.693145751953125f), x);
+  r = _mm512_fmadd_ps(k, _mm512_set1_ps(-1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
 // Steps [t0, t0 + len) from state h (updated in place); y_i = <C, h> + D u into ws.y. With
 // `history`, the state after step i is also kept at history[(i + 1) * n].
 template <int kN, typename scalar_t, typename acc_t>
 LK_INLINE void scan_steps(const Row<scalar_t, acc_t>& row, int64_t n_runtime, int64_t t0,
                           int64_t len, acc_t* __restrict__ h, acc_t* __restrict__ history,
                           Workspace<acc_t>& ws) {
+#if defined(__AVX512F__)
+  if constexpr (kN == 16 && std::is_same_v<acc_t, float>) {
+    // n = 16 float32 is one AVX-512 register: the state stays in it across steps.
+    const __m512 A = _mm512_loadu_ps(row.A);
+    __m512 hv = _mm512_loadu_ps(h);
+    const float* Bt = row.B + t0 * 16;
+    const float* Ct = row.C + t0 * 16;
+    for (int64_t i = 0; i < len; ++i) {
+      const __m512 a = fast_exp16(_mm512_mul_ps(_mm512_set1_ps(ws.dt[i]), A));
+      hv = _mm512_fmadd_ps(a, hv, _mm512_mul_ps(_mm512_set1_ps(ws.dtu[i]), _mm512_loadu_ps(Bt + i * 16)));
+      if (history != nullptr) _mm512_storeu_ps(history + (i + 1) * 16, hv);
+      ws.y[i] = _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(Ct + i * 16), hv)) +
+                row.D * ws.u[i];
+    }
+    _mm512_storeu_ps(h, hv);
+    return;
+  }
+#endif
   const int64_t n = kN > 0 ? kN : n_runtime;
   const acc_t* __restrict__ A = row.A;
   for (int64_t i = 0; i < len; ++i) {
