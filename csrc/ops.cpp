@@ -75,12 +75,12 @@ TORCH_LIBRARY(lesionkit, m) {
   // and the checkpoints (b, d, ceil(l / 512), n): the state entering every 512-step chunk, from
   // which the backward recomputes the states instead of storing (b, d, l, n).
   m.def(
-      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, bool delta_softplus) -> (Tensor, Tensor, Tensor)");
   // Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); dD, dz and ddelta_bias are empty
   // when D, z and delta_bias are None. grad_last_state is the gradient of the last state.
   m.def(
-      "selective_scan_bwd(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, "
+      "selective_scan_backward(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, "
       "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
       "bool delta_softplus, Tensor checkpoints) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor)");
@@ -88,11 +88,11 @@ TORCH_LIBRARY(lesionkit, m) {
   // (B, 4, N, H, W), D and dt_bias (4, D), every direction read through its cross-scan index map
   // and the four outputs summed. Returns the output and checkpoints (B, 4, D, ceil(L / 512), N).
   m.def(
-      "selective_scan_2d_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
+      "selective_scan_2d(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
       "Tensor dt_bias, bool dt_softplus) -> (Tensor, Tensor)");
   // Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias).
   m.def(
-      "selective_scan_2d_bwd(Tensor grad_out, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+      "selective_scan_2d_backward(Tensor grad_out, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
       "Tensor D, Tensor dt_bias, bool dt_softplus, Tensor checkpoints) -> (Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor, Tensor)");
   // VMamba's cross-scan (B, C, H, W) -> (B, 4, C, H*W) (row-major, column-major, both reversed)
