@@ -1,0 +1,9 @@
+"""Segmentation models behind a timm-style registry."""
+
+from lesionkit.models.output import SegmentationOutput, segmentation_logits
+from lesionkit.models.registry import create_model, is_model, list_models, register_model
+
+# Importing a model module registers its entry points.
+from lesionkit.models import unet as _unet  # noqa: E402,F401
+
+__all__ = ["SegmentationOutput", "create_model", "is_model", "list_models", "register_model", "segmentation_logits"]
