@@ -1,0 +1,35 @@
+# Set-up and the two everyday jobs. `make demo` and `make test` each create the virtual
+# environment on first use (pinned torch, the package with its compiled kernels, dev tools).
+PYTHON ?= python3
+VENV ?= .venv
+# The pins these machines use; the package itself accepts a range (pyproject.toml).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+CUDA_HOME ?= $(shell for d in "$$CUDA_HOME" /usr/local/cuda; do [ -n "$$d" ] && ls "$$d"/lib64/libcudart.so* >/dev/null 2>&1 && echo "$$d" && break; done)
+export CUDA_HOME
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lesionkit-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/lesionkit demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks -q --benchmark-json benchmarks/results/latest.json
+
+clean:
+	rm -rf build $(VENV) lesionkit/_C*.so *.egg-info

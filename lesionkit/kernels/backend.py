@@ -1,0 +1,161 @@
+"""Backend choice for lesionkit's operators.
+
+Every op has a pure-PyTorch ``reference`` and may have compiled ``cpu`` / ``cuda`` kernels
+(``lesionkit._C``) and a ``triton`` kernel. ``LESIONKIT_BACKEND`` (default ``auto``) or the
+:func:`use_backend` context manager picks one; ``auto`` takes the best available for the
+tensors' device. A backend asked for by name that cannot run raises
+:class:`BackendUnavailableError` saying why and how to get it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lesionkit.kernels import _library
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "LESIONKIT_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the op here."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Which backends an op implements and the order ``auto`` tries on a GPU."""
+
+    name: str
+    cpu: bool = True
+    cuda: bool = True
+    triton: bool = True
+    auto_gpu_order: tuple[str, ...] = ("cuda", "triton", "reference")
+
+
+_OPS: dict[str, OpSpec] = {}
+# A stack rather than a ContextVar: torch.compile traces reads of module globals (and guards
+# on them), so the chosen backend is baked into the compiled graph correctly.
+_forced: list[str] = []
+_warned_fallback = False
+
+
+def register_op(spec: OpSpec) -> OpSpec:
+    _OPS[spec.name] = spec
+    return spec
+
+
+def registered_ops() -> dict[str, OpSpec]:
+    return dict(_OPS)
+
+
+def _validate(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{source} should be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run lesionkit ops inside the block on backend `name` (or ``auto``)."""
+    _forced.append(_validate(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def requested_backend() -> str:
+    """The backend asked for: innermost :func:`use_backend`, else ``LESIONKIT_BACKEND``."""
+    if _forced:
+        return _forced[-1]
+    return _validate(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` cannot run `op` on `device`, or None when it can."""
+    spec = _OPS[op]
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if not spec.cpu:
+            return f"{op} has no cpu kernel"
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got tensors on {device}"
+        if not _library.HAS_OPS:
+            return (f"the compiled library lesionkit._C is not loaded ({_library.LOAD_ERROR}); "
+                    f"build it with `{_library.REBUILD_COMMAND}`")
+        if not _library.has_kernel(op, "CPU"):
+            return f"lesionkit._C has no CPU kernel for {op}; rebuild with `{_library.REBUILD_COMMAND}`"
+        return None
+    if backend == "cuda":
+        if not spec.cuda:
+            return f"{op} has no cuda kernel"
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got tensors on {device}"
+        if not _library.HAS_OPS:
+            return (f"the compiled library lesionkit._C is not loaded ({_library.LOAD_ERROR}); "
+                    f"build it with `{_library.CUDA_REBUILD_COMMAND}`")
+        if not _library.has_kernel(op, "CUDA"):
+            return ("lesionkit._C was built without CUDA kernels; rebuild on a machine with the "
+                    f"CUDA toolkit: `{_library.CUDA_REBUILD_COMMAND}`")
+        return None
+    if backend == "triton":
+        if not spec.triton:
+            return f"{op} has no triton kernel"
+        if not triton_installed():
+            return "triton is not installed (`pip install triton`)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return (f"the triton backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
+                f"got tensors on {device}")
+    raise ValueError(f"backend should be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """The backend that runs `op` for tensors on `device` under the current request."""
+    requested = requested_backend()
+    if requested != "auto":
+        reason = unavailable_reason(op, requested, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run {op}: {reason}")
+        return requested
+    order = ("cpu", "reference") if device.type == "cpu" else _OPS[op].auto_gpu_order
+    for candidate in order:
+        if unavailable_reason(op, candidate, device) is None:
+            if candidate == "reference" and order[0] != "reference":
+                _warn_fallback(op, unavailable_reason(op, order[0], device))
+            return candidate
+    return "reference"
+
+
+def _warn_fallback(op: str, reason: str | None) -> None:
+    global _warned_fallback
+    if _warned_fallback or torch.compiler.is_compiling():
+        return
+    _warned_fallback = True
+    warnings.warn(
+        f"lesionkit: running the pure-PyTorch reference for {op} (and any other op without a "
+        f"kernel here) because {reason}. Set {ENV_VAR}=reference to silence this.",
+        RuntimeWarning, stacklevel=3,
+    )

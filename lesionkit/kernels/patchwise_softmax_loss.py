@@ -1,0 +1,145 @@
+"""Public API of the patch-wise softmax loss (SegMAE Eq. 5-8 and the masked Eq. 12).
+
+``patchwise_softmax_loss`` validates its inputs, picks a backend (see
+:mod:`lesionkit.kernels.backend`) and calls ``torch.ops.lesionkit.patchwise_softmax_loss`` (cpu,
+cuda), ``torch.ops.lesionkit.patchwise_softmax_loss_triton`` (triton) or the pure-PyTorch
+reference. Fake and autograd registrations of the compiled and Triton ops live here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lesionkit.kernels import _library
+from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.reference.patchwise_softmax_loss import (
+    check_patchwise_inputs,
+    patchwise_softmax_loss_per_image_reference,
+    reduce_loss,
+)
+
+OP = register_op(OpSpec("patchwise_softmax_loss", auto_gpu_order=("cuda", "triton", "reference")))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, patch_size, beta, mask, detach_weights = inputs
+    _, patch_loss, weights = output
+    ctx.save_for_backward(pred, target, patch_loss, weights, mask)
+    ctx.patch_size, ctx.beta, ctx.detach_weights = patch_size, beta, detach_weights
+    ctx.mark_non_differentiable(patch_loss, weights)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_patch_loss, _grad_weights):
+        pred, target, patch_loss, weights, mask = ctx.saved_tensors
+        grad_pred = grad_target = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad = backward_op(grad_loss, pred, target, patch_loss, weights, mask,
+                               ctx.patch_size, ctx.beta, ctx.detach_weights)
+            grad_pred = grad if ctx.needs_input_grad[0] else None
+            grad_target = -grad if ctx.needs_input_grad[1] else None
+        return grad_pred, grad_target, None, None, None, None
+
+    return backward
+
+
+if _library.HAS_OPS:
+
+    @torch.library.register_fake("lesionkit::patchwise_softmax_loss")
+    def _(pred, target, patch_size, beta, mask, detach_weights=False):
+        batch, _, height, width = pred.shape
+        torch._check(height % patch_size == 0 and width % patch_size == 0)
+        n = (height // patch_size) * (width // patch_size)
+        acc = _acc_dtype(pred.dtype)
+        return (pred.new_empty((batch,)), pred.new_empty((batch, n), dtype=acc),
+                pred.new_empty((batch, n), dtype=acc))
+
+    @torch.library.register_fake("lesionkit::patchwise_softmax_loss_backward")
+    def _(grad_loss, pred, target, patch_loss, weights, mask, patch_size, beta, detach_weights):
+        return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+    torch.library.register_autograd(
+        "lesionkit::patchwise_softmax_loss",
+        _make_backward(torch.ops.lesionkit.patchwise_softmax_loss_backward.default),
+        setup_context=_setup_context,
+    )
+
+_triton_registered = False
+
+
+def _triton_forward():
+    """Import the Triton kernels on first use (importing triton is slow)."""
+    global _triton_registered
+    from lesionkit.kernels.triton import patchwise_softmax_loss as triton_impl
+
+    if not _triton_registered:
+        torch.library.register_autograd(
+            "lesionkit::patchwise_softmax_loss_triton",
+            _make_backward(triton_impl.patchwise_softmax_loss_backward_triton),
+            setup_context=_setup_context,
+        )
+        _triton_registered = True
+    return triton_impl.patchwise_softmax_loss_triton
+
+
+def patchwise_softmax_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    patch_size: int,
+    beta: float,
+    mask: torch.Tensor | None = None,
+    detach_weights: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Patch-wise softmax-weighted squared error (SegMAE Eq. 5-8).
+
+    Args:
+        pred, target: (B, C, H, W) floating tensors on one device; H and W multiples of
+            `patch_size`. Mixed dtypes are promoted to a common one.
+        patch_size: side P of the square patches; patches are numbered row-major.
+        beta: softmax temperature (> 0); large beta tends to plain MSE / N.
+        mask: optional bool (B, N) patch mask, N = (H / P) * (W / P); only masked patches enter
+            the softmax and the sum, and N becomes their count (the MAE loss, Eq. 12).
+        detach_weights: treat the softmax weights as constants in the backward.
+        reduction: "mean" or "sum" over the batch, or "none" for the (B,) per-image losses.
+    """
+    check_patchwise_inputs(pred, target, patch_size, beta, mask, reduction)
+    if pred.dtype != target.dtype:
+        common = torch.promote_types(pred.dtype, target.dtype)
+        pred, target = pred.to(common), target.to(common)
+    backend = select_backend(OP.name, pred.device)
+    if backend == "reference":
+        loss = patchwise_softmax_loss_per_image_reference(
+            pred, target, patch_size, beta, mask, detach_weights)
+    elif backend == "triton":
+        loss = _triton_forward()(pred, target, patch_size, float(beta), mask, detach_weights)[0]
+    else:
+        loss = torch.ops.lesionkit.patchwise_softmax_loss(
+            pred, target, patch_size, float(beta), mask, detach_weights)[0]
+    return reduce_loss(loss, reduction)
+
+
+class PatchwiseSoftmaxLoss(nn.Module):
+    """Module form of :func:`patchwise_softmax_loss` holding its configuration."""
+
+    def __init__(self, patch_size: int = 16, beta: float = 1.0, detach_weights: bool = False,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.beta = beta
+        self.detach_weights = detach_weights
+        self.reduction = reduction
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return patchwise_softmax_loss(pred, target, self.patch_size, self.beta, mask,
+                                      self.detach_weights, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"patch_size={self.patch_size}, beta={self.beta}, "
+                f"detach_weights={self.detach_weights}, reduction={self.reduction!r}")

@@ -1,0 +1,34 @@
+"""Shared test set-up.
+
+Triton kernels run on the CPU under the Triton interpreter when no GPU is present; the
+variable must be set before any Triton kernel is defined, so it is set here, first.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lesionkit.kernels.backend import unavailable_reason  # noqa: E402
+
+
+def kernel_backends(op: str) -> list[tuple[str, torch.device]]:
+    """(backend, device) pairs with a kernel that can run `op` here, reference excluded."""
+    pairs = []
+    for backend, device in (("cpu", "cpu"), ("cuda", "cuda"), ("triton", "cuda"), ("triton", "cpu")):
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        if backend == "triton" and device == "cpu" and torch.cuda.is_available():
+            continue  # on a GPU machine Triton is tested on the GPU
+        if unavailable_reason(op, backend, torch.device(device)) is None:
+            pairs.append((backend, torch.device(device)))
+    return pairs
+
+
+def backend_params(op: str) -> list:
+    """pytest params of :func:`kernel_backends`, one id per backend."""
+    return [pytest.param(b, d, id=f"{b}-{d.type}") for b, d in kernel_backends(op)]
