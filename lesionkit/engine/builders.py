@@ -15,7 +15,9 @@ from lesionkit.engine.config import LossConfig
 
 def _have(module: str) -> bool:
     # find_spec, not try/except ImportError: a real import error inside the package must surface.
-    return importlib.util.find_spec(module) is not None
+    # A folder without __init__.py (a namespace package) does not count.
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None
 
 
 def build_dataset(spec: str, image_size: int | None) -> torch.utils.data.Dataset:

@@ -15,7 +15,7 @@ from lesionkit.engine.config import SchedulerConfig
 
 
 class WarmupCosineLR(LRScheduler):
-    """Linear warm-up to the base lr over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    """Linear warm-up from ``min_lr`` to the base lr over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> None:
         self.total_steps = max(1, int(total_steps))
