@@ -85,6 +85,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     progress: bool = True  # tqdm bar per epoch
     tensorboard: bool = False
+    sync_batchnorm: bool = False  # distributed: BatchNorm statistics over all ranks' batches
     dist_timeout: float = 300.0  # seconds a collective waits for a peer before failing
 
     def __post_init__(self) -> None:

@@ -184,6 +184,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
+            if config.sync_batchnorm:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
@@ -358,6 +360,7 @@ class Trainer:
                     self._resume_state = None
             self.on_epoch_start(self.epoch)
             train_logs, budget_hit = self.train_epoch(total)
+            self.sync_buffers()
             self.epoch += 1
             logs = {"epoch": self.epoch, "stage": stage.name, "step": self.global_step,
                     "lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in train_logs.items()}}
@@ -435,6 +438,16 @@ class Trainer:
             torch.distributed.all_reduce(vals)
             means = dict(zip(means, (vals / self.dist.world_size).tolist()))
         return means, budget_hit
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+        DDP broadcasts them before each forward, so after the last step of an epoch each rank
+        still holds its own; copying rank 0's keeps every rank equal to the checkpoint.
+        """
+        if self.dist.enabled:
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
