@@ -21,7 +21,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lesionkit.engine import TrainConfig, build_trainer, load_checkpoint
+    from lesionkit.engine import TrainConfig, build_trainer, load_checkpoint, load_train_config
 
     if args.model is not None and args.config is not None:
         raise ValueError("give --model or --config, not both (set the model inside the config file)")
@@ -31,9 +31,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not resume_path.is_file():
             raise FileNotFoundError(f"--resume: checkpoint {str(resume_path)!r} does not exist")
     if args.config is not None:
-        cfg = TrainConfig.from_yaml(args.config)
+        cfg = load_train_config(args.config)
     elif resume_path is not None:
-        cfg = TrainConfig.from_dict(load_checkpoint(resume_path)["config"])
+        cfg = load_train_config(load_checkpoint(resume_path)["config"])
     else:
         cfg = TrainConfig()
         if args.model is None:

@@ -12,10 +12,15 @@ def test_every_registered_model_forward_backward(name):
     torch.manual_seed(0)
     model = create_model(name)
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
-    out = segmentation_logits(model(x))
+    output = model(x)
+    out = segmentation_logits(output)
     assert out.shape == (2, 1, 32, 32)
     assert out.dtype == torch.float32
-    out.square().mean().backward()
+    loss = out.square().mean()
+    # Multi-head models train their other heads through the extras (SegMAE's reconstruction).
+    extras = output.extras if isinstance(output, SegmentationOutput) else {}
+    loss = loss + sum(v.float().square().mean() for v in extras.values() if v.is_floating_point())
+    loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert x.grad is not None and x.grad.abs().sum() > 0

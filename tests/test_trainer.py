@@ -226,3 +226,33 @@ def test_warmup_cosine_and_poly_shapes():
     assert cos[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     poly = lrs(WarmupPolyLR, power=1.0)
     assert poly[6] == pytest.approx(0.5) and poly[-1] == pytest.approx(0.0)
+
+
+def test_recipe_config_class_is_picked_by_the_trainer_key(tmp_path):
+    from dataclasses import dataclass, field
+
+    from lesionkit.engine import load_train_config, register_trainer
+
+    @dataclass
+    class RecipeSection:
+        weight: float = 0.5
+
+    @dataclass
+    class RecipeConfig(TrainConfig):
+        recipe: RecipeSection = field(default_factory=RecipeSection)
+
+    @register_trainer("test_recipe")
+    class RecipeTrainer(Trainer):
+        config_class = RecipeConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer: test_recipe\nrecipe:\n  weight: 0.25\n")
+    cfg = load_train_config(path)
+    assert isinstance(cfg, RecipeConfig) and cfg.recipe.weight == 0.25
+    assert load_train_config(cfg.to_dict()) == cfg  # what --resume reads back from a checkpoint
+    assert cfg.with_overrides(["recipe.weight=2"]).recipe.weight == 2.0
+    path.write_text("recipe:\n  weight: 0.25\n")  # the default trainer has no such section
+    with pytest.raises(ValueError, match=r"r.yaml.*unknown config key\(s\) \['recipe'\]"):
+        load_train_config(path)
+    with pytest.raises(ValueError, match="unknown trainer 'nope'.*segmentation"):
+        load_train_config({"trainer": "nope"})

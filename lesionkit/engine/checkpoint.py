@@ -113,7 +113,9 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path = "<checkpoint
     name = state["model_name"]
     if expected_model is not None and expected_model != name:
         raise ValueError(f"checkpoint {str(path)!r} holds model {name!r}, not {expected_model!r}")
-    model = create_model(name, **state.get("model_kwargs", {}))
+    # Pre-trained weights are about to be overwritten: do not fetch them (timm does the same).
+    kwargs = {k: v for k, v in state.get("model_kwargs", {}).items() if k not in ("pretrained", "pretrained_file")}
+    model = create_model(name, **kwargs)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -16,6 +16,8 @@ Register a subclass with ``@register_trainer("name")`` and select it with ``trai
 from __future__ import annotations
 
 import csv
+import importlib
+import importlib.util
 import math
 import os
 import random
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from lesionkit.engine.builders import build_dataset, build_loss
@@ -52,9 +55,33 @@ def register_trainer(name: str) -> Callable[[type["Trainer"]], type["Trainer"]]:
 
 
 def get_trainer_class(name: str) -> type["Trainer"]:
+    """The trainer registered as ``name``; a recipe in ``lesionkit/engine/<name>_trainer.py`` is
+    imported on first use, so recipes need no eager import here."""
+    if name not in TRAINERS:
+        module = f"lesionkit.engine.{name}_trainer"
+        if name.isidentifier() and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
     if name not in TRAINERS:
         raise ValueError(f"unknown trainer {name!r}; registered trainers: {sorted(TRAINERS)}")
     return TRAINERS[name]
+
+
+def load_train_config(source: str | Path | dict) -> TrainConfig:
+    """A config (YAML file or dict) as the dataclass of the trainer its ``trainer:`` key names."""
+    if isinstance(source, dict):
+        data, where = source, None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        data, where = yaml.safe_load(path.read_text()) or {}, path
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
+    name = data.get("trainer", TrainConfig.trainer)
+    try:
+        return get_trainer_class(name).config_class.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 @dataclass(frozen=True)
