@@ -28,6 +28,7 @@ from lesionkit.models.registry import build_config, register_model
 # timm's ImageNet-21k weights of vit_base_r50_s16_224 (the R50-ViT-B_16 TransUNet starts from).
 TIMM_WEIGHTS = "timm/vit_base_r50_s16_224.orig_in21k"
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+COLOR_CONSTANCY = ("none", "gray_world")
 
 
 @dataclass
@@ -53,6 +54,9 @@ class TransUNetConfig:
     # The timm weights expect (x - 0.5) / 0.5 on [0, 1] images; lesionkit datasets give [0, 1].
     input_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     input_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # "gray_world" rescales each channel to the image's mean gray before the network (SegMAE on
+    # ISIC 2017, after Cheng et al.); part of the model so that evaluation and prediction apply it too.
+    color_constancy: str = "none"
     pretrained: bool = False  # load timm's cached ImageNet-21k weights into the encoder (never downloads)
     pretrained_file: str | None = None  # or load them from this file (safetensors / torch state dict)
 
@@ -72,6 +76,8 @@ class TransUNetConfig:
             raise ValueError(f"n_skip should be in [0, {len(self.cnn_layers)}], got {self.n_skip}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) should be a multiple of num_heads ({self.num_heads})")
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise ValueError(f"color_constancy should be one of {list(COLOR_CONSTANCY)}, got {self.color_constancy!r}")
         if len(self.input_mean) != self.in_chans or len(self.input_std) != self.in_chans:
             raise ValueError(f"input_mean and input_std should have in_chans={self.in_chans} entries, got "
                              f"{self.input_mean} and {self.input_std}")
@@ -128,6 +134,15 @@ class HybridViTEncoder(nn.Module):
         if h % self.reduction or w % self.reduction or h == 0 or w == 0:
             raise ValueError(f"input height and width should be positive multiples of {self.reduction}, got {h}x{w}")
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The [0, 1] image the network sees: ``x`` after the colour normalisation, if any."""
+        if self.cfg.color_constancy == "gray_world":
+            # Gray-world assumption: the average colour of a scene is gray.
+            channel_mean = x.mean(dim=(-2, -1), keepdim=True)
+            gray = channel_mean.mean(dim=1, keepdim=True)
+            x = (x * gray / channel_mean.clamp_min(1e-6)).clamp(0.0, 1.0)
+        return x
+
     def pos_embed(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """The learned (1, N, D) position embedding, resampled (bicubic) when the grid differs from training's."""
         from timm.layers import resample_abs_pos_embed
@@ -142,6 +157,7 @@ class HybridViTEncoder(nn.Module):
         0) before the CNN; ``"token"`` lets the CNN see the whole image.
         """
         self.check_input(x)
+        x = self.prepare_input(x)
         x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
         grid = (x.shape[-2] // self.reduction, x.shape[-1] // self.reduction)
         if patch_mask is not None and mask_mode == "pixel":
