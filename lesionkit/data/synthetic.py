@@ -180,13 +180,20 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
     softness = torch.exp(0.9 * soft_f).mul_(rng.uniform(0.02, 0.12)).add_(0.01)
     alpha = torch.sigmoid(level / softness)
     # Opacity (contrast against the skin) varies inside the lesion but never fully vanishes.
-    opacity = float(rng.uniform(0.35, 0.95))
+    opacity = float(rng.uniform(0.5, 0.95))
     alpha.mul_(torch.tanh(opac_f).clamp_(min=-0.6).mul_(0.6 * (1 - opacity)).add_(opacity))
 
     # Pigment: two or three colours mixed by smooth fields, darker (or lighter) towards the centre.
     k = int(rng.integers(2, 4))
     cols = PIGMENTS[rng.choice(len(PIGMENTS), size=k, replace=False)]
-    cols = torch.from_numpy(np.clip(cols + rng.normal(0, 0.04, cols.shape), 0.03, 1.0).astype(np.float32))
+    cols = cols + rng.normal(0, 0.04, cols.shape)
+    tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.85, 1.08) + rng.normal(0, 0.03, 3)
+    if rng.random() < 0.9:
+        # Most lesions are darker than the skin around them, by a random margin; the rest
+        # (amelanotic, regressing) keep their palette colours and may be lighter.
+        lum = np.array([0.299, 0.587, 0.114])
+        cols = cols * (float(tone @ lum) * rng.uniform(0.4, 0.85) / float((cols @ lum).mean()))
+    cols = torch.from_numpy(np.clip(cols, 0.03, 1.0).astype(np.float32))
     pigment = torch.lerp(cols[0][:, None, None], cols[1][:, None, None], torch.sigmoid(2.5 * mix1_f))
     if k == 3:
         m2 = torch.sigmoid(3.0 * mix2_f - 1.0).mul_((level * 2).clamp_(0, 1))
@@ -202,7 +209,6 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
         pigment.lerp_(torch.from_numpy(_REGRESSION)[:, None, None].expand_as(pigment), regression)
 
     # Skin: tone, texture and pores, erythema patches.
-    tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.85, 1.08) + rng.normal(0, 0.03, 3)
     tex = cv.crop("pores", rng).mul(0.03 * rng.uniform(0.3, 1.5)).add_(tex_f, alpha=0.05).add_(1.0)
     redness = torch.tensor([0.05, -0.02, -0.015])[:, None, None]
     skin = torch.from_numpy(tone.astype(np.float32))[:, None, None] * tex
@@ -232,11 +238,12 @@ def _draw_hairs(image: torch.Tensor, cv: _Canvas, rng: np.random.Generator) -> N
         return
     h, w = cv.h, cv.w
     n = int(rng.integers(1, 12))
-    # Each hair is a bent line; sample points along it densely and splat them into a map.
-    steps = 2 * (h + w)
+    # Each hair is a bent line: sample points along it (about one per pixel), splat them into
+    # a map, then thicken and soften that map with shifted maxima and averages.
+    half = rng.uniform(0.4, 1.5, (n, 1))
+    steps = int(1.2 * max(h, w) * half.max()) + 2
     t = np.linspace(-1.0, 1.0, steps, dtype=np.float32)[None, :]
     ang = rng.uniform(0, math.pi, (n, 1))
-    half = rng.uniform(0.4, 1.5, (n, 1))
     bend = rng.uniform(-0.5, 0.5, (n, 1))
     px, py = rng.uniform(-1, 1, (n, 1)), rng.uniform(-1, 1, (n, 1))
     along = t * half
@@ -246,21 +253,34 @@ def _draw_hairs(image: torch.Tensor, cv: _Canvas, rng: np.random.Generator) -> N
     scale = min(h, w) / 2.0
     col = np.rint(x * scale + w / 2 - 0.5).astype(np.int64).ravel()
     row = np.rint(y * scale + h / 2 - 0.5).astype(np.int64).ravel()
-    # Thickness: stamp each point with a small disc whose rim is half-strength (anti-aliasing).
-    radius = int(rng.integers(1, 3)) if min(h, w) >= 128 else 0
-    offs = [(dy, dx) for dy in range(-radius - 1, radius + 2) for dx in range(-radius - 1, radius + 2)
-            if dy * dy + dx * dx <= (radius + 1) ** 2]
-    dy = np.array([o[0] for o in offs])[:, None]
-    dx = np.array([o[1] for o in offs])[:, None]
-    weight = np.where(dy * dy + dx * dx <= radius * radius, 1.0, 0.5).astype(np.float32)
-    rows, cols = (row[None, :] + dy).ravel(), (col[None, :] + dx).ravel()
-    vals = np.broadcast_to(weight, (len(offs), row.size)).ravel()
-    keep = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
-    hair = torch.zeros(h * w).scatter_reduce_(
-        0, torch.from_numpy(rows[keep] * w + cols[keep]), torch.from_numpy(vals[keep]), "amax")
-    hair = hair.view(h, w)
+    keep = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    hair = torch.zeros(h, w)
+    hair.view(-1)[torch.from_numpy(row[keep] * w + col[keep])] = 1.0
+    for _ in range(int(rng.integers(0, 3)) if min(h, w) >= 128 else 0):
+        _dilate(hair)
+    hair = _soften(hair)
     colour = torch.from_numpy((np.array([0.12, 0.08, 0.06]) * rng.uniform(0.5, 2.5)).astype(np.float32))
     image.lerp_(colour[:, None, None].expand_as(image), hair.mul_(rng.uniform(0.6, 0.95)))
+
+
+def _dilate(m: torch.Tensor) -> None:
+    """In-place 3 x 3 max filter, separable, by shifted maxima."""
+    for dim in (0, 1):
+        src = m.clone()
+        n = m.shape[dim]
+        m.narrow(dim, 1, n - 1).copy_(torch.maximum(m.narrow(dim, 1, n - 1), src.narrow(dim, 0, n - 1)))
+        m.narrow(dim, 0, n - 1).copy_(torch.maximum(m.narrow(dim, 0, n - 1), src.narrow(dim, 1, n - 1)))
+
+
+def _soften(m: torch.Tensor) -> torch.Tensor:
+    """[1 2 1] / 4 blur along both axes (anti-aliased edges), by shifted sums."""
+    for dim in (0, 1):
+        n = m.shape[dim]
+        out = m * 0.5
+        out.narrow(dim, 1, n - 1).add_(m.narrow(dim, 0, n - 1), alpha=0.25)
+        out.narrow(dim, 0, n - 1).add_(m.narrow(dim, 1, n - 1), alpha=0.25)
+        m = out
+    return m.clamp_(max=1.0).mul_(1.6).clamp_(max=1.0)
 
 
 def _draw_ruler(image: torch.Tensor, rng: np.random.Generator, h: int, w: int) -> None:

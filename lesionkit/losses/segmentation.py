@@ -24,6 +24,11 @@ def _check(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: logits should be floating point, got {logits.dtype}")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    # Sums over many pixels lose too much in half precision; float64 stays float64.
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
@@ -46,7 +51,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
         raise ValueError(f"reduction should be one of {REDUCTIONS}, got {reduction!r}")
     if smooth < 0:
         raise ValueError(f"smooth should be >= 0, got {smooth!r}")
-    p = torch.sigmoid(logits.float()).flatten(1)
+    p = torch.sigmoid(_compute_dtype(logits)).flatten(1)
     t = target.to(p.dtype).flatten(1)
     if aggregation == "batch":
         p, t = p.reshape(1, -1), t.reshape(1, -1)
@@ -67,7 +72,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float | None =
         raise ValueError(f"reduction should be one of {REDUCTIONS}, got {reduction!r}")
     if gamma < 0:
         raise ValueError(f"gamma should be >= 0, got {gamma!r}")
-    x = logits.float()
+    x = _compute_dtype(logits)
     t = target.to(x.dtype)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     p = torch.sigmoid(x)
