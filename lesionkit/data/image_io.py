@@ -48,11 +48,11 @@ def image_size_of(path: str | Path) -> tuple[int, int]:
 def _to_float_array(img: Image.Image) -> np.ndarray:
     """(H, W, 3) float32 in [0, 1] from any PIL mode."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img, dtype=np.float32)
+        a = np.array(img, dtype=np.float32)
         a = a / (65535.0 if img.mode != "I" or a.max() > 255 else 255.0)
         return np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=2)
     if img.mode == "F":
-        a = np.asarray(img, dtype=np.float32)
+        a = np.array(img, dtype=np.float32)
         a = a / 255.0 if a.max() > 1.0 else a
         return np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -62,7 +62,7 @@ def _to_float_array(img: Image.Image) -> np.ndarray:
         img = Image.alpha_composite(white, rgba)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.array(img, dtype=np.float32) / 255.0
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None
@@ -104,7 +104,7 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None
         try:
             img = ImageOps.exif_transpose(img)
             if img.mode == "1":
-                fg = np.asarray(img, dtype=bool)
+                fg = np.array(img, dtype=bool)
             elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 a = np.asarray(img)
                 fg = a > (32767 if a.max() > 255 else 127)

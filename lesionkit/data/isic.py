@@ -44,7 +44,10 @@ def find_isic_folders(root: Path) -> dict[tuple[int, str], tuple[Path, Path | No
             for pat, found in ((img_pat, images), (gt_pat, masks)):
                 m = re.fullmatch(pat, d.name, flags=re.IGNORECASE)
                 if m:
-                    found.setdefault((year, _SPLIT_WORDS[m.group(1).lower()]), d)
+                    key = (year, _SPLIT_WORDS[m.group(1).lower()])
+                    # An outer folder holding only its same-named twin gives way to the twin.
+                    if key not in found or not list_images(found[key]):
+                        found[key] = d
     return {k: (v, masks.get(k)) for k, v in images.items()}
 
 
