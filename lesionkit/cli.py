@@ -1,4 +1,4 @@
-"""``lesionkit train | evaluate | predict | demo | info``."""
+"""``lesionkit train | evaluate | predict | demo | data synth | info``."""
 
 from __future__ import annotations
 
@@ -69,19 +69,19 @@ def _load_model(checkpoint: str, device_name: str):
     image_size = int(config.get("data", {}).get("image_size", 256))
     threshold = float(config.get("threshold", 0.5))
     torch.set_grad_enabled(False)
-    return model, device, image_size, threshold
+    return model, device, image_size, threshold, config.get("data", {})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from lesionkit.engine.builders import build_dataset
+    from lesionkit.engine.builders import build_dataset, build_eval_transform
     from lesionkit.engine.evaluation import evaluate
     from lesionkit.engine.reporting import best_worst_grid, metrics_table, write_metrics_json
 
-    model, device, image_size, threshold = _load_model(args.checkpoint, args.device)
+    model, device, image_size, threshold, data_cfg = _load_model(args.checkpoint, args.device)
     image_size = args.image_size or image_size
-    dataset = build_dataset(args.data, image_size)
+    dataset = build_dataset(args.data, image_size, build_eval_transform(data_cfg))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda")
     result = evaluate(model, loader, device, threshold, progress=not args.no_progress)
@@ -95,12 +95,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from lesionkit.engine.builders import build_eval_transform
     from lesionkit.engine.prediction import expand_inputs, predict_files
 
     files = expand_inputs(args.inputs)
-    model, device, image_size, threshold = _load_model(args.checkpoint, args.device)
+    model, device, image_size, threshold, data_cfg = _load_model(args.checkpoint, args.device)
     results = predict_files(model, files, Path(args.out), image_size, device,
-                            threshold=args.threshold if args.threshold is not None else threshold)
+                            threshold=args.threshold if args.threshold is not None else threshold,
+                            transform=build_eval_transform(data_cfg))
     for r in results:
         print(f"{r.path} -> {r.mask_path} ({r.orig_size[1]}x{r.orig_size[0]}, lesion {r.foreground_fraction:.1%})")
     return 0
@@ -122,6 +124,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: held-out Dice {dice:.4f} after {result['summary']['epochs']} epochs, "
           f"{result['wall_s']:.0f} s in all; report in {Path(args.out) / 'report.md'}")
     return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lesionkit.data import synth_cli
+
+    return synth_cli(args.rest or ["--help"])
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -168,7 +176,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionkit", description="Lesion segmentation: train, evaluate, predict.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,demo,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,demo,data,info}")
 
     p = sub.add_parser("train", help="train a model on a dataset")
     p.add_argument("--model", help="registered model name (lesionkit info lists them)")
@@ -218,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+    # Parsed by lesionkit.data itself, so other commands do not import the data package.
+    p = sub.add_parser("data", help="dataset tools: 'lesionkit data synth --out DIR --n N --layout isic2018|ph2|folder'",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_data)
+
     p = sub.add_parser("info", help="versions, device and kernel backends")
     p.set_defaults(func=cmd_info)
     return parser
@@ -225,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["data"]:  # everything after "data" belongs to lesionkit.data's own parser
+        args = argparse.Namespace(command="data", rest=argv[1:], func=cmd_data)
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -116,3 +116,11 @@ def test_resume_of_another_model_says_so(trained, tmp_path):
                        "--resume", trained / "last.pt", check=False)
     assert result.returncode == 2
     assert "holds model 'unet_tiny', but this run trains 'unet'" in result.stderr
+
+
+def test_data_synth_then_evaluate_on_the_written_isic_layout(trained, tmp_path):
+    run_cli("data", "synth", "--out", tmp_path / "isic", "--n", "4", "--layout", "isic2018", "--image-size", "48")
+    result = run_cli("evaluate", "--checkpoint", trained / "best.pt", "--data", f"isic:{tmp_path / 'isic'}:train",
+                     "--out", tmp_path / "eval", "--no-progress")
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 4
+    assert "isic_jaccard" in result.stdout

@@ -256,3 +256,15 @@ def test_recipe_config_class_is_picked_by_the_trainer_key(tmp_path):
         load_train_config(path)
     with pytest.raises(ValueError, match="unknown trainer 'nope'.*segmentation"):
         load_train_config({"trainer": "nope"})
+
+
+def test_paired_transforms_reach_training_data_only(tmp_path):
+    cfg = make_config(tmp_path, epochs=1, **{"data.train": "synthetic:10:0", "data.image_size": 32,
+                                             "data.transforms": "{rotation: 30, brightness: 0.2}"})
+    trainer = Trainer(cfg)
+    train, val = trainer.train_data, trainer.val_data
+    assert train.dataset.transform is not None and val.dataset.transform is None  # validation unaugmented
+    assert len(train) == 9 and len(val) == 1 and set(train.indices).isdisjoint(val.indices)
+    assert trainer.fit()["epochs"] == 1
+    with pytest.raises(ValueError, match=r"data.transforms has unknown key\(s\) \['normalize'\]"):
+        Trainer(make_config(tmp_path, **{"data.train": "synthetic:4", "data.transforms": "{normalize: 1}"}))

@@ -1,47 +1,67 @@
-"""Datasets, metrics and losses the engine builds from config strings.
+"""Datasets, transforms, metrics and losses the engine builds from config values.
 
 They come from :mod:`lesionkit.data`, :mod:`lesionkit.metrics` and :mod:`lesionkit.losses`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from typing import Any
 
 import torch
 from torch import nn
 
-from lesionkit.engine.config import LossConfig
+from lesionkit.engine.config import DataConfig, LossConfig
+
+# data.transforms keys; normalisation is the model's business (models take images in [0, 1]).
+TRANSFORM_KEYS = ("hflip", "vflip", "rotation", "brightness", "contrast", "gray_world")
 
 
-def _have(module: str) -> bool:
-    # find_spec, not try/except ImportError: a real import error inside the package must surface.
-    # A folder without __init__.py (a namespace package) does not count.
-    spec = importlib.util.find_spec(module)
-    return spec is not None and spec.origin is not None
-
-
-def build_dataset(spec: str, image_size: int | None) -> torch.utils.data.Dataset:
+def build_dataset(spec: str, image_size: int | None, transform=None) -> torch.utils.data.Dataset:
     """``lesionkit.data.from_spec(spec)`` resized to ``image_size``."""
-    if _have("lesionkit.data"):
-        from lesionkit.data import from_spec
-    else:
-        from lesionkit.engine._fallback import from_spec
-    return from_spec(spec, image_size=image_size)
+    from lesionkit.data import from_spec
+
+    return from_spec(spec, image_size=image_size, transform=transform)
 
 
-def build_metrics(threshold: float = 0.5):
-    """A streaming ``SegmentationMetrics`` over logits."""
-    if _have("lesionkit.metrics"):
-        from lesionkit.metrics import SegmentationMetrics
-    else:
-        from lesionkit.engine._fallback import SegmentationMetrics
-    return SegmentationMetrics(threshold=threshold, from_logits=True)
+def _check_transforms(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(TRANSFORM_KEYS))
+    if unknown:
+        raise ValueError(f"data.transforms has unknown key(s) {unknown}; valid: {list(TRANSFORM_KEYS)}")
+
+
+def build_train_transform(data: DataConfig):
+    """Paired per-image augmentation from ``data.transforms``, or ``None``.
+
+    Flips default to off here: ``data.augment`` flips whole batches more cheaply.
+    """
+    if not data.transforms:
+        return None
+    _check_transforms(data.transforms)
+    from lesionkit.data import train_transforms
+
+    return train_transforms(**{"hflip": 0.0, "vflip": 0.0, **data.transforms})
+
+
+def build_eval_transform(data: DataConfig | dict):
+    """What evaluation must repeat of the training transforms (gray-world colour constancy), or ``None``."""
+    options = data.transforms if isinstance(data, DataConfig) else dict(data.get("transforms") or {})
+    _check_transforms(options)
+    if not options.get("gray_world"):
+        return None
+    from lesionkit.data import eval_transforms
+
+    return eval_transforms(gray_world=True)
+
+
+def build_metrics(threshold: float = 0.5, hd95: bool = True):
+    """A streaming ``SegmentationMetrics`` over logits; HD95 (two distance transforms per image) optional."""
+    from lesionkit.metrics import SegmentationMetrics
+
+    return SegmentationMetrics(threshold=threshold, from_logits=True, compute_hd95=hd95)
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The segmentation loss the config names (from logits)."""
-    if cfg.name == "bce_dice":
-        from lesionkit.engine._fallback import BCEDiceLoss
+    """``lesionkit.losses.create_loss(cfg.name, **cfg.kwargs)`` (all take logits)."""
+    from lesionkit.losses import create_loss
 
-        return BCEDiceLoss(**cfg.kwargs)
-    raise ValueError(f"loss.name should be one of ['bce_dice'], got {cfg.name!r}")
+    return create_loss(cfg.name, **cfg.kwargs)

@@ -36,6 +36,9 @@ class DataConfig:
     num_workers: int = -1  # -1: chosen from the CPU count
     # Random flips applied to each training batch; our choice, cheap and label-preserving.
     augment: list[str] = field(default_factory=lambda: ["hflip", "vflip"])
+    # Per-image paired transforms (lesionkit.data.train_transforms): rotation (degrees),
+    # brightness, contrast, hflip, vflip (probabilities), gray_world (also applied at evaluation).
+    transforms: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,9 +79,11 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training; stops after the step that crosses it
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
     grad_clip: float | None = None  # max global gradient norm
+    channels_last: bool = False  # NHWC memory format: faster convolutions on CPU (oneDNN) and tensor cores
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    val_hd95: bool = False  # HD95 in per-epoch validation (costs two distance transforms per image)
     monitor: str = "dice"  # validation metric (dataset-level) that picks best.pt
     early_stopping_patience: int | None = None  # epochs without improvement
     threshold: float = 0.5

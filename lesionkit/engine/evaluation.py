@@ -38,13 +38,13 @@ def per_image_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, threshold: float = 0.5,
-             precision: str = "fp32", progress: bool = False, desc: str = "eval") -> EvaluationResult:
+             precision: str = "fp32", progress: bool = False, desc: str = "eval", hd95: bool = True) -> EvaluationResult:
     """Run ``model`` over ``loader`` in eval mode; restores the model's train/eval mode after."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
-    metrics = build_metrics(threshold)
+    metrics = build_metrics(threshold, hd95=hd95)
     ranked: list[tuple[int, str, float]] = []
     index = 0
     try:

@@ -63,8 +63,12 @@ class Prediction:
 
 @torch.no_grad()
 def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size: int, device: torch.device,
-                  threshold: float = 0.5, precision: str = "fp32", overlay_max_side: int = 1024) -> list[Prediction]:
-    """Writes ``<stem>_mask.png`` (0/255, original size) and ``<stem>_overlay.png`` per input."""
+                  threshold: float = 0.5, precision: str = "fp32", overlay_max_side: int = 1024,
+                  transform=None) -> list[Prediction]:
+    """Writes ``<stem>_mask.png`` (0/255, original size) and ``<stem>_overlay.png`` per input.
+
+    ``transform`` is the evaluation transform of the training config (an item-dict callable).
+    """
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     stems: dict[str, int] = {}
@@ -72,6 +76,8 @@ def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size
     for path in files:
         image, (h, w) = load_image(path, min_side=image_size)
         x = F.interpolate(image[None], size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        if transform is not None:
+            x = transform({"image": x[0], "mask": torch.zeros(1, image_size, image_size)})["image"][None]
         with autocast_context(device, precision):
             logits = segmentation_logits(model(x.to(device)))
         # Upsample logits, not the thresholded mask, so the boundary is smooth at full size.

@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch import nn
 
-from lesionkit.engine.builders import build_dataset, build_loss
+from lesionkit.engine.builders import build_dataset, build_eval_transform, build_loss, build_train_transform
 from lesionkit.engine.checkpoint import capture_rng_state, checkpoint_header, load_checkpoint, restore_rng_state, save_checkpoint
 from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.distributed import DistributedContext
@@ -192,6 +192,8 @@ class Trainer:
 
         seed_everything(config.seed)  # same on every rank: identical initial weights
         self.model = (model if model is not None else self.build_model()).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = loss_fn if loss_fn is not None else self.build_loss()
         if train_data is None:
             train_data, val_data = self.build_datasets()
@@ -250,12 +252,16 @@ class Trainer:
         data = self.cfg.data
         if not data.train:
             raise ValueError("data.train is not set: give a data spec such as 'synthetic:200' or 'isic:PATH:train'")
-        train = build_dataset(data.train, data.image_size)
+        train_tf, eval_tf = build_train_transform(data), build_eval_transform(data)
+        train = build_dataset(data.train, data.image_size, train_tf)
         if data.val:
-            return train, build_dataset(data.val, data.image_size)
-        if data.val_fraction > 0:
-            return holdout_split(train, data.val_fraction, self.cfg.seed)
-        return train, None
+            return train, build_dataset(data.val, data.image_size, eval_tf)
+        if data.val_fraction == 0:
+            return train, None
+        # The held-out part must not see the training augmentation: same indices, own dataset.
+        plain = build_dataset(data.train, data.image_size, eval_tf) if train_tf is not None else train
+        train_part, val_part = holdout_split(train, data.val_fraction, self.cfg.seed)
+        return train_part, torch.utils.data.Subset(plain, val_part.indices)
 
     def _num_workers(self) -> int:
         return default_num_workers() if self.cfg.data.num_workers < 0 else self.cfg.data.num_workers
@@ -477,14 +483,17 @@ class Trainer:
                 torch.distributed.broadcast(buffer.data, src=0)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if self.cfg.channels_last and out["image"].ndim == 4:
+            out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+        return out
 
     def validate(self) -> dict | None:
         """``SegmentationMetrics.compute()`` on the validation data (rank 0 only), or ``None``."""
         if self.val_loader is None or not self.dist.is_main:
             return None
         result = evaluate(self.model, self.val_loader, self.device, self.cfg.threshold, self.cfg.precision,
-                          progress=self.cfg.progress, desc="validate")
+                          progress=self.cfg.progress, desc="validate", hd95=self.cfg.val_hd95)
         return result.metrics
 
     def _validate_and_share(self) -> float | None:
