@@ -268,3 +268,18 @@ def test_paired_transforms_reach_training_data_only(tmp_path):
     assert trainer.fit()["epochs"] == 1
     with pytest.raises(ValueError, match=r"data.transforms has unknown key\(s\) \['normalize'\]"):
         Trainer(make_config(tmp_path, **{"data.train": "synthetic:4", "data.transforms": "{normalize: 1}"}))
+
+
+def test_time_horizon_decays_by_the_budget_fraction():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupCosineLR(opt, total_steps=1000, warmup_steps=0)
+    sched.time_progress = 0.5
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # half the budget: half-way down the cosine
+    sched.time_progress = 1.2
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="horizon 'time_budget' needs time_budget"):
+        TrainConfig().with_overrides(["scheduler.horizon=time_budget"])

@@ -59,6 +59,10 @@ class SchedulerConfig:
     power: float = 0.9  # poly
     factor: float = 0.5  # plateau: lr *= factor after `patience` epochs without improvement
     patience: int = 5  # plateau
+    # What cosine / poly decay over: "epochs" (steps of all epochs; exactly reproducible) or
+    # "time_budget" (the fraction of time_budget used, so a run cut by its budget still ends
+    # at min_lr on any machine; not bit-reproducible).
+    horizon: str = "epochs"
 
 
 @dataclass
@@ -98,6 +102,7 @@ class TrainConfig:
             "precision": (self.precision, ("fp32", "bf16", "fp16")),
             "optim.name": (self.optim.name, ("sgd", "adam", "adamw")),
             "scheduler.name": (self.scheduler.name, ("none", "cosine", "poly", "plateau")),
+            "scheduler.horizon": (self.scheduler.horizon, ("epochs", "time_budget")),
         }
         for key, (value, valid) in choices.items():
             if value not in valid:
@@ -110,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"data.val_fraction should be in [0, 1), got {self.data.val_fraction}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget should be > 0 seconds, got {self.time_budget}")
+        if self.scheduler.horizon == "time_budget" and self.time_budget is None:
+            raise ValueError("scheduler.horizon 'time_budget' needs time_budget to be set")
         unknown_aug = sorted(set(self.data.augment) - {"hflip", "vflip", "rot90"})
         if unknown_aug:
             raise ValueError(f"data.augment has unknown entries {unknown_aug}; valid: ['hflip', 'vflip', 'rot90']")

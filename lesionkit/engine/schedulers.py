@@ -21,13 +21,20 @@ class WarmupCosineLR(LRScheduler):
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = max(0, int(warmup_steps))
         self.min_lr = float(min_lr)
+        # Fraction of the run done, when the trainer measures it by time (scheduler.horizon
+        # "time_budget"); None = count steps.
+        self.time_progress: float | None = None
         super().__init__(optimizer)
+
+    def _decay_progress(self, step: int) -> float:
+        if self.time_progress is not None:
+            return min(1.0, self.time_progress)
+        return min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
 
     def _factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.total_steps - self.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
+        return 0.5 * (1.0 + math.cos(math.pi * self._decay_progress(step)))
 
     def get_lr(self) -> list[float]:
         f = self._factor(self.last_epoch)
@@ -44,8 +51,7 @@ class WarmupPolyLR(WarmupCosineLR):
     def _factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.total_steps - self.warmup_steps)
-        return (1.0 - min(1.0, (step - self.warmup_steps) / span)) ** self.power
+        return (1.0 - self._decay_progress(step)) ** self.power
 
 
 def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):

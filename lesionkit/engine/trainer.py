@@ -364,6 +364,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if steps_per_batch(self.scheduler):
+            if self.cfg.scheduler.horizon == "time_budget" and hasattr(self.scheduler, "time_progress"):
+                self.scheduler.time_progress = self.elapsed() / self.cfg.time_budget
             self.scheduler.step()
         return {k: v.detach() for k, v in losses.items()}
 
