@@ -150,12 +150,16 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
     rng = _seed_for(seed, index)
     ys, xs = cv.ys, cv.xs
 
-    # Smooth random fields in two batched products: low octaves only, and all octaves.
-    low = cv.fields(rng.standard_normal((6, 8, 8), dtype=np.float32), (3, 5))
-    soft_f, opac_f, mix1_f, mix2_f, tex_f, red_f = low
-    full = cv.fields(rng.standard_normal((3, 34, 34), dtype=np.float32), (3, 5, 9, 17),
-                     weights=((0.0, 1.0, 0.5, rng.uniform(0.05, 0.25)), (0, 0, 1, 0), (0, 0, 1, 0)))
-    level_f, dots_f, regr_f = full
+    k = int(rng.integers(2, 4))  # pigment colours
+    regress = rng.random() < 0.3  # white regression areas
+    # Smooth random fields in two batched products (low octaves only, and all octaves), making
+    # only the fields this image uses.
+    low = cv.fields(rng.standard_normal((4 + (k == 3), 8, 8), dtype=np.float32), (3, 5))
+    soft_f, opac_f, mix1_f, skin_f = low[:4]
+    level_w = (0.0, 1.0, 0.5, rng.uniform(0.05, 0.25))
+    full = cv.fields(rng.standard_normal((2 + regress, 34, 34), dtype=np.float32), (3, 5, 9, 17),
+                     weights=(level_w, (0, 0, 1, 0), (0, 0, 1, 0))[:2 + regress])
+    level_f, dots_f = full[:2]
 
     # Lesion geometry (our choice): an ellipse whose level set is bent by multi-octave noise.
     # Area fraction log-uniform in [2 %, 80 %] of the image before the border noise.
@@ -177,14 +181,13 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
     mask = level > 0
 
     # Border sharpness varies along the border: sharp edges in places, diffuse in others.
-    softness = torch.exp(0.9 * soft_f).mul_(rng.uniform(0.02, 0.12)).add_(0.01)
+    softness = soft_f.mul(0.8).clamp_(-0.85, 2.0).add_(1.0).mul_(rng.uniform(0.02, 0.12)).add_(0.01)
     alpha = torch.sigmoid(level / softness)
     # Opacity (contrast against the skin) varies inside the lesion but never fully vanishes.
     opacity = float(rng.uniform(0.5, 0.95))
-    alpha.mul_(torch.tanh(opac_f).clamp_(min=-0.6).mul_(0.6 * (1 - opacity)).add_(opacity))
+    alpha.mul_(opac_f.clamp(-0.6, 1.0).mul_(0.6 * (1 - opacity)).add_(opacity))
 
     # Pigment: two or three colours mixed by smooth fields, darker (or lighter) towards the centre.
-    k = int(rng.integers(2, 4))
     cols = PIGMENTS[rng.choice(len(PIGMENTS), size=k, replace=False)]
     cols = cols + rng.normal(0, 0.04, cols.shape)
     tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.85, 1.08) + rng.normal(0, 0.03, 3)
@@ -196,7 +199,7 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
     cols = torch.from_numpy(np.clip(cols, 0.03, 1.0).astype(np.float32))
     pigment = torch.lerp(cols[0][:, None, None], cols[1][:, None, None], torch.sigmoid(2.5 * mix1_f))
     if k == 3:
-        m2 = torch.sigmoid(3.0 * mix2_f - 1.0).mul_((level * 2).clamp_(0, 1))
+        m2 = torch.sigmoid(3.0 * low[4] - 1.0).mul_((level * 2).clamp_(0, 1))
         pigment.lerp_(cols[2][:, None, None].expand_as(pigment), m2)
     # One multiplicative shade: centre darkening, pigment network, dots / globules.
     centre = float(rng.uniform(-0.35, 0.35))
@@ -204,15 +207,15 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
     shade.sub_(cv.crop("network", rng), alpha=rng.uniform(0.0, 0.45))
     shade.sub_(torch.sigmoid(3 * dots_f).mul_(cv.crop("dots", rng)), alpha=rng.uniform(0.0, 0.7))
     pigment.mul_(shade)
-    if rng.random() < 0.3:  # white regression areas
-        regression = torch.sigmoid(4 * regr_f - 3.0).mul_(rng.uniform(0.3, 0.8))
+    if regress:
+        regression = torch.sigmoid(4 * full[2] - 3.0).mul_(rng.uniform(0.3, 0.8))
         pigment.lerp_(torch.from_numpy(_REGRESSION)[:, None, None].expand_as(pigment), regression)
 
     # Skin: tone, texture and pores, erythema patches.
-    tex = cv.crop("pores", rng).mul(0.03 * rng.uniform(0.3, 1.5)).add_(tex_f, alpha=0.05).add_(1.0)
+    tex = cv.crop("pores", rng).mul(0.03 * rng.uniform(0.3, 1.5)).add_(skin_f, alpha=0.05).add_(1.0)
     redness = torch.tensor([0.05, -0.02, -0.015])[:, None, None]
     skin = torch.from_numpy(tone.astype(np.float32))[:, None, None] * tex
-    skin.addcmul_(redness, red_f.clamp_(min=0))
+    skin.addcmul_(redness, skin_f.clamp(min=0))  # erythema where the skin field is high
 
     image = skin.lerp_(pigment, alpha)
 

@@ -156,11 +156,13 @@ class SegmentationMetrics:
             raise ValueError(f"groups should have one entry per image ({b}), got {len(groups)}")
         if b == 0:
             return
-        tp = (p & t).flatten(1).sum(1)
-        fp = (p & ~t).flatten(1).sum(1)
-        fn = (~p & t).flatten(1).sum(1)
+        # Three counts give the whole confusion matrix; uint8 sums are the fastest count on CPU.
+        def count(x: torch.Tensor) -> torch.Tensor:
+            return x.view(torch.uint8).flatten(1).sum(1, dtype=torch.int64)
+
+        tp, n_p, n_t = count(p & t), count(p), count(t)
         n_pix = p[0].numel()
-        cm = torch.stack([tp, fp, fn, n_pix - tp - fp - fn], 1).cpu().numpy().astype(np.int64)
+        cm = torch.stack([tp, n_p - tp, n_t - tp, n_pix - n_p - n_t + tp], 1).cpu().numpy()
         self._cm += cm.sum(0)
         values = confusion_metrics(*cm.T)
         if self.compute_hd95:
