@@ -133,3 +133,12 @@ def test_mae_loss_norm_pix_and_softmax_weighting():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_mae_loss_gradcheck():
+    g = torch.Generator().manual_seed(7)
+    pred = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    for loss in (MAEReconstructionLoss(2), MAEReconstructionLoss(2, norm_pix=True)):
+        assert torch.autograd.gradcheck(lambda p: loss(p, target, mask), (pred,))
