@@ -89,7 +89,7 @@ def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size
             stem = f"{stem}_{stems[stem]}"
         mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(mask_path)
-        full, _ = load_image(path)
+        full, _ = load_image(path, min_side=overlay_max_side)  # reduced-scale decode is enough for a picture
         scale = min(1.0, overlay_max_side / max(h, w))
         if scale < 1.0:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -97,6 +97,8 @@ def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size
             small = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
         else:
             small = mask
+            if tuple(full.shape[-2:]) != (h, w):
+                full = F.interpolate(full[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         overlay(full, small).save(overlay_path)
         results.append(Prediction(path, mask_path, overlay_path, (h, w), float(mask.float().mean())))
     return results

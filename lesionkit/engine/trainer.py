@@ -401,7 +401,8 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in train_logs.items()}}
             value = self._validate_and_share()
             if value is not None:
-                logs.update({f"val_{k}": v for k, v in _flatten_metrics(self.last_metrics or {}).items()})
+                flat = _flatten_metrics(self.last_metrics or {})
+                logs.update({f"val_{k}": v for k, v in flat.items() if self.cfg.val_hd95 or "hd95" not in k})
                 improved = value > self.best_metric
                 if improved:
                     self.best_metric, self.best_epoch, self.bad_epochs = value, self.epoch, 0
