@@ -2,10 +2,12 @@
 
 Each image is drawn from its own random stream, seeded by (seed, index), so any item can be
 made alone, in any order, on any worker, and is identical every time. The full-resolution
-work is a few dozen vectorised tensor operations: smooth random fields are built as
-``Uy @ G @ Ux^T`` (a small random grid G times fixed smoothing bases) instead of interpolating,
-and fine textures (pigment network, dots, grain, pores) are crops of a per-size texture bank
-made once with a fixed seed.
+work is a few dozen vectorised tensor operations: the lesion's level field (which decides the
+mask) is built per image as ``Uy @ G @ Ux^T`` (a small random grid G times fixed smoothing
+bases) instead of interpolating; the other smooth maps and the fine textures (pigment network,
+dots, grain, pores) are random crops of a per-size bank made once with a fixed seed. The bank
+holds about ten float32 tiles of (H + 512) x (W + 512) pixels (10 MB at 256 px, 94 MB at
+1024 px); for full-resolution files render small and upsample (``write_dataset(save_size=...)``).
 
 What makes it hard for a threshold: skin tones and lesion pigments overlap in brightness,
 lesion opacity varies (faint parts stay inside the mask), borders are sharp in places and
@@ -134,7 +136,7 @@ class _Canvas:
         return tile[..., y:y + self.h, x:x + self.w]
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=4)
 def _canvas(h: int, w: int) -> _Canvas:
     return _Canvas(h, w)
 
