@@ -192,6 +192,13 @@ def render_lesion(seed: int, index: int, image_size: tuple[int, int]) -> tuple[t
     irregular = rng.uniform(0.05, 0.35)
     # level > 0 is the lesion; level is ~1 - (elliptic distance) plus border noise.
     level = torch.sqrt(u.mul_(u).addcmul_(v, v)).neg_().add_(1.0).add_(level_f, alpha=irregular)
+    # Strong noise can sink the whole ellipse (about 1 image in 3000): lift it so that the
+    # lesion always covers its centre.
+    iy = min(h - 1, max(0, int(round(cy * min(h, w) / 2 + h / 2 - 0.5))))
+    ix = min(w - 1, max(0, int(round(cx * min(h, w) / 2 + w / 2 - 0.5))))
+    centre_level = float(level[iy, ix])
+    if centre_level < 0.5:
+        level.add_(0.5 - centre_level)
     mask = level > 0
 
     # Border sharpness varies along the border: sharp edges in places, diffuse in others.
