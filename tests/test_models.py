@@ -4,17 +4,19 @@ import pytest
 import torch
 
 import lesionkit
-from lesionkit.models import SegmentationOutput, create_model, list_models, register_model, segmentation_logits
+from lesionkit.models import SegmentationOutput, create_model, list_models, register_model, segmentation_logits, smoke_test_config
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_forward_backward(name):
     torch.manual_seed(0)
-    model = create_model(name)
-    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    smoke = smoke_test_config(name)
+    model = create_model(name, **smoke["kwargs"])
+    c, h, w = smoke["input_size"]
+    x = torch.rand(2, c, h, w, requires_grad=True)
     output = model(x)
     out = segmentation_logits(output)
-    assert out.shape == (2, 1, 32, 32)
+    assert out.shape == (2, 1, h, w)
     assert out.dtype == torch.float32
     loss = out.square().mean()
     # Multi-head models train their other heads through the extras (SegMAE's reconstruction).
@@ -64,7 +66,7 @@ def test_bad_config_values(kwargs, match):
 
 def test_input_size_not_divisible_is_an_error():
     model = create_model("unet_tiny")
-    with pytest.raises(ValueError, match="multiples of 8.*30x32"):
+    with pytest.raises(ValueError, match="multiples of 16.*30x32"):
         model(torch.rand(1, 3, 30, 32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.rand(1, 1, 32, 32))

@@ -13,13 +13,34 @@ _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
-def register_model(fn: F) -> F:
-    """Register ``fn`` under its own name; ``fn(**kwargs)`` must return the model."""
-    name = fn.__name__
-    if name in _ENTRYPOINTS:
-        raise ValueError(f"model {name!r} is registered twice ({_ENTRYPOINTS[name].__module__} and {fn.__module__})")
-    _ENTRYPOINTS[name] = fn
-    return fn
+_SMOKE_TESTS: dict[str, dict[str, Any]] = {}
+_DEFAULT_SMOKE = {"kwargs": {}, "input_size": (3, 32, 32)}
+
+
+def register_model(fn: F | None = None, *, smoke_test: dict[str, Any] | None = None):
+    """Register ``fn`` under its own name; ``fn(**kwargs)`` must return the model.
+
+    ``smoke_test``: how the registry-driven test builds it cheaply, ``{"kwargs": {...},
+    "input_size": (C, H, W)}`` (default: no kwargs, 3x32x32) - e.g. fewer layers for a
+    paper-size transformer whose input size is fixed.
+    """
+
+    def add(fn: F) -> F:
+        name = fn.__name__
+        if name in _ENTRYPOINTS:
+            raise ValueError(f"model {name!r} is registered twice ({_ENTRYPOINTS[name].__module__} and {fn.__module__})")
+        _ENTRYPOINTS[name] = fn
+        _SMOKE_TESTS[name] = {**_DEFAULT_SMOKE, **(smoke_test or {})}
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def smoke_test_config(name: str) -> dict[str, Any]:
+    """``{"kwargs": ..., "input_size": (C, H, W)}`` for the registry smoke test of ``name``."""
+    if name not in _ENTRYPOINTS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _SMOKE_TESTS[name]
 
 
 def list_models(pattern: str | None = None) -> list[str]:
