@@ -283,3 +283,14 @@ def test_time_horizon_decays_by_the_budget_fraction():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="horizon 'time_budget' needs time_budget"):
         TrainConfig().with_overrides(["scheduler.horizon=time_budget"])
+
+
+def test_tensorboard_without_the_package_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        _, _ = fit(make_config(tmp_path, epochs=1, tensorboard="true"))
+        assert any((tmp_path / "tensorboard").iterdir())
+    else:
+        with pytest.raises(ValueError, match=r"tensorboard.*lesionkit\[tensorboard\]"):
+            fit(make_config(tmp_path, epochs=1, tensorboard="true"))

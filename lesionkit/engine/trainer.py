@@ -581,7 +581,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
+            horizon = getattr(self.scheduler, "total_steps", None)
             self.scheduler.load_state_dict(state["scheduler"])
+            if horizon is not None:  # a resume with more epochs stretches the schedule to them
+                self.scheduler.total_steps = horizon
         self.scaler.load_state_dict(state["scaler"])
         rng = state.get("rng")
         if rng and len(rng) == self.dist.world_size:
