@@ -423,3 +423,29 @@ def test_paper_configs_hold_the_paper_recipe(name):
     assert cfg.segmae.rotation_degrees == 15.0 and {"hflip", "vflip"} <= set(cfg.data.augment)
     gray = cfg.model.kwargs.get("color_constancy", "none") == "gray_world"
     assert gray == (name == "segmae_isic2017")
+
+
+@pytest.mark.parametrize("name", ["segmae_tiny_isic2018", "transunet_tiny_isic2018"])
+def test_cli_trains_the_tiny_configs(name, tmp_path, capsys):
+    from lesionkit.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(CONFIGS / f"{name}.yaml"), "--data", "synthetic:8", "--val-data", "synthetic:4:1",
+               "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--out", str(out), "--device", "cpu",
+               "--no-progress", "--set", "model.kwargs.img_size=32", "segmae.seg_patch_size=8", "data.num_workers=0"])
+    assert rc == 0, capsys.readouterr().err
+    assert "trained" in capsys.readouterr().out
+    cfg = load_train_config(out / "config.yaml")
+    assert isinstance(cfg, SegMAETrainConfig) and cfg.model.name == name.removesuffix("_isic2018")
+    assert (out / "best.pt").is_file()
+
+
+def test_tiny_configs_differ_only_in_the_mae_branch():
+    seg = load_train_config(CONFIGS / "segmae_tiny_isic2018.yaml").to_dict()
+    base = load_train_config(CONFIGS / "transunet_tiny_isic2018.yaml").to_dict()
+    for key in ("data", "optim", "scheduler", "epochs", "time_budget"):
+        assert seg[key] == base[key], key
+    same = {k: v for k, v in seg["segmae"].items() if k not in ("mae_epochs", "hybrid", "recon_patchwise", "recon_beta")}
+    assert same == {k: base["segmae"][k] for k in same}
+    assert (seg["segmae"]["mae_epochs"], seg["segmae"]["hybrid"]) == (1, True)
+    assert (base["segmae"]["mae_epochs"], base["segmae"]["hybrid"]) == (0, False)

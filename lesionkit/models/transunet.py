@@ -250,7 +250,8 @@ def resolve_pretrained_file(cfg: TransUNetConfig, model: str) -> Path | None:
             f"pretrained=True: timm's weights {TIMM_WEIGHTS!r} are not in the local Hugging Face cache "
             "(lesionkit never downloads). Fetch them once where there is network access, e.g. "
             "`python -c \"import timm; timm.create_model('vit_base_r50_s16_224.orig_in21k', pretrained=True)\"` "
-            "(HF_HOME / HF_HUB_CACHE choose the cache), or pass pretrained_file=PATH to a saved state dict.")
+            "(HF_HOME / HF_HUB_CACHE choose the cache), pass pretrained_file=PATH to a saved state dict, or set "
+            "pretrained=False to start from random weights (lesionkit train: --set model.kwargs.pretrained=false).")
     return found
 
 
