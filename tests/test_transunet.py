@@ -68,10 +68,16 @@ def test_position_embedding_is_resampled_for_other_sizes():
     enc = model.encoder
     assert enc.grid_size == (8, 8)
     assert enc.pos_embed((8, 8)) is enc.vit.pos_embed  # the trained grid is used as is
-    other = enc.pos_embed((6, 10))
-    assert other.shape == (1, 60, enc.embed_dim)
-    # A grid of one token per original token keeps the values (bicubic at the same positions).
-    torch.testing.assert_close(enc.pos_embed((8, 8)), enc.vit.pos_embed)
+    # An embedding that only varies down the rows must still do so, increasing, on a 4x12 grid:
+    # rows and columns are not swapped and the row-major order is kept.
+    with torch.no_grad():
+        rows = torch.arange(8.0).repeat_interleave(8)  # (64,) row index of each token
+        enc.vit.pos_embed.copy_(rows[None, :, None].expand_as(enc.vit.pos_embed))
+    other = enc.pos_embed((4, 12)).reshape(4, 12, -1)
+    assert other.shape[-1] == enc.embed_dim
+    torch.testing.assert_close(other, other[:, :1].expand_as(other))  # constant along each row
+    row_values = other[:, 0, 0]
+    assert (row_values[1:] > row_values[:-1]).all()
 
 
 def test_bad_inputs_name_the_problem():
