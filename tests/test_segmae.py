@@ -449,3 +449,29 @@ def test_tiny_configs_differ_only_in_the_mae_branch():
     assert same == {k: base["segmae"][k] for k in same}
     assert (seg["segmae"]["mae_epochs"], seg["segmae"]["hybrid"]) == (1, True)
     assert (base["segmae"]["mae_epochs"], base["segmae"]["hybrid"]) == (0, False)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2], ids=["stage-boundary", "inside-hybrid"])
+def test_resume_matches_an_uninterrupted_run(stop_after, tmp_path):
+    def trainer_for(out):
+        torch.manual_seed(0)
+        cfg = make_config(tmp_path, epochs=2, out_dir=str(tmp_path / out))
+        return SegMAETrainer(cfg, train_data=Discs(8), val_data=Discs(4, seed=1))
+
+    full = trainer_for("full")
+    on_epoch_end = full.on_epoch_end
+
+    def keep(epoch, logs):
+        on_epoch_end(epoch, logs)
+        if epoch == stop_after:  # what last.pt holds after a kill at this point
+            full.save(tmp_path / "kept.pt")
+
+    full.on_epoch_end = keep
+    full.fit()
+    resumed = trainer_for("resumed")
+    resumed.resume(tmp_path / "kept.pt")
+    assert resumed.epoch == stop_after
+    resumed.fit()
+    assert all(p.requires_grad for p in resumed.model.parameters())
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

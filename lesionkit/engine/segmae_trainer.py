@@ -187,6 +187,16 @@ class SegMAETrainer(Trainer):
             # Segmentation starts now: Dice measured behind a frozen, untrained decoder is no baseline.
             self.best_metric, self.best_epoch, self.bad_epochs = -math.inf, None, 0
 
+    def _apply_state(self, state: dict) -> None:
+        if state.get("stage") != self.stage.name:
+            # A checkpoint from the end of the previous stage: its optimiser held other parameters
+            # (the CUP is frozen in stage 'mae'), and an uninterrupted run starts this stage with
+            # the fresh optimiser and schedule on_stage_start just built. Keep those; restore
+            # weights and random streams.
+            state = {**state, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        super()._apply_state(state)
+
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.stage.name == "mae":
             self.bad_epochs = 0  # early stopping watches segmentation, which this stage does not train
