@@ -113,7 +113,8 @@ def _segmae(name: str, defaults: dict, kwargs: dict) -> SegMAE:
     return SegMAE(build_config(SegMAEConfig, defaults, kwargs, name), name)
 
 
-@register_model
+# Registry smoke test: the same widths at one ViT / one MAE block and one CNN block per stage.
+@register_model(smoke_test={"kwargs": {"depth": 1, "cnn_layers": (1, 1, 1), "decoder_depth": 1}})
 def segmae_r50_vit_b16(**kwargs) -> SegMAE:
     """SegMAE: TransUNet R50-ViT-B/16 + MAE-B decoder (~131.3M parameters)."""
     return _segmae("segmae_r50_vit_b16", {}, kwargs)

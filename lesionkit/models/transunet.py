@@ -286,7 +286,8 @@ def _transunet(name: str, defaults: dict, kwargs: dict) -> TransUNet:
     return TransUNet(build_config(TransUNetConfig, defaults, kwargs, name), name)
 
 
-@register_model
+# Registry smoke test: the same widths at one ViT / one MAE block and one CNN block per stage.
+@register_model(smoke_test={"kwargs": {"depth": 1, "cnn_layers": (1, 1, 1)}})
 def transunet_r50_vit_b16(**kwargs) -> TransUNet:
     """TransUNet R50-ViT-B/16 (105,276,066 parameters at 2 classes, 224 px); ``pretrained=True`` for timm's weights."""
     return _transunet("transunet_r50_vit_b16", {}, kwargs)
