@@ -8,7 +8,9 @@ Stage ``hybrid`` (``epochs``, paper: 100): every iteration takes one segmentatio
 optimiser update. ``segmae.hybrid: false`` leaves the segmentation step alone (Table 4 row 1).
 
 Every row of the paper's Table 4 is a setting of :class:`SegMAERecipe` (configs/segmae_ablation_*).
-Values the paper does not give are marked "ours" below.
+Values the paper does not give are marked "ours" below. The paper's augmentations (flips,
+rotation within +-15 degrees, brightness / contrast) are the engine's ``data.augment`` and
+``data.transforms``, set in the configs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
@@ -50,18 +51,13 @@ class SegMAERecipe:
     # makes the term N times smaller than the MSE it generalises (1/196 at 224 px). Ours:
     # "weighted_mean" (sum_i w_i L'_i, equal to the MSE when beta -> inf); "eq8" keeps the 1/N.
     patchwise_scale: str = "weighted_mean"
-    # The paper's augmentations (after Wu et al.), on top of data.augment's flips. Ranges are ours.
-    rotation_degrees: float = 15.0
-    brightness: float = 0.2  # x + b, b ~ U(-brightness, brightness)
-    contrast: float = 0.2  # x * (1 + c), c ~ U(-contrast, contrast)
 
     def __post_init__(self) -> None:
         if self.mae_epochs < 0:
             raise ValueError(f"segmae.mae_epochs should be >= 0, got {self.mae_epochs}")
         if not 0.0 <= self.seg_mask_ratio < 1.0:
             raise ValueError(f"segmae.seg_mask_ratio should be in [0, 1), got {self.seg_mask_ratio}")
-        for name in ("bce_weight", "dice_weight", "patch_weight", "recon_weight", "rotation_degrees",
-                     "brightness", "contrast"):
+        for name in ("bce_weight", "dice_weight", "patch_weight", "recon_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"segmae.{name} should be >= 0, got {getattr(self, name)}")
         if self.bce_weight + self.dice_weight + self.patch_weight <= 0:
@@ -200,26 +196,6 @@ class SegMAETrainer(Trainer):
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.stage.name == "mae":
             self.bad_epochs = 0  # early stopping watches segmentation, which this stage does not train
-
-    def augment(self, batch: dict) -> dict:
-        """The engine's flips, then rotation and brightness / contrast (Sec. 4.3)."""
-        batch = super().augment(batch)
-        recipe = self.cfg.segmae
-        image, mask = batch["image"], batch["mask"]
-        n = image.shape[0]
-        if recipe.rotation_degrees > 0:
-            angle = (torch.rand(n) * 2 - 1) * math.radians(recipe.rotation_degrees)
-            cos, sin = angle.cos(), angle.sin()
-            theta = torch.zeros(n, 2, 3)
-            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-            grid = F.affine_grid(theta.to(image.device, image.dtype), list(image.shape), align_corners=False)
-            image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-            mask = F.grid_sample(mask, grid.to(mask.dtype), mode="nearest", padding_mode="reflection", align_corners=False)
-        if recipe.brightness > 0 or recipe.contrast > 0:
-            c = 1 + (torch.rand(n, 1, 1, 1) * 2 - 1) * recipe.contrast
-            b = (torch.rand(n, 1, 1, 1) * 2 - 1) * recipe.brightness
-            image = (image * c.to(image.device, image.dtype) + b.to(image.device, image.dtype)).clamp(0.0, 1.0)
-        return {**batch, "image": image, "mask": mask}
 
     # ----------------------------------------------------------------------------- steps
 
