@@ -97,25 +97,36 @@ def test_info_reports_versions_and_kernels():
         assert "kernels package is missing" in out
 
 
+def test_user_error_exits_2_with_one_line():
+    result = run_cli("train", "--model", "unet_huge", "--data", "synthetic:8", check=False)
+    assert result.returncode == 2
+    assert "unknown model 'unet_huge'; registered models:" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
-    (["train", "--model", "unet_huge", "--data", "synthetic:8"], "unknown model 'unet_huge'; registered models:"),
     (["train", "--model", "unet_tiny", "--data", "nonsense:8"], "nonsense"),
     (["train", "--model", "unet_tiny", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train", "--model", "unet_tiny"], "data.train is not set"),
     (["evaluate", "--checkpoint", "missing.pt", "--data", "synthetic:2"], "checkpoint 'missing.pt' does not exist"),
     (["predict", "--checkpoint", "missing.pt", "nothing.png", "--out", "x"], "input 'nothing.png' does not exist"),
     (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["train", "--model", "unet_tiny", "--out", "nowhere", "--resume"], "checkpoint 'nowhere/last.pt' does not exist"),
 ])
-def test_errors_are_one_clear_line(args, message, tmp_path):
-    result = run_cli(*args, check=False)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_errors_name_what_is_wrong(args, message, capsys, monkeypatch, tmp_path):
+    from lesionkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_resume_of_another_model_says_so(trained, tmp_path):
-    result = run_cli("train", "--model", "unet", "--data", "synthetic:8", "--image-size", "32", "--out", tmp_path,
-                       "--resume", trained / "last.pt", check=False)
-    assert result.returncode == 2
-    assert "holds model 'unet_tiny', but this run trains 'unet'" in result.stderr
+def test_resume_of_another_model_says_so(trained, tmp_path, capsys):
+    from lesionkit.cli import main
+
+    args = ["train", "--model", "unet", "--data", "synthetic:8", "--image-size", "32", "--out", str(tmp_path),
+            "--no-progress", "--resume", str(trained / "last.pt")]
+    assert main(args) == 2
+    assert "holds model 'unet_tiny', but this run trains 'unet'" in capsys.readouterr().err
 
 
 def test_data_synth_then_evaluate_on_the_written_isic_layout(trained, tmp_path):

@@ -44,7 +44,7 @@ def demo_config(out_dir: str | Path = "demo_out") -> TrainConfig:
         "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4},
         "scheduler": {"name": "cosine", "warmup_epochs": 0.1, "horizon": "time_budget"},
         "epochs": 30,
-        "time_budget": 220.0,
+        "time_budget": 240.0,
         "precision": fast_precision(),
         "channels_last": True,
         "seed": 0,
