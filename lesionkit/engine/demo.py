@@ -5,6 +5,7 @@ Needs no download. The recipe (``demo_config``) is mirrored by ``configs/demo_un
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -90,7 +91,10 @@ def _report(cfg: TrainConfig, summary: dict, metrics: dict, params: int, wall: f
         f"- wall time (train + evaluate): {wall:.0f} s",
         f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
-        f"torch {torch.__version__}, lesionkit {lesionkit.__version__}",
+        f"torch {torch.__version__}, lesionkit {lesionkit.__version__}"
+        # Other processes on the machine slow the run; the load average says how busy it was.
+        + (f"; 1-minute load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+           if hasattr(os, "getloadavg") else ""),
         "",
         "## Test metrics",
         "",

@@ -59,5 +59,5 @@ def best_worst_grid(model: nn.Module, dataset, result: EvaluationResult, path: P
         logits = segmentation_logits(model(item["image"][None].to(device))).float()
         pred = torch.sigmoid(logits[0, 0]).cpu() > threshold
         label = "best" if rank < k else "worst"
-        tiles.append((overlay(item["image"], pred, item["mask"]), f"{label} {image_id[-12:]} {dice:.3f}"))
+        tiles.append((overlay(item["image"], pred, item["mask"]), f"{label} {image_id[-20:]} {dice:.3f}"))
     grid(tiles, columns=max(1, k)).save(path)
