@@ -1,0 +1,7 @@
+"""``python -m lesionkit``."""
+
+import sys
+
+from lesionkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,256 @@
+"""``lesionkit train | evaluate | predict | demo | data synth | info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {
+        "model.name": args.model, "data.train": args.data, "data.val": args.val_data,
+        "data.image_size": args.image_size, "epochs": args.epochs, "time_budget": args.time_budget,
+        "data.batch_size": args.batch_size, "out_dir": args.out, "device": args.device,
+        "precision": args.precision, "seed": args.seed,
+    }
+    out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
+    if args.no_progress:
+        out.append("progress=false")
+    return out + list(args.set or [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lesionkit.engine import TrainConfig, build_trainer, load_checkpoint, load_train_config
+
+    if args.model is not None and args.config is not None:
+        raise ValueError("give --model or --config, not both (set the model inside the config file)")
+    resume_path = None
+    if args.resume:
+        resume_path = Path(args.resume) if isinstance(args.resume, str) else Path(args.out or "runs/train") / "last.pt"
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint {str(resume_path)!r} does not exist")
+    if args.config is not None:
+        cfg = load_train_config(args.config)
+    elif resume_path is not None:
+        cfg = load_train_config(load_checkpoint(resume_path)["config"])
+    else:
+        cfg = TrainConfig()
+        if args.model is None:
+            raise ValueError("give --model NAME or --config FILE (lesionkit.list_models() lists the models)")
+    cfg = cfg.with_overrides(_train_overrides(args))
+    from lesionkit.models import is_model, list_models
+
+    if not is_model(cfg.model.name):
+        raise ValueError(f"unknown model {cfg.model.name!r}; registered models: {', '.join(list_models())}")
+    trainer = build_trainer(cfg)
+    if resume_path is not None:
+        trainer.resume(resume_path)
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        best = summary["best_metric"]
+        print(f"trained {summary['epochs']} epochs ({summary['stop_reason']}) in {summary['elapsed_s']:.1f} s; "
+              f"best val {cfg.monitor} = {best if best is None else f'{best:.4f}'} at epoch {summary['best_epoch']}; "
+              f"wrote {cfg.out_dir}/best.pt, last.pt, log.csv, config.yaml")
+    trainer.dist.shutdown()
+    return 0
+
+
+def _load_model(checkpoint: str, device_name: str):
+    import torch
+
+    from lesionkit.engine import load_checkpoint, model_from_checkpoint
+    from lesionkit.engine.trainer import resolve_device
+
+    device = resolve_device(device_name)
+    state = load_checkpoint(checkpoint, map_location=device)
+    model = model_from_checkpoint(state, checkpoint).to(device).eval()
+    config = state.get("config", {})
+    image_size = int(config.get("data", {}).get("image_size", 256))
+    threshold = float(config.get("threshold", 0.5))
+    torch.set_grad_enabled(False)
+    return model, device, image_size, threshold, config.get("data", {})
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lesionkit.engine.builders import build_dataset, build_eval_transform
+    from lesionkit.engine.evaluation import evaluate
+    from lesionkit.engine.reporting import best_worst_grid, metrics_table, write_metrics_json
+
+    model, device, image_size, threshold, data_cfg = _load_model(args.checkpoint, args.device)
+    image_size = args.image_size or image_size
+    dataset = build_dataset(args.data, image_size, build_eval_transform(data_cfg))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda")
+    result = evaluate(model, loader, device, threshold, progress=not args.no_progress)
+    print(metrics_table(result.metrics))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(result.metrics, out / "metrics.json")
+    best_worst_grid(model, dataset, result, out / "overlays.png", device, threshold=threshold)
+    print(f"wrote {out / 'metrics.json'} and {out / 'overlays.png'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lesionkit.engine.builders import build_eval_transform
+    from lesionkit.engine.prediction import expand_inputs, predict_files
+
+    files = expand_inputs(args.inputs)
+    model, device, image_size, threshold, data_cfg = _load_model(args.checkpoint, args.device)
+    results = predict_files(model, files, Path(args.out), image_size, device,
+                            threshold=args.threshold if args.threshold is not None else threshold,
+                            transform=build_eval_transform(data_cfg))
+    for r in results:
+        print(f"{r.path} -> {r.mask_path} ({r.orig_size[1]}x{r.orig_size[0]}, lesion {r.foreground_fraction:.1%})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lesionkit.engine.demo import run_demo
+
+    overrides = list(args.set or [])
+    if args.time_budget is not None:
+        overrides.append(f"time_budget={args.time_budget}")
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    kwargs = {"test_spec": args.test_data} if args.test_data else {}
+    result = run_demo(args.out, overrides, progress=not args.no_progress, **kwargs)
+    dice = result["metrics"]["dataset"]["dice"]
+    print(f"demo: held-out Dice {dice:.4f} after {result['summary']['epochs']} epochs, "
+          f"{result['wall_s']:.0f} s in all; report in {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lesionkit.data import synth_cli
+
+    return synth_cli(args.rest or ["--help"])
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+    import platform
+
+    import numpy
+    import torch
+
+    import lesionkit
+    from lesionkit.models import list_models
+
+    lines = [
+        f"lesionkit   {lesionkit.__version__}",
+        f"python      {platform.python_version()} ({platform.platform()})",
+        f"torch       {torch.__version__} (CUDA build {torch.version.cuda})",
+        f"numpy       {numpy.__version__}",
+    ]
+    for name in ("torchvision", "timm"):
+        spec = importlib.util.find_spec(name)
+        version = "not installed"
+        if spec is not None:
+            version = __import__(name).__version__
+        lines.append(f"{name:<11} {version}")
+    lines.append(f"cpu         {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"device      cuda ({gpus})")
+    else:
+        lines.append("device      cpu (no CUDA device)")
+    lines.append(f"models      {', '.join(list_models())}")
+    print("\n".join(lines))
+    print()
+    if importlib.util.find_spec("lesionkit.kernels") is None:
+        print("kernels     the lesionkit.kernels package is missing from this installation: no backends to report")
+    else:
+        import lesionkit.kernels as K
+
+        print("kernel backends per op:")
+        print(K.format_info())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesionkit", description="Lesion segmentation: train, evaluate, predict.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,demo,data,info}")
+
+    p = sub.add_parser("train", help="train a model on a dataset")
+    p.add_argument("--model", help="registered model name (lesionkit info lists them)")
+    p.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("--data", help="training data spec: isic:PATH[:split] | ph2:PATH | folder:PATH[:split] | nifti:PATH | synthetic:N[:seed]")
+    p.add_argument("--val-data", help="validation data spec; default: a seeded hold-out of --data")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", help="output folder (default runs/train)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from OUT/last.pt (or the checkpoint given)")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--image-size", type=int, help="default: the size the checkpoint was trained at")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="masks for new images, at their original resolution")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="train and evaluate on synthetic lesions (no download)")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="training time cap (default: the recipe's)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--test-data", help="held-out data spec (default: synthetic:200:2)")
+    p.add_argument("--device")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    # Parsed by lesionkit.data itself, so other commands do not import the data package.
+    p = sub.add_parser("data", help="dataset tools: 'lesionkit data synth --out DIR --n N --layout isic2018|ph2|folder'",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("info", help="versions, device and kernel backends")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["data"]:  # everything after "data" belongs to lesionkit.data's own parser
+        args = argparse.Namespace(command="data", rest=argv[1:], func=cmd_data)
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # User errors (bad spec, unknown model, missing file): one line, no traceback.
+        print(f"lesionkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

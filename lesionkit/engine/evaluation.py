@@ -1,0 +1,64 @@
+"""Evaluate a model on a dataset: ``SegmentationMetrics`` plus per-image Dice for ranking cases."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lesionkit.engine.builders import build_metrics
+from lesionkit.models import segmentation_logits
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict  # SegmentationMetrics.compute()
+    # (dataset index, image id, Dice) per image, in dataset order; ranks best and worst cases.
+    per_image_dice: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision 'fp16' needs a CUDA device, got {device}; use 'bf16' or 'fp32' on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def per_image_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Dice per image of thresholded probabilities; 1 when prediction and target are both empty."""
+    pred = (torch.sigmoid(logits.float()) > threshold).flatten(1)
+    tgt = (target > 0.5).flatten(1)
+    inter = (pred & tgt).sum(1).double()
+    total = (pred.sum(1) + tgt.sum(1)).double()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, threshold: float = 0.5,
+             precision: str = "fp32", progress: bool = False, desc: str = "eval", hd95: bool = True) -> EvaluationResult:
+    """Run ``model`` over ``loader`` in eval mode; restores the model's train/eval mode after."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    metrics = build_metrics(threshold, hd95=hd95)
+    ranked: list[tuple[int, str, float]] = []
+    index = 0
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
+            image = batch["image"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            with autocast_context(device, precision):
+                logits = segmentation_logits(model(image))
+            logits = logits.float()
+            metrics.update(logits, mask)
+            dice = per_image_dice(logits, mask, threshold).tolist()
+            for image_id, d in zip(batch["id"], dice):
+                ranked.append((index, str(image_id), float(d)))
+                index += 1
+    finally:
+        model.train(was_training)
+    return EvaluationResult(metrics=metrics.compute(), per_image_dice=ranked)

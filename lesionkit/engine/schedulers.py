@@ -1,0 +1,74 @@
+"""Per-step learning-rate schedules with linear warm-up; ``build_scheduler`` maps the config.
+
+The classes keep only numbers in their state, so checkpoints load with ``weights_only=True``
+(``LambdaLR`` would need the lambda pickled).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from lesionkit.engine.config import SchedulerConfig
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warm-up from ``min_lr`` to the base lr over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> None:
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.min_lr = float(min_lr)
+        # Fraction of the run done, when the trainer measures it by time (scheduler.horizon
+        # "time_budget"); None = count steps.
+        self.time_progress: float | None = None
+        super().__init__(optimizer)
+
+    def _decay_progress(self, step: int) -> float:
+        if self.time_progress is not None:
+            return min(1.0, self.time_progress)
+        return min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * self._decay_progress(step)))
+
+    def get_lr(self) -> list[float]:
+        f = self._factor(self.last_epoch)
+        return [self.min_lr + (base - self.min_lr) * f for base in self.base_lrs]
+
+
+class WarmupPolyLR(WarmupCosineLR):
+    """Linear warm-up, then ``(1 - progress) ** power`` decay (the nnU-Net / DeepLab "poly" rule)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0, power: float = 0.9) -> None:
+        self.power = float(power)
+        super().__init__(optimizer, total_steps, warmup_steps, min_lr)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return (1.0 - self._decay_progress(step)) ** self.power
+
+
+def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+    """The scheduler the config names, or ``None``. Cosine and poly step per batch, plateau per epoch."""
+    total = epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.name == "none":
+        return None
+    if cfg.name == "cosine":
+        return WarmupCosineLR(optimizer, total, warmup, cfg.min_lr)
+    if cfg.name == "poly":
+        return WarmupPolyLR(optimizer, total, warmup, cfg.min_lr, cfg.power)
+    if cfg.name == "plateau":
+        # Maximises the monitored validation metric (Dice by default).
+        return ReduceLROnPlateau(optimizer, mode="max", factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr)
+    raise ValueError(f"scheduler.name should be one of ['none', 'cosine', 'poly', 'plateau'], got {cfg.name!r}")
+
+
+def steps_per_batch(scheduler) -> bool:
+    return scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau)

@@ -1,0 +1,21 @@
+"""Segmentation metrics: streaming dataset-level and per-image scores (REFERENCE 5)."""
+
+from lesionkit.metrics.segmentation import (
+    ISIC_JACCARD_THRESHOLD,
+    METRIC_NAMES,
+    SegmentationMetrics,
+    boundary,
+    confusion_metrics,
+    hd95,
+    surface_distances,
+)
+
+__all__ = [
+    "ISIC_JACCARD_THRESHOLD",
+    "METRIC_NAMES",
+    "SegmentationMetrics",
+    "boundary",
+    "confusion_metrics",
+    "hd95",
+    "surface_distances",
+]

@@ -1,0 +1,77 @@
+"""TrainConfig: YAML round trip, overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from lesionkit.engine import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = TrainConfig().with_overrides(["optim.lr=0.02", "model.kwargs.widths=[8, 16]", "time_budget=30"])
+    cfg.save_yaml(tmp_path / "c.yaml")
+    again = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert again == cfg
+    assert again.model.kwargs == {"widths": [8, 16]}
+    assert again.time_budget == 30.0
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1e-3\n")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml").optim.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'.*'lr'"),
+    ("epochs=ten", "epochs should be an integer, got 'ten'"),
+    ("optim.lr=fast", "optim.lr should be a number"),
+    ("precision=fp8", "precision should be one of"),
+    ("scheduler.name=step", "scheduler.name should be one of"),
+    ("data.augment=[shear]", r"data.augment has unknown entries \['shear'\]"),
+    ("epochs.x=1", "'epochs' is not a mapping"),
+    ("epochs", "key=value"),
+    ("data.val_fraction=1.5", "val_fraction"),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig().with_overrides([override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  name: sgd\n  moment: 0.9\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.*'optim.moment'"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_to_dict_is_primitives_only():
+    def walk(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and walk(x) for k, x in v.items())
+        if isinstance(v, list):
+            return all(walk(x) for x in v)
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    assert walk(TrainConfig().to_dict())
+
+
+def test_shipped_configs_load():
+    from lesionkit.engine import load_train_config
+
+    assert CONFIGS, "configs/*.yaml should exist"
+    for path in CONFIGS:  # each with the config class of the trainer it names
+        load_train_config(path)
+
+
+def test_demo_config_file_matches_the_demo_recipe():
+    from lesionkit.engine.demo import demo_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo_unet_tiny_synthetic.yaml"
+    expected = demo_config("x")
+    # precision follows the hardware (bf16 where native); everything else is fixed.
+    from_file = TrainConfig.from_yaml(path).with_overrides(["out_dir=x", f"precision={expected.precision}"])
+    assert from_file == expected

@@ -1,0 +1,66 @@
+"""A training process killed mid-run and resumed ends with the weights of an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lesionkit.engine import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 6
+
+
+def env() -> dict:
+    # One thread: fast for tiny shapes, and the same thread count in every run keeps CPU math
+    # bit-identical between the runs compared.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lesionkit", "train", "--model", "unet_tiny", "--data", "synthetic:48:3",
+            "--val-data", "synthetic:4:4", "--image-size", "64", "--epochs", str(EPOCHS), "--batch-size", "8",
+            "--out", str(out), "--no-progress", "--seed", "7",
+            "--set", "model.kwargs.widths=[8,16,32]", "model.kwargs.dropout=0.1", "data.num_workers=0", *extra]
+
+
+def log_rows(out: Path) -> int:
+    try:
+        return max(0, len((out / "log.csv").read_text().strip().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(train_cmd(full), env=env(), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while log_rows(killed) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # somewhere in epoch 3 (or while it saves)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    interrupted_at = load_checkpoint(killed / "last.pt")["epoch"]
+    assert 2 <= interrupted_at < EPOCHS
+
+    result = subprocess.run(train_cmd(killed, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS and a["global_step"] == b["global_step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key in ("state",):  # Adam moments too
+        for i, s in a["optimizer"][key].items():
+            assert torch.equal(s["exp_avg"], b["optimizer"][key][i]["exp_avg"])
+    rows = (killed / "log.csv").read_text().strip().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, EPOCHS + 1))
