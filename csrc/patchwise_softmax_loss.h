@@ -49,4 +49,22 @@ inline PatchGrid check_patchwise_inputs(
   return g;
 }
 
+// Accumulation (and saved patch-loss / weight) dtype: double for double, else float.
+inline at::ScalarType patchwise_acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_patchwise_backward_inputs(const PatchGrid& g, const at::Tensor& grad_loss,
+                                            const at::Tensor& patch_loss,
+                                            const at::Tensor& weights, at::ScalarType acc_type) {
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.batch,
+              "grad_loss should have shape (B,) = (", g.batch, "), got ", grad_loss.sizes());
+  for (const auto* t : {&patch_loss, &weights}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == g.batch && t->size(1) == g.patches() &&
+                    t->scalar_type() == acc_type,
+                "patch_loss and weights should be ", acc_type, " tensors of shape (", g.batch,
+                ", ", g.patches(), "), got ", t->scalar_type(), " ", t->sizes());
+  }
+}
+
 }  // namespace lesionkit

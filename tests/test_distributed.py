@@ -65,6 +65,22 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
         assert torch.equal(tensor, r0["final"][name]), name
 
 
+def test_torchrun_segmae_alternating_steps(tmp_path):
+    # Each SegMAE step leaves one decoder without gradients; DDP must not wait for them.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lesionkit", "train", "--config", str(ROOT / "configs" / "segmae_tiny_isic2018.yaml"),
+           "--data", "synthetic:16:0", "--val-data", "synthetic:4:1", "--image-size", "32",
+           "--batch-size", "4", "--epochs", "2", "--out", str(out), "--device", "cpu", "--no-progress",
+           "--set", "model.kwargs.img_size=32", "segmae.seg_patch_size=8", "segmae.mae_epochs=1",
+           "data.num_workers=0", "time_budget=null", "scheduler.horizon=epochs",
+           "dist_timeout=60"]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = load_checkpoint(out / "last.pt")
+    assert last["world_size"] == 2 and last["epoch"] == 1 + 2  # one MAE epoch, two hybrid
+
+
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_dead_or_hung_peer_ends_the_run_with_an_error(tmp_path, how):
     # killed: its sockets close and the next collective fails at once; hung (SIGSTOP): the

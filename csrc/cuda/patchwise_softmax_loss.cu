@@ -132,16 +132,12 @@ __global__ void grad_kernel(const scalar_t* __restrict__ pred, const scalar_t* _
   }
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_softmax_loss_cuda(
     const at::Tensor& pred_in, const at::Tensor& target_in, int64_t patch_size, double beta,
     const std::optional<at::Tensor>& mask_in, bool /*detach_weights: backward only*/) {
   const PatchGrid g = check_patchwise_inputs(pred_in, target_in, patch_size, beta, mask_in);
   const c10::cuda::CUDAGuard guard(pred_in.device());
-  const auto acc = pred_in.options().dtype(acc_type_of(pred_in.scalar_type()));
+  const auto acc = pred_in.options().dtype(patchwise_acc_type(pred_in.scalar_type()));
   auto loss = at::empty({g.batch}, pred_in.options());
   auto patch_loss = at::empty({g.batch, g.patches()}, acc);
   auto weights = at::empty({g.batch, g.patches()}, acc);
@@ -175,15 +171,8 @@ at::Tensor patchwise_softmax_loss_backward_cuda(
     const std::optional<at::Tensor>& mask_in, int64_t patch_size, double beta, bool detach_weights) {
   const PatchGrid g = check_patchwise_inputs(pred_in, target_in, patch_size, beta, mask_in);
   const c10::cuda::CUDAGuard guard(pred_in.device());
-  const auto acc_type = acc_type_of(pred_in.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.batch,
-              "grad_loss should have shape (B,) = (", g.batch, "), got ", grad_loss.sizes());
-  for (const auto* t : {&patch_loss_in, &weights_in}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == g.batch && t->size(1) == g.patches() &&
-                    t->scalar_type() == acc_type,
-                "patch_loss and weights should be ", acc_type, " tensors of shape (", g.batch,
-                ", ", g.patches(), "), got ", t->scalar_type(), " ", t->sizes());
-  }
+  const auto acc_type = patchwise_acc_type(pred_in.scalar_type());
+  check_patchwise_backward_inputs(g, grad_loss, patch_loss_in, weights_in, acc_type);
   auto grad = at::empty(pred_in.sizes(), pred_in.options());
   if (g.batch == 0) return grad;
 

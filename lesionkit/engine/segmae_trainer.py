@@ -126,6 +126,7 @@ class SegMAETrainer(Trainer):
     """Two-stage SegMAE training of a SegMAE model; a TransUNet trains with the same losses, one stage."""
 
     config_class = SegMAETrainConfig
+    ddp_find_unused_parameters = True  # each step uses one decoder only
 
     def __init__(self, config: SegMAETrainConfig, **kwargs) -> None:
         if not isinstance(config, SegMAETrainConfig):

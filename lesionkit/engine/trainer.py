@@ -175,6 +175,9 @@ class Trainer:
     """Supervised segmentation training driven by a :class:`TrainConfig`."""
 
     config_class = TrainConfig
+    # Recipes whose steps leave part of the model unused (SegMAE's alternating segmentation and
+    # reconstruction steps) set this so DistributedDataParallel does not wait for those grads.
+    ddp_find_unused_parameters = False
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None,
                  train_data: torch.utils.data.Dataset | None = None, val_data: torch.utils.data.Dataset | None = None,
@@ -216,7 +219,8 @@ class Trainer:
             if config.sync_batchnorm:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=self.ddp_find_unused_parameters)
 
         self.epoch = 0  # completed epochs, over all stages
         self.global_step = 0
