@@ -89,35 +89,32 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _compiled_reason(op: str, backend: str, implemented: bool, device: torch.device) -> str | None:
+    """Why the compiled `backend` ("cpu" or "cuda") cannot run `op` on `device`, or None."""
+    if not implemented:
+        return f"{op} has no {backend} kernel"
+    if device.type != backend:
+        return f"the {backend} backend runs on {backend.upper()} tensors, got tensors on {device}"
+    rebuild = _library.REBUILD_COMMAND if backend == "cpu" else _library.CUDA_REBUILD_COMMAND
+    if not _library.HAS_OPS:
+        return (f"the compiled library lesionkit._C is not loaded ({_library.LOAD_ERROR}); "
+                f"build it with `{rebuild}`")
+    if not _library.has_kernel(op, backend.upper()):
+        if backend == "cuda":
+            return ("lesionkit._C was built without CUDA kernels; rebuild on a machine with the "
+                    f"CUDA toolkit: `{rebuild}`")
+        return f"lesionkit._C has no CPU kernel for {op}; rebuild with `{rebuild}`"
+    return None
+
+
 def unavailable_reason(op: str, backend: str, device: torch.device | str) -> str | None:
     """Why `backend` cannot run `op` on `device`, or None when it can."""
     spec = _OPS[op]
     device = torch.device(device)
     if backend == "reference":
         return None
-    if backend == "cpu":
-        if not spec.cpu:
-            return f"{op} has no cpu kernel"
-        if device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors, got tensors on {device}"
-        if not _library.HAS_OPS:
-            return (f"the compiled library lesionkit._C is not loaded ({_library.LOAD_ERROR}); "
-                    f"build it with `{_library.REBUILD_COMMAND}`")
-        if not _library.has_kernel(op, "CPU"):
-            return f"lesionkit._C has no CPU kernel for {op}; rebuild with `{_library.REBUILD_COMMAND}`"
-        return None
-    if backend == "cuda":
-        if not spec.cuda:
-            return f"{op} has no cuda kernel"
-        if device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors, got tensors on {device}"
-        if not _library.HAS_OPS:
-            return (f"the compiled library lesionkit._C is not loaded ({_library.LOAD_ERROR}); "
-                    f"build it with `{_library.CUDA_REBUILD_COMMAND}`")
-        if not _library.has_kernel(op, "CUDA"):
-            return ("lesionkit._C was built without CUDA kernels; rebuild on a machine with the "
-                    f"CUDA toolkit: `{_library.CUDA_REBUILD_COMMAND}`")
-        return None
+    if backend in ("cpu", "cuda"):
+        return _compiled_reason(op, backend, getattr(spec, backend), device)
     if backend == "triton":
         if not spec.triton:
             return f"{op} has no triton kernel"

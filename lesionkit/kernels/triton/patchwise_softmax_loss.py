@@ -17,19 +17,36 @@ _PER_IMAGE_BLOCK = 1024
 
 
 @triton.jit
-def _patch_loss_kernel(pred_ptr, target_ptr, out_ptr, C, H, W, N, cols, inv_count,
-                       P: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+def _patch_layout(pid, C, H, W, N, cols, P: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Offset of patch `pid`'s (b, i) top-left pixel in channel 0, its P x P in-patch offsets
+    and their in-bounds mask; channel c adds c * H * W."""
     b = pid // N
     i = pid % N
     r = i // cols
     col = i % cols
     ys = tl.arange(0, BLOCK_P)[:, None]
     xs = tl.arange(0, BLOCK_P)[None, :]
-    inside = (ys < P) & (xs < P)
+    origin = (b * C * H + r * P) * W + col * P
+    return origin, ys * W + xs, (ys < P) & (xs < P)
+
+
+@triton.jit
+def _counted(mask_ptr, base, offs, N, HAS_MASK: tl.constexpr):
+    """Which of the patches `offs` of one image enter the softmax: in range and masked."""
+    valid = offs < N
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + base + offs, mask=offs < N, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _patch_loss_kernel(pred_ptr, target_ptr, out_ptr, C, H, W, N, cols, inv_count,
+                       P: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    origin, within, inside = _patch_layout(pid, C, H, W, N, cols, P, BLOCK_P)
     acc = tl.zeros((BLOCK_P, BLOCK_P), dtype=ACC)
     for c in range(C):
-        offs = ((b * C + c) * H + r * P) * W + col * P + ys * W + xs
+        offs = origin + c * H * W + within
         p = tl.load(pred_ptr + offs, mask=inside, other=0).to(ACC)
         t = tl.load(target_ptr + offs, mask=inside, other=0).to(ACC)
         d = p - t
@@ -46,9 +63,7 @@ def _softmax_kernel(loss_in_ptr, mask_ptr, w_ptr, loss_ptr, N, inv_beta,
     count = tl.zeros((BLOCK,), ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < N
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + base + offs, mask=offs < N, other=0) != 0)
+        valid = _counted(mask_ptr, base, offs, N, HAS_MASK)
         values = tl.load(loss_in_ptr + base + offs, mask=valid, other=float("-inf"))
         running_max = tl.maximum(running_max, values)
         count += valid.to(ACC)
@@ -58,9 +73,7 @@ def _softmax_kernel(loss_in_ptr, mask_ptr, w_ptr, loss_ptr, N, inv_beta,
     denom = tl.zeros((BLOCK,), ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < N
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + base + offs, mask=offs < N, other=0) != 0)
+        valid = _counted(mask_ptr, base, offs, N, HAS_MASK)
         values = tl.load(loss_in_ptr + base + offs, mask=valid, other=0)
         e = tl.where(valid, tl.exp((values - lmax) * inv_beta), 0.0)
         tl.store(w_ptr + base + offs, e, mask=offs < N)
@@ -89,9 +102,7 @@ def _coefficient_kernel(grad_loss_ptr, loss_in_ptr, w_ptr, mask_ptr, coef_ptr, N
     lbar = tl.zeros((BLOCK,), ACC)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < N
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + base + offs, mask=offs < N, other=0) != 0)
+        valid = _counted(mask_ptr, base, offs, N, HAS_MASK)
         w = tl.load(w_ptr + base + offs, mask=valid, other=0)
         values = tl.load(loss_in_ptr + base + offs, mask=valid, other=0)
         count += valid.to(ACC)
@@ -103,9 +114,7 @@ def _coefficient_kernel(grad_loss_ptr, loss_in_ptr, w_ptr, mask_ptr, coef_ptr, N
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inb = offs < N
-        valid = inb
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0)
+        valid = _counted(mask_ptr, base, offs, N, HAS_MASK)
         w = tl.load(w_ptr + base + offs, mask=valid, other=0)
         values = tl.load(loss_in_ptr + base + offs, mask=valid, other=0)
         if DETACH:
@@ -119,16 +128,10 @@ def _coefficient_kernel(grad_loss_ptr, loss_in_ptr, w_ptr, mask_ptr, coef_ptr, N
 def _grad_kernel(pred_ptr, target_ptr, coef_ptr, grad_ptr, C, H, W, N, cols,
                  P: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // N
-    i = pid % N
-    r = i // cols
-    col = i % cols
+    origin, within, inside = _patch_layout(pid, C, H, W, N, cols, P, BLOCK_P)
     k = tl.load(coef_ptr + pid)
-    ys = tl.arange(0, BLOCK_P)[:, None]
-    xs = tl.arange(0, BLOCK_P)[None, :]
-    inside = (ys < P) & (xs < P)
     for c in range(C):
-        offs = ((b * C + c) * H + r * P) * W + col * P + ys * W + xs
+        offs = origin + c * H * W + within
         p = tl.load(pred_ptr + offs, mask=inside, other=0).to(ACC)
         t = tl.load(target_ptr + offs, mask=inside, other=0).to(ACC)
         tl.store(grad_ptr + offs, (k * (p - t)).to(grad_ptr.dtype.element_ty), mask=inside)
