@@ -4,6 +4,8 @@ CPU sources (csrc/ops.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/
 are added when torch is a CUDA build and nvcc is found (CUDA_HOME), or when
 LESIONKIT_FORCE_CUDA=1; LESIONKIT_SKIP_CUDA=1 leaves them out. TORCH_CUDA_ARCH_LIST picks the
 GPU architectures. LESIONKIT_CPU_NATIVE=0 builds portable CPU code instead of -march=native.
+LESIONKIT_NO_EXTENSION=1 builds the pure-Python package without `lesionkit._C` (every op then runs
+on its PyTorch reference; the packaging test uses it to build a wheel in seconds).
 """
 
 import glob
@@ -99,5 +101,5 @@ def build_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-ext_modules, cmdclass = build_extension()
+ext_modules, cmdclass = ([], {}) if _flag("LESIONKIT_NO_EXTENSION") else build_extension()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

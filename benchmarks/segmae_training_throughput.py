@@ -30,7 +30,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"data.train=isic:{args.data}:train", f"data.val=isic:{args.data}:val",
                      f"time_budget={args.seconds}", "progress=false", f"out_dir={out}", "segmae.mae_epochs=0"]
-        cfg = load_train_config(f"configs/{args.model}_isic2018.yaml").with_overrides(overrides)
+        cfg = load_train_config(f"{args.model}_isic2018").with_overrides(overrides)
         trainer = build_trainer(cfg)
         trainer.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(trainer.val_data, range(16)), batch_size=32)
         summary = trainer.fit()

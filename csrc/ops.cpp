@@ -70,7 +70,7 @@ TORCH_LIBRARY(lesionkit, m) {
       "Tensor patch_loss, Tensor weights, Tensor? mask, int patch_size, float beta, "
       "bool detach_weights) -> Tensor");
 
-  // Selective scan (Mamba S6, REFERENCE 2.1): u, delta, z (b, d, l); A (d, n); B, C (b, g, n, l)
+  // Selective scan (Mamba S6, docs/ops.md): u, delta, z (b, d, l); A (d, n); B, C (b, g, n, l)
   // or (b, n, l); D, delta_bias (d,). Returns the output (u's dtype), the last state (b, d, n)
   // and the checkpoints (b, d, ceil(l / 512), n): the state entering every 512-step chunk, from
   // which the backward recomputes the states instead of storing (b, d, l, n).

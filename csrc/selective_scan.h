@@ -1,5 +1,5 @@
 // Shapes, constants and input checks shared by the CPU and CUDA kernels of
-// lesionkit::selective_scan*, cross_scan and cross_merge (REFERENCE 2.1), so that a direct
+// lesionkit::selective_scan*, cross_scan and cross_merge (docs/ops.md), so that a direct
 // torch.ops call gets the same messages as the Python wrapper.
 #pragma once
 

@@ -1,4 +1,4 @@
-"""``lesionkit train | evaluate | predict | demo | data synth | info``."""
+"""``lesionkit train | evaluate | predict | demo | configs | data synth | info``."""
 
 from __future__ import annotations
 
@@ -47,12 +47,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume_path is not None:
         trainer.resume(resume_path)
     summary = trainer.fit()
+    stop = summary["stop_reason"]
+    interrupted = stop.startswith("SIG")
     if trainer.dist.is_main:
         best = summary["best_metric"]
-        print(f"trained {summary['epochs']} epochs ({summary['stop_reason']}) in {summary['elapsed_s']:.1f} s; "
+        ips = summary["train_images_per_s"]
+        print(f"trained {summary['epochs']} epochs ({stop}) in {summary['elapsed_s']:.1f} s"
+              f"{f'; {ips:.1f} training images/s' if ips else ''}; "
               f"best val {cfg.monitor} = {best if best is None else f'{best:.4f}'} at epoch {summary['best_epoch']}; "
               f"wrote {cfg.out_dir}/best.pt, last.pt, log.csv, config.yaml")
+        if interrupted:
+            print(f"stopped by {stop} at step {summary['global_step']}; {cfg.out_dir}/last.pt holds the state. "
+                  f"Resume with: lesionkit train --resume {cfg.out_dir}/last.pt", file=sys.stderr, flush=True)
     trainer.dist.shutdown()
+    if interrupted:
+        import signal
+
+        return 128 + int(getattr(signal, stop))
     return 0
 
 
@@ -60,7 +71,7 @@ def _load_model(checkpoint: str, device_name: str):
     import torch
 
     from lesionkit.engine import load_checkpoint, model_from_checkpoint
-    from lesionkit.engine.trainer import resolve_device
+    from lesionkit.engine.runtime import resolve_device
 
     device = resolve_device(device_name)
     state = load_checkpoint(checkpoint, map_location=device)
@@ -126,6 +137,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lesionkit.engine.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.format, args.out, image_size=args.image_size)
+    print(f"wrote {result.path} ({result.format}, input {'x'.join(map(str, result.input_shape))}); "
+          f"reproduces the checkpoint's logits to {result.max_abs_diff:.2g} (max |difference|)")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from lesionkit.configs import RECIPES_DIR, list_recipes, recipe_summary
+
+    names = list_recipes()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {recipe_summary(name)}")
+    print(f"\n{len(names)} recipes in {RECIPES_DIR}; train one with: lesionkit train --config NAME")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from lesionkit.data import synth_cli
 
@@ -176,11 +207,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionkit", description="Lesion segmentation: train, evaluate, predict.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,demo,data,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,demo,export,configs,data,info}")
 
     p = sub.add_parser("train", help="train a model on a dataset")
     p.add_argument("--model", help="registered model name (lesionkit info lists them)")
-    p.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("--config", help="a shipped recipe's name (lesionkit configs lists them) or a YAML file")
     p.add_argument("--data", help="training data spec: isic:PATH[:split] | ph2:PATH | folder:PATH[:split] | nifti:PATH | synthetic:N[:seed]")
     p.add_argument("--val-data", help="validation data spec; default: a seeded hold-out of --data")
     p.add_argument("--image-size", type=int)
@@ -225,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="a checkpoint's model as ONNX, TorchScript or a torch.export program")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
+    p.add_argument("--out", help="output file (default: the checkpoint's name with .onnx / .ts / .pt2)")
+    p.add_argument("--image-size", type=int, help="sample input size (default: the size the checkpoint was trained at)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("configs", help="list the shipped recipes (names for train --config)")
+    p.set_defaults(func=cmd_configs)
 
     # Parsed by lesionkit.data itself, so other commands do not import the data package.
     p = sub.add_parser("data", help="dataset tools: 'lesionkit data synth --out DIR --n N --layout isic2018|ph2|folder'",

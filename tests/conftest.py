@@ -29,6 +29,27 @@ def kernel_backends(op: str) -> list[tuple[str, torch.device]]:
     return pairs
 
 
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_meta(name: str, **kwargs) -> torch.nn.Module:
+    """A registered model on the meta device: full-size models get their shapes checked at no memory or init cost."""
+    from lesionkit.models import create_model
+
+    with torch.device("meta"):
+        return create_model(name, **kwargs)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: two on a shared 2-core machine oversubscribe and run 10-40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def backend_params(op: str) -> list:
     """pytest params of :func:`kernel_backends`, one id per backend."""
     return [pytest.param(b, d, id=f"{b}-{d.type}") for b, d in kernel_backends(op)]

@@ -6,7 +6,7 @@ import pytest
 
 from lesionkit.engine import TrainConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "lesionkit" / "configs").glob("*.yaml"))
 
 
 def test_yaml_round_trip(tmp_path):
@@ -62,16 +62,42 @@ def test_to_dict_is_primitives_only():
 def test_shipped_configs_load():
     from lesionkit.engine import load_train_config
 
-    assert CONFIGS, "configs/*.yaml should exist"
+    assert CONFIGS, "lesionkit/configs/*.yaml should exist"
     for path in CONFIGS:  # each with the config class of the trainer it names
         load_train_config(path)
 
 
-def test_demo_config_file_matches_the_demo_recipe():
+def test_demo_reads_its_recipe_file():
     from lesionkit.engine.demo import demo_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "demo_unet_tiny_synthetic.yaml"
+    path = Path(__file__).resolve().parents[1] / "lesionkit" / "configs" / "demo_unet_tiny_synthetic.yaml"
     expected = demo_config("x")
-    # precision follows the hardware (bf16 where native); everything else is fixed.
+    # precision follows the hardware (bf16 where native); everything else is the file's.
     from_file = TrainConfig.from_yaml(path).with_overrides(["out_dir=x", f"precision={expected.precision}"])
     assert from_file == expected
+
+
+def test_recipes_by_name_and_the_former_configs_path():
+    from lesionkit.configs import list_recipes, recipe_path, resolve_recipe
+    from lesionkit.engine import load_train_config
+
+    assert "segmae_isic2018" in list_recipes() and "demo_unet_tiny_synthetic" in list_recipes()
+    by_name = load_train_config("segmae_isic2018")
+    assert by_name == load_train_config(recipe_path("segmae_isic2018"))
+    assert resolve_recipe("configs/segmae_isic2018.yaml") == recipe_path("segmae_isic2018")
+    with pytest.raises(FileNotFoundError, match=r"no recipe named 'segmae_isic2019'.*segmae_isic2018"):
+        load_train_config("segmae_isic2019")
+    with pytest.raises(FileNotFoundError, match=r"config file 'nowhere/x.yaml' does not exist"):
+        load_train_config("nowhere/x.yaml")
+    # Recipes live in the package; the top-level configs/ folder only points there.
+    top = Path(__file__).resolve().parents[1] / "configs"
+    assert not list(top.glob("*.yaml")), "put recipes in lesionkit/configs/ so they ship in the wheel"
+
+
+def test_data_augment_is_an_alias_of_the_flips_in_data_transforms():
+    cfg = TrainConfig.from_dict({"data": {"augment": ["hflip", "rot90"], "transforms": {"rotation": 15}}})
+    assert cfg.data.augment is None
+    assert cfg.data.transforms == {"rotation": 15, "hflip": 0.5, "vflip": 0.0, "rot90": 0.5}
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"data.transforms.vflip is a probability"):
+        TrainConfig.from_dict({"data": {"transforms": {"vflip": 2}}})

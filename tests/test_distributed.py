@@ -69,7 +69,7 @@ def test_torchrun_segmae_alternating_steps(tmp_path):
     # Each SegMAE step leaves one decoder without gradients; DDP must not wait for them.
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lesionkit", "train", "--config", str(ROOT / "configs" / "segmae_tiny_isic2018.yaml"),
+           "-m", "lesionkit", "train", "--config", "segmae_tiny_isic2018",
            "--data", "synthetic:16:0", "--val-data", "synthetic:4:1", "--image-size", "32",
            "--batch-size", "4", "--epochs", "2", "--out", str(out), "--device", "cpu", "--no-progress",
            "--set", "model.kwargs.img_size=32", "segmae.seg_patch_size=8", "segmae.mae_epochs=1",

@@ -15,9 +15,8 @@ from lesionkit.losses import (
     dice_loss,
     focal_loss,
     list_losses,
-    patchify,
-    unpatchify,
 )
+from lesionkit.layers import patchify, unpatchify
 
 
 def _data(shape=(3, 1, 10, 12), seed=0, dtype=torch.float32):
@@ -103,7 +102,7 @@ def test_mae_loss_counts_masked_patches_only():
     changed = pred.clone()
     changed[0, :, 0:4, 4:8] += 10  # patch 1 of image 0, not masked
     assert MAEReconstructionLoss(4)(changed, target, mask) == pytest.approx(loss.item(), rel=1e-6)
-    assert torch.equal(unpatchify(patchify(pred, 4), 4, pred.shape), pred)
+    assert torch.equal(unpatchify(patchify(pred, 4), 4, (2, 3), 3), pred)
 
 
 def test_mae_loss_norm_pix_and_softmax_weighting():
@@ -112,7 +111,7 @@ def test_mae_loss_norm_pix_and_softmax_weighting():
     pred, target = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
     mask = torch.ones(2, 4, dtype=torch.bool)
     t = patchify(target, 4)
-    tn = unpatchify((t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt(), 4, target.shape)
+    tn = unpatchify((t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt(), 4, (2, 2), 3)
     assert MAEReconstructionLoss(4, norm_pix=True)(pred, target, mask) == pytest.approx(
         F.mse_loss(pred, tn).item(), rel=1e-5)
     ref = K.patchwise_softmax_loss_reference(pred, target, 4, 0.3, mask=mask)

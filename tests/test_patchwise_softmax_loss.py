@@ -24,7 +24,7 @@ SHAPES = [
     (2, 3, 30, 45, 15),
     (4, 2, 12, 6, 3),
 ]
-# (rtol, atol) of the forward per dtype (REFERENCE 2.2; bf16/fp16 carry their input rounding).
+# (rtol, atol) of the forward per dtype (docs/ops.md, Tolerances; bf16/fp16 carry their input rounding).
 FORWARD_TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-10, 1e-12),
                torch.bfloat16: (2e-2, 1e-3), torch.float16: (2e-2, 1e-3)}
 
@@ -82,7 +82,7 @@ def test_gradients_match_reference(backend, device, shape, detach_weights, with_
                    reduction=reduction)
         grads.append(torch.autograd.grad(loss, (p, t)))
     for got, want in zip(*grads):
-        scale = want.abs().max().clamp_min(1e-30)  # REFERENCE 2.2: compare scaled by max |g|
+        scale = want.abs().max().clamp_min(1e-30)  # docs/ops.md: gradients compare scaled by max |g|
         torch.testing.assert_close(got / scale, want / scale, rtol=1e-4, atol=1e-5)
 
 
@@ -178,7 +178,9 @@ def test_empty_batch(backend, device):
 
 def test_module_wrapper_and_mixed_dtypes():
     pred, target, _ = make_inputs((2, 1, 16, 16, 8), torch.float32, "cpu")
-    module = K.PatchwiseSoftmaxLoss(patch_size=8, beta=0.5)
+    from lesionkit.losses import PatchwiseSoftmaxLoss
+
+    module = PatchwiseSoftmaxLoss(patch_size=8, beta=0.5, from_logits=False)
     assert "patch_size=8" in repr(module)
     want = run("reference", pred, target, 8, 0.5)
     torch.testing.assert_close(module(pred, target), want)

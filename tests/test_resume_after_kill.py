@@ -64,3 +64,43 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
             assert torch.equal(s["exp_avg"], b["optimizer"][key][i]["exp_avg"])
     rows = (killed / "log.csv").read_text().strip().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, EPOCHS + 1))
+
+
+def mid_epoch_checkpoint(out: Path) -> dict | None:
+    try:
+        state = load_checkpoint(out / "last.pt")
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if state.get("epoch_batches") else None
+
+
+def test_kill_inside_an_epoch_and_resume_matches_uninterrupted_run(tmp_path):
+    every = ["checkpoint.every_steps=2"]  # 6 steps per epoch: checkpoints after steps 2 and 4 of each
+    full = tmp_path / "full"
+    subprocess.run(train_cmd(full, *every), env=env(), check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, *every), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while (log_rows(killed) < 1 or mid_epoch_checkpoint(killed) is None) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    state = mid_epoch_checkpoint(killed)
+    if state is None:  # killed just after an epoch-end checkpoint replaced the mid-epoch one
+        state = load_checkpoint(killed / "last.pt")
+    assert state["epoch"] < EPOCHS
+
+    result = subprocess.run(train_cmd(killed, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS and a["global_step"] == b["global_step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert (full / "log.csv").read_text().splitlines()[0] == (killed / "log.csv").read_text().splitlines()[0]
+    train_losses = [[r.split(",")[4] for r in (out / "log.csv").read_text().strip().splitlines()[1:]] for out in (full, killed)]
+    assert train_losses[0] == train_losses[1]

@@ -8,16 +8,18 @@ import torch
 from lesionkit.engine import load_train_config
 from lesionkit.engine.segmae_trainer import (
     SegMAERecipe,
-    SegMAEReconstructionLoss,
-    SegMAESegmentationLoss,
     SegMAETrainConfig,
     SegMAETrainer,
+    build_reconstruction_loss,
+    build_segmentation_loss,
 )
 from lesionkit.layers import MAEDecoder, patchify, random_patch_mask, sincos_pos_embed_2d, unpatchify
 from lesionkit.models import SegmentationOutput, create_model, segmentation_logits
 from lesionkit.models.segmae import SegMAEOutput
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from conftest import build_meta, count_params
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
 TABLE4 = {  # row: (mae_decoder, mae_epochs > 0, hybrid, patch_weight > 0 (L1), recon_patchwise (L2))
     1: (False, False, False, False, False),
     2: (True, False, True, False, False),
@@ -29,29 +31,18 @@ TABLE4 = {  # row: (mae_decoder, mae_epochs > 0, hybrid, patch_weight > 0 (L1), 
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on a shared 2-core machine oversubscribe and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------- model
 
 
 def test_segmae_r50_vit_b16_size():
-    with torch.device("meta"):
-        full = create_model("segmae_r50_vit_b16", num_classes=2)
-        baseline = create_model("segmae_r50_vit_b16", num_classes=2, mae_decoder=False)
-    assert n_params(baseline) == 105_276_066  # Table 4 row 1 is TransUNet
-    assert n_params(full.mae) == 26_008_320  # MAE-B decoder: 512 wide, 8 blocks, 16 heads
-    assert n_params(full) == 131_284_386  # ~131.3M, REFERENCE 3
+    full = build_meta("segmae_r50_vit_b16", num_classes=2)
+    baseline = build_meta("segmae_r50_vit_b16", num_classes=2, mae_decoder=False)
+    assert count_params(baseline) == 105_276_066  # Table 4 row 1 is TransUNet
+    assert count_params(full.mae) == 26_008_320  # MAE-B decoder: 512 wide, 8 blocks, 16 heads
+    assert count_params(full) == 131_284_386  # ~131.3M: TransUNet + the MAE-B decoder (docs/models.md)
     assert full.mae.embed_dim == 512 and len(full.mae.blocks) == 8 and full.mae.blocks[0].attn.num_heads == 16
 
 
@@ -182,7 +173,7 @@ def test_sincos_pos_embed():
 def test_reconstruction_is_scored_on_masked_patches_only(patchwise):
     torch.manual_seed(0)
     recipe = SegMAERecipe(recon_patchwise=patchwise)
-    loss_fn = SegMAEReconstructionLoss(recipe, patch_size=8)
+    loss_fn = build_reconstruction_loss(recipe, patch_size=8)
     target = torch.rand(2, 3, 32, 32)
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
     mask = random_patch_mask(2, 16, 0.75).mask
@@ -204,14 +195,14 @@ def test_reconstruction_loss_values():
     target, pred = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     mask = random_patch_mask(2, 16, 0.75).mask
     n_masked = 12
-    plain = SegMAEReconstructionLoss(SegMAERecipe(recon_patchwise=False), 8)(pred, target, mask)
+    plain = build_reconstruction_loss(SegMAERecipe(recon_patchwise=False), 8)(pred, target, mask)
     per_patch = (patchify(pred, 8) - patchify(target, 8)).square().mean(-1)
     torch.testing.assert_close(plain, per_patch[mask].mean())  # MAE: mean over masked patches
-    eq8 = SegMAEReconstructionLoss(SegMAERecipe(recon_beta=0.05, patchwise_scale="eq8"), 8)(pred, target, mask)
+    eq8 = build_reconstruction_loss(SegMAERecipe(recon_beta=0.05, patchwise_scale="eq8"), 8)(pred, target, mask)
     torch.testing.assert_close(eq8, patchwise_softmax_loss(pred, target, 8, 0.05, mask=mask))
-    mean = SegMAEReconstructionLoss(SegMAERecipe(recon_beta=0.05), 8)(pred, target, mask)
+    mean = build_reconstruction_loss(SegMAERecipe(recon_beta=0.05), 8)(pred, target, mask)
     torch.testing.assert_close(mean, eq8 * n_masked)  # the softmax-weighted mean of patch errors
-    huge_beta = SegMAEReconstructionLoss(SegMAERecipe(recon_beta=1e9), 8)(pred, target, mask)
+    huge_beta = build_reconstruction_loss(SegMAERecipe(recon_beta=1e9), 8)(pred, target, mask)
     torch.testing.assert_close(huge_beta, plain)  # beta -> inf: plain MSE over masked patches
 
 
@@ -220,7 +211,7 @@ def test_segmentation_loss_is_eq11_with_the_standard_dice():
 
     torch.manual_seed(0)
     logits, target = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.6).float()
-    out = SegMAESegmentationLoss(SegMAERecipe(seg_patch_size=8, seg_beta=0.3))(logits, target)
+    out = build_segmentation_loss(SegMAERecipe(seg_patch_size=8, seg_beta=0.3))(logits, target)
     p = torch.sigmoid(logits)
     bce = torch.nn.functional.binary_cross_entropy(p, target)
     inter, total = (p * target).flatten(1).sum(1), (p + target).flatten(1).sum(1)
@@ -230,7 +221,7 @@ def test_segmentation_loss_is_eq11_with_the_standard_dice():
     torch.testing.assert_close(out["dice"], dice)
     torch.testing.assert_close(out["patchwise"], patch)
     torch.testing.assert_close(out["loss"], 1.2 * bce + 0.4 * dice + 0.8 * patch)
-    no_l1 = SegMAESegmentationLoss(SegMAERecipe(patch_weight=0.0))(logits, target)
+    no_l1 = build_segmentation_loss(SegMAERecipe(patch_weight=0.0))(logits, target)
     assert "patchwise" not in no_l1
     torch.testing.assert_close(no_l1["loss"], 1.2 * bce + 0.4 * dice)
 
@@ -324,13 +315,16 @@ def test_stage_two_alternates_a_segmentation_and_a_reconstruction_step(tmp_path,
     trainer = SegMAETrainer(make_config(tmp_path, **{"segmae.mae_epochs": 0}), train_data=Discs(8),
                             val_data=Discs(4, seed=1))
     tasks = []
-    step = type(trainer)._step
+    segment, reconstruct = type(trainer).segmentation_step, type(trainer).reconstruction_step
 
-    def record(self, task, batch):
-        tasks.append(task)
-        return step(self, task, batch)
+    def record(task, step):
+        def wrapped(self, batch):
+            tasks.append(task)
+            return step(self, batch)
+        return wrapped
 
-    monkeypatch.setattr(type(trainer), "_step", record)
+    monkeypatch.setattr(type(trainer), "segmentation_step", record("segment", segment))
+    monkeypatch.setattr(type(trainer), "reconstruction_step", record("reconstruct", reconstruct))
     model = trainer.model
     before = {name: snapshot(m) for name, m in (("mae", model.mae), ("decoder", model.decoder))}
     trainer.fit()
@@ -406,7 +400,7 @@ def test_paper_configs_hold_the_paper_recipe(name):
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("sgd", 0.008, 1e-3)
     assert cfg.scheduler.name == "plateau" and cfg.epochs == 100 and cfg.segmae.mae_epochs == 50
     assert (cfg.segmae.bce_weight, cfg.segmae.dice_weight, cfg.segmae.patch_weight) == (1.2, 0.4, 0.8)
-    assert cfg.data.transforms["rotation"] == 15 and {"hflip", "vflip"} <= set(cfg.data.augment)
+    assert cfg.data.transforms["rotation"] == 15 and cfg.data.transforms["hflip"] == cfg.data.transforms["vflip"] == 0.5
     assert cfg.data.transforms["brightness"] > 0 and cfg.data.transforms["contrast"] > 0
     gray = cfg.model.kwargs.get("color_constancy", "none") == "gray_world"
     assert gray == (name == "segmae_isic2017")

@@ -1,5 +1,5 @@
 """selective_scan, cross_scan / cross_merge and selective_scan_2d on every backend against their
-references (STYLE rule 6; shapes, flags and tolerances of mamba's test suite, REFERENCE 2.1)."""
+references (STYLE rule 6; shapes, flags and tolerances of mamba's test suite, docs/ops.md)."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from conftest import backend_params
 SCAN_BACKENDS = backend_params("selective_scan")
 SCAN_2D_BACKENDS = backend_params("selective_scan_2d")
 CROSS_BACKENDS = backend_params("cross_scan")
-REFERENCE = pytest.param("reference", torch.device("cpu"), id="reference")
+REF_BACKEND = pytest.param("reference", torch.device("cpu"), id="reference")
 needs_ops = pytest.mark.skipif(not _library.HAS_OPS, reason="compiled library not built")
 
 # (rtol, atol) of the forward per dtype: mamba's test_selective_scan.
@@ -131,7 +131,7 @@ def _grads(backend, kw, with_state=False):
 
 
 # mamba's gradient tolerances relative to the forward's: du 2x, d(delta) 5x rtol and 10x atol,
-# dA / dD / d(delta_bias) rtol 1e-3 (REFERENCE 2.1); B, C and z like du.
+# dA / dD / d(delta_bias) rtol 1e-3 (docs/ops.md); B, C and z like du.
 def _grad_tol(name, rtol, atol):
     return {"u": (2 * rtol, 2 * atol), "delta": (5 * rtol, 10 * atol), "B": (2 * rtol, 2 * atol),
             "C": (2 * rtol, 2 * atol), "z": (2 * rtol, 2 * atol)}.get(name, (1e-3, 1e-3))
@@ -152,7 +152,7 @@ def test_gradients_match_reference(backend, device, case):
                                    msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", SCAN_BACKENDS + [REFERENCE])
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS + [REF_BACKEND])
 @pytest.mark.parametrize("case", [(1, 2, 9, 3, 1, "z,bias,softplus,D"), (2, 4, 7, 1, 2, "D"),
                                   (1, 2, 6, 2, 0, "softplus")], ids=case_id)
 def test_gradcheck_float64(backend, device, case):
@@ -264,7 +264,7 @@ def test_opcheck_compiled(case):
                           (torch.randn_like(out), torch.randn_like(state), *detached, ckpt))
 
 
-@pytest.mark.parametrize("backend,device", SCAN_BACKENDS[:1] + [REFERENCE])
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS[:1] + [REF_BACKEND])
 def test_torch_compile_fullgraph(backend, device):
     kw = make_scan_inputs((2, 4, 100, 16, 2, "z,bias,softplus,D"), device=device, seed=11)
     u = kw.pop("u").requires_grad_()
@@ -313,7 +313,7 @@ def test_cross_scan_directions_follow_vmamba_order():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend,device", CROSS_BACKENDS + [REFERENCE])
+@pytest.mark.parametrize("backend,device", CROSS_BACKENDS + [REF_BACKEND])
 def test_cross_merge_is_the_adjoint_of_cross_scan(backend, device):
     # <cross_scan(x), y> = <x, cross_merge(y)>, and each one's gradient is the other.
     gen = torch.Generator().manual_seed(13)
@@ -446,7 +446,7 @@ def test_2d_gradients_match_reference(backend, device, case):
                                    msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS + [REFERENCE])
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS + [REF_BACKEND])
 def test_2d_gradcheck_float64(backend, device):
     kw = make_2d_inputs((1, 2, 3, 4, 2), torch.float64, device, seed=18)
     names = list(kw)
@@ -471,7 +471,7 @@ def test_opcheck_2d_compiled():
                           (torch.randn_like(out), *detached, ckpt))
 
 
-@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS[:1] + [REFERENCE])
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS[:1] + [REF_BACKEND])
 def test_2d_torch_compile_fullgraph(backend, device):
     kw = make_2d_inputs((2, 3, 6, 5, 16), device=device, seed=20)
     x = kw.pop("x").requires_grad_()

@@ -8,7 +8,7 @@ import torch
 
 from lesionkit.engine import Stage, Trainer, TrainConfig, load_checkpoint
 from lesionkit.engine.schedulers import WarmupCosineLR, WarmupPolyLR
-from lesionkit.engine.trainer import holdout_split
+from lesionkit.data.splits import holdout_split
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,38 +6,24 @@ import torch
 from lesionkit.models import create_model
 from lesionkit.models.transunet import TransUNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on a shared 2-core machine oversubscribe and run 10-40x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import build_meta, count_params
 
 
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_meta(name: str, **kwargs) -> torch.nn.Module:
-    # The full-size models only have their shapes checked: no memory, no init cost.
-    with torch.device("meta"):
-        return create_model(name, **kwargs)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_transunet_r50_vit_b16_has_the_official_parameter_count():
     # TransUNet's official code: 105,276,066 parameters for R50-ViT-B_16, 2 classes, 224 px.
-    assert n_params(build_meta("transunet_r50_vit_b16", num_classes=2)) == 105_276_066
+    assert count_params(build_meta("transunet_r50_vit_b16", num_classes=2)) == 105_276_066
     # One class fewer removes one 3x3 filter over 16 channels and its bias.
-    assert n_params(build_meta("transunet_r50_vit_b16")) == 105_276_066 - 16 * 9 - 1
+    assert count_params(build_meta("transunet_r50_vit_b16")) == 105_276_066 - 16 * 9 - 1
 
 
 def test_parts_breakdown_matches_transunet():
     model = build_meta("transunet_r50_vit_b16", num_classes=2)
     backbone = model.encoder.vit.patch_embed.backbone
-    assert n_params(backbone) == 11_894_848  # the R50 (3, 4, 9) stem, REFERENCE 3
-    assert n_params(model.decoder) == 7_387_200  # CUP without the head
+    assert count_params(backbone) == 11_894_848  # the R50 (3, 4, 9) stem, as timm's vit_base_r50_s16_224 (docs/models.md)
+    assert count_params(model.decoder) == 7_387_200  # CUP without the head
     assert model.encoder.vit.pos_embed.shape == (1, 196, 768)  # no class token, 14x14 grid
     assert model.encoder.vit.cls_token is None
     assert model.encoder.skip_channels == [512, 256, 64]

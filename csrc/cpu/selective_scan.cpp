@@ -1,5 +1,5 @@
 // CPU kernels of lesionkit::selective_scan (Mamba S6), selective_scan_2d (the fused SS2D core),
-// cross_scan and cross_merge (REFERENCE 2.1).
+// cross_scan and cross_merge (docs/ops.md).
 //
 // h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,  y_t = <C_t, h_t> + D u_t,  y *= silu(z).
 //

@@ -1,5 +1,5 @@
 // CUDA kernels of lesionkit::selective_scan (Mamba S6), selective_scan_2d (the fused SS2D
-// core), cross_scan and cross_merge (REFERENCE 2.1). Mirrors csrc/cpu/selective_scan.cpp.
+// core), cross_scan and cross_merge (docs/ops.md). Mirrors csrc/cpu/selective_scan.cpp.
 //
 // One block of kThreads threads per (batch, channel). The sequence is walked in chunks of
 // kScanChunk = kThreads * kItems steps; thread i holds kItems consecutive steps. Each step is

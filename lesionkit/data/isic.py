@@ -1,4 +1,4 @@
-"""The official ISIC 2016 / 2017 / 2018 Task 1 (lesion segmentation) folders (REFERENCE 4)."""
+"""The official ISIC 2016 / 2017 / 2018 Task 1 (lesion segmentation) folders (docs/data.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The official PH2 tree (REFERENCE 4): ``PH2 Dataset images/IMDxxx/...`` with BMP files."""
+"""The official PH2 tree (docs/data.md): ``PH2 Dataset images/IMDxxx/...`` with BMP files."""
 
 from __future__ import annotations
 

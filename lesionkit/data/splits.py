@@ -1,10 +1,12 @@
-"""Seeded, deterministic dataset splits: ratio (7:1:2 as in SegMAE), k-fold, labelled fraction."""
+"""Seeded, deterministic dataset splits: ratio (7:1:2 as in SegMAE), k-fold, labelled fraction,
+and the training run's validation hold-out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Subset
 
 
@@ -65,3 +67,17 @@ def labelled_fraction(data: Dataset | int, fraction: float, seed: int = 0):
     m = min(n, max(1, int(round(fraction * n))))
     perm = _permutation(n, seed)
     return _subsets(data, [np.sort(perm[:m]), np.sort(perm[m:])])
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """Seeded (train, val) subsets with ``round(fraction * n)`` (at least 1) images held out.
+
+    The engine's ``data.val_fraction``; indices come from torch's generator, so they are the
+    same on every platform for one seed.
+    """
+    n = len(dataset)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise ValueError(f"cannot hold out {fraction:.0%} of {n} images for validation and keep any for training")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(perm[n_val:])), Subset(dataset, sorted(perm[:n_val]))

@@ -109,10 +109,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv=None) -> int:
+    """``lesionkit data synth ...`` and ``lesionkit data check ...`` (a bare argument list means synth)."""
+    from lesionkit.data import check
+
     parser = argparse.ArgumentParser(prog="lesionkit data")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
-    args = parser.parse_args(argv if argv is None or (argv and argv[0] == "synth") else ["synth", *argv])
+    check.add_parser(sub)
+    if argv is not None and not (argv and argv[0] in ("synth", "check", "-h", "--help")):
+        argv = ["synth", *argv]
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

@@ -1,9 +1,18 @@
-"""Paired image / mask transforms over torchvision.transforms.v2 (the mask is a tv_tensors.Mask,
-so geometry is shared and resampled with nearest neighbour, and colour changes skip it)."""
+"""Training augmentation: one set of options (the engine's ``data.transforms``) applied in two places.
+
+- Per image, in the data loader: :func:`train_transforms` / :func:`eval_transforms`, paired
+  image / mask transforms over torchvision.transforms.v2 (the mask is a tv_tensors.Mask, so
+  geometry is shared and resampled with nearest neighbour, and colour changes skip it).
+- Per batch, on the training device: :class:`BatchFlips`, the random flips and 90-degree turns,
+  which cost nothing there and need no resampling.
+
+:func:`split_transform_options` says which option goes where.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
@@ -13,6 +22,58 @@ from lesionkit.data.sizes import as_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Options of data.transforms applied per batch by BatchFlips (probabilities) and their defaults:
+# flips are on unless switched off (our choice: cheap and label-preserving for lesions).
+BATCH_FLIPS = {"hflip": 0.5, "vflip": 0.5, "rot90": 0.0}
+# Options applied per image by train_transforms; normalisation is the model's business.
+IMAGE_TRANSFORMS = ("rotation", "brightness", "contrast", "gray_world")
+TRANSFORM_OPTIONS = tuple(BATCH_FLIPS) + IMAGE_TRANSFORMS
+
+
+def split_transform_options(options: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """``data.transforms`` as (BatchFlips probabilities with defaults filled in, train_transforms kwargs)."""
+    unknown = sorted(set(options) - set(TRANSFORM_OPTIONS))
+    if unknown:
+        raise ValueError(f"data.transforms has unknown key(s) {unknown}; valid: {list(TRANSFORM_OPTIONS)}")
+    flips = {k: float(options.get(k, default)) for k, default in BATCH_FLIPS.items()}
+    for k, v in flips.items():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"data.transforms.{k} is a probability and should be in [0, 1], got {v}")
+    return flips, {k: v for k, v in options.items() if k in IMAGE_TRANSFORMS}
+
+
+class BatchFlips:
+    """Random horizontal / vertical flips and transposes (90-degree turns of square images), drawn
+    per sample, applied to a batch ``{"image": (B, C, H, W), "mask": (B, 1, H, W), ...}`` on its device.
+
+    Draws come from torch's global generator (one ``torch.rand(B)`` per enabled flip), so the
+    trainer's saved random state reproduces them on resume.
+    """
+
+    def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rot90: float = 0.0) -> None:
+        self.probabilities = {"hflip": hflip, "vflip": vflip, "rot90": rot90}
+
+    def __bool__(self) -> bool:
+        return any(self.probabilities.values())
+
+    def __call__(self, batch: dict) -> dict:
+        image, mask = batch["image"], batch["mask"]
+        n = image.shape[0]
+        for name, dims in (("hflip", (-1,)), ("vflip", (-2,))):
+            p = self.probabilities[name]
+            if p:
+                m = (torch.rand(n) < p).to(image.device).view(n, 1, 1, 1)
+                image, mask = torch.where(m, image.flip(dims), image), torch.where(m, mask.flip(dims), mask)
+        p = self.probabilities["rot90"]
+        if p and image.shape[-1] == image.shape[-2]:
+            m = (torch.rand(n) < p).to(image.device).view(n, 1, 1, 1)
+            image = torch.where(m, image.transpose(-1, -2), image)
+            mask = torch.where(m, mask.transpose(-1, -2), mask)
+        return {**batch, "image": image, "mask": mask}
+
+    def __repr__(self) -> str:
+        return f"BatchFlips({', '.join(f'{k}={v}' for k, v in self.probabilities.items())})"
 
 
 class GrayWorld(v2.Transform):

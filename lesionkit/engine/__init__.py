@@ -1,13 +1,27 @@
-"""Training, evaluation and checkpointing."""
+"""Training, evaluation and checkpointing.
+
+``config`` (what to train) -> ``registry`` (which trainer) -> ``trainer`` (the loop and its
+hooks), with ``runtime`` (seeds, devices), ``run_log`` (log.csv, curves.png), ``checkpoint``
+(files) and ``evaluation`` beside it.
+"""
 
 from lesionkit.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from lesionkit.engine.config import DataConfig, LossConfig, ModelConfig, OptimConfig, SchedulerConfig, TrainConfig
+from lesionkit.engine.config import (
+    CheckpointConfig,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    SchedulerConfig,
+    TrainConfig,
+    load_train_config,
+)
 from lesionkit.engine.evaluation import EvaluationResult, evaluate
-from lesionkit.engine.trainer import TRAINERS, Stage, Trainer, build_trainer, get_trainer_class, load_train_config, register_trainer
+from lesionkit.engine.registry import TRAINER_MODULES, TRAINERS, get_trainer_class, register_trainer
+from lesionkit.engine.trainer import Stage, Trainer, build_trainer
 
 __all__ = [
-    "DataConfig", "EvaluationResult", "LossConfig", "ModelConfig", "OptimConfig", "SchedulerConfig", "Stage",
-    "TRAINERS", "TrainConfig", "Trainer", "build_trainer", "evaluate", "get_trainer_class", "load_checkpoint",
-    "load_train_config", "model_from_checkpoint",
-    "register_trainer", "save_checkpoint",
+    "CheckpointConfig", "DataConfig", "EvaluationResult", "LossConfig", "ModelConfig", "OptimConfig", "SchedulerConfig",
+    "Stage", "TRAINERS", "TRAINER_MODULES", "TrainConfig", "Trainer", "build_trainer", "evaluate", "get_trainer_class",
+    "load_checkpoint", "load_train_config", "model_from_checkpoint", "register_trainer", "save_checkpoint",
 ]

@@ -5,15 +5,10 @@ They come from :mod:`lesionkit.data`, :mod:`lesionkit.metrics` and :mod:`lesionk
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from lesionkit.engine.config import DataConfig, LossConfig
-
-# data.transforms keys; normalisation is the model's business (models take images in [0, 1]).
-TRANSFORM_KEYS = ("hflip", "vflip", "rotation", "brightness", "contrast", "gray_world")
 
 
 def build_dataset(spec: str, image_size: int | None, transform=None) -> torch.utils.data.Dataset:
@@ -23,33 +18,25 @@ def build_dataset(spec: str, image_size: int | None, transform=None) -> torch.ut
     return from_spec(spec, image_size=image_size, transform=transform)
 
 
-def _check_transforms(options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(TRANSFORM_KEYS))
-    if unknown:
-        raise ValueError(f"data.transforms has unknown key(s) {unknown}; valid: {list(TRANSFORM_KEYS)}")
-
-
 def build_train_transform(data: DataConfig):
-    """Paired per-image augmentation from ``data.transforms``, or ``None``.
+    """The per-image part of ``data.transforms`` (rotation, brightness, contrast, gray-world) for
+    the training data loader, or ``None``. Its flips run per batch (the trainer's ``augment``)."""
+    from lesionkit.data.transforms import split_transform_options, train_transforms
 
-    Flips default to off here: ``data.augment`` flips whole batches more cheaply.
-    """
-    if not data.transforms:
+    _, per_image = split_transform_options(data.transforms)
+    if not per_image:
         return None
-    _check_transforms(data.transforms)
-    from lesionkit.data import train_transforms
-
-    return train_transforms(**{"hflip": 0.0, "vflip": 0.0, **data.transforms})
+    return train_transforms(hflip=0.0, vflip=0.0, **per_image)
 
 
 def build_eval_transform(data: DataConfig | dict):
     """What evaluation must repeat of the training transforms (gray-world colour constancy), or ``None``."""
-    options = data.transforms if isinstance(data, DataConfig) else dict(data.get("transforms") or {})
-    _check_transforms(options)
-    if not options.get("gray_world"):
-        return None
-    from lesionkit.data import eval_transforms
+    from lesionkit.data.transforms import eval_transforms, split_transform_options
 
+    options = data.transforms if isinstance(data, DataConfig) else dict(data.get("transforms") or {})
+    _, per_image = split_transform_options(options)
+    if not per_image.get("gray_world"):
+        return None
     return eval_transforms(gray_world=True)
 
 

@@ -34,11 +34,24 @@ class DataConfig:
     val_batch_size: int | None = None  # None: 2 x batch_size
     val_fraction: float = 0.1
     num_workers: int = -1  # -1: chosen from the CPU count
-    # Random flips applied to each training batch; our choice, cheap and label-preserving.
-    augment: list[str] = field(default_factory=lambda: ["hflip", "vflip"])
-    # Per-image paired transforms (lesionkit.data.train_transforms): rotation (degrees),
-    # brightness, contrast, hflip, vflip (probabilities), gray_world (also applied at evaluation).
+    # Training augmentation (lesionkit.data.transforms): hflip, vflip, rot90 (probabilities, per
+    # sample, applied to each batch on the device; default 0.5, 0.5, 0), rotation (degrees),
+    # brightness, contrast, gray_world (per image in the loader; gray_world also at evaluation).
     transforms: dict[str, Any] = field(default_factory=dict)
+    # Older spelling of the flips: a list of hflip / vflip / rot90, read as
+    # transforms {name: 0.5 if listed else 0}. Folded into `transforms` on load.
+    augment: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.augment is not None:
+            unknown = sorted(set(self.augment) - {"hflip", "vflip", "rot90"})
+            if unknown:
+                raise ValueError(f"data.augment has unknown entries {unknown}; valid: ['hflip', 'vflip', 'rot90']")
+            self.transforms = {**self.transforms, **{k: 0.5 if k in self.augment else 0.0 for k in ("hflip", "vflip", "rot90")}}
+            self.augment = None
+        from lesionkit.data.transforms import split_transform_options
+
+        split_transform_options(self.transforms)  # unknown keys and bad probabilities fail at load
 
 
 @dataclass
@@ -72,13 +85,23 @@ class LossConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # last.pt is written at the end of every epoch and, with these, also inside an epoch: after
+    # every `every_steps` optimiser steps and/or once `every_minutes` have passed since the last
+    # write. `--resume` from such a checkpoint continues at the next batch.
+    every_steps: int | None = None
+    every_minutes: float | None = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    trainer: str = "segmentation"  # name in lesionkit.engine.TRAINERS
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trainer: str = "segmentation"  # a name in lesionkit.engine.registry.TRAINER_MODULES
     epochs: int = 50
     time_budget: float | None = None  # seconds of training; stops after the step that crosses it
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
@@ -92,7 +115,9 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # epochs without improvement
     threshold: float = 0.5
     out_dir: str = "runs/train"
-    progress: bool = True  # tqdm bar per epoch
+    # A progress bar per epoch on a terminal, one line per epoch when output goes to a file;
+    # false: neither.
+    progress: bool = True
     tensorboard: bool = False
     sync_batchnorm: bool = False  # distributed: BatchNorm statistics over all ranks' batches
     dist_timeout: float = 300.0  # seconds a collective waits for a peer before failing
@@ -115,11 +140,12 @@ class TrainConfig:
             raise ValueError(f"data.val_fraction should be in [0, 1), got {self.data.val_fraction}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget should be > 0 seconds, got {self.time_budget}")
+        if self.checkpoint.every_steps is not None and self.checkpoint.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps should be >= 1 or null, got {self.checkpoint.every_steps}")
+        if self.checkpoint.every_minutes is not None and not self.checkpoint.every_minutes > 0:
+            raise ValueError(f"checkpoint.every_minutes should be > 0 or null, got {self.checkpoint.every_minutes}")
         if self.scheduler.horizon == "time_budget" and self.time_budget is None:
             raise ValueError("scheduler.horizon 'time_budget' needs time_budget to be set")
-        unknown_aug = sorted(set(self.data.augment) - {"hflip", "vflip", "rot90"})
-        if unknown_aug:
-            raise ValueError(f"data.augment has unknown entries {unknown_aug}; valid: ['hflip', 'vflip', 'rot90']")
 
     # --- conversion -----------------------------------------------------------------------
 
@@ -134,13 +160,8 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls: type[T], path: str | Path) -> T:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(read_yaml_mapping(path))
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
 
@@ -172,6 +193,38 @@ class TrainConfig:
                         raise ValueError(f"--set {item!r}: {dotted!r} is not a mapping (it holds {child!r})")
                     node, tp = child, next_tp
         return type(self).from_dict(data)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_train_config(source: str | Path | dict) -> TrainConfig:
+    """A config (YAML file, recipe name or dict) as the dataclass of the trainer its ``trainer:`` key names.
+
+    A string that names no file but a recipe shipped in ``lesionkit/configs/`` (``"segmae_isic2018"``)
+    loads that recipe; :func:`lesionkit.configs.list_recipes` lists them.
+    """
+    from lesionkit.engine.registry import get_trainer_class
+
+    if isinstance(source, dict):
+        data, where = source, None
+    else:
+        from lesionkit.configs import resolve_recipe
+
+        where = resolve_recipe(source)
+        data = read_yaml_mapping(where)
+    name = data.get("trainer", TrainConfig.trainer)
+    try:
+        return get_trainer_class(name).config_class.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 def _from_dict(cls: type[T], data: Any, prefix: str) -> T:

@@ -1,73 +1,76 @@
-"""Loss and metric curves drawn with Pillow (no plotting dependency)."""
+"""``curves.png``: the training loss per step (raw and smoothed) and validation metrics per epoch."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+VAL_METRICS = ("val_dice", "val_iou", "val_per_image_dice", "val_isic_jaccard")
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: dict[str, list[tuple[float, float]]]) -> None:
-    x0, y0, x1, y1 = box
-    draw.text((x0 + 40, y0 + 4), title, fill=(0, 0, 0))
-    px0, py0, px1, py1 = x0 + 50, y0 + 24, x1 - 10, y1 - 30
-    draw.rectangle((px0, py0, px1, py1), outline=(0, 0, 0))
-    points = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
-    if not points:
-        draw.text((px0 + 10, py0 + 10), "no data", fill=(120, 120, 120))
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xmin, xmax = min(xs), max(xs)
-    ymin, ymax = min(ys), max(ys)
-    if xmax == xmin:
-        xmax = xmin + 1
-    if ymax - ymin < 1e-9:
-        ymin, ymax = ymin - 0.5, ymax + 0.5
-    pad = 0.05 * (ymax - ymin)
-    ymin, ymax = ymin - pad, ymax + pad
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return px0 + (x - xmin) / (xmax - xmin) * (px1 - px0), py1 - (y - ymin) / (ymax - ymin) * (py1 - py0)
-
-    for k in range(5):  # y ticks
-        y = ymin + k * (ymax - ymin) / 4
-        _, py = to_px(xmin, y)
-        draw.line((px0 - 4, py, px0, py), fill=(0, 0, 0))
-        draw.text((x0 + 2, py - 6), f"{y:.3g}", fill=(0, 0, 0))
-    draw.text((px0, py1 + 6), f"{xmin:g}", fill=(0, 0, 0))
-    draw.text((px1 - 30, py1 + 6), f"{xmax:g}", fill=(0, 0, 0))
-    draw.text(((px0 + px1) / 2 - 15, py1 + 14), "epoch", fill=(0, 0, 0))
-    for i, (name, pts) in enumerate(series.items()):
-        colour = _COLOURS[i % len(_COLOURS)]
-        pts = [to_px(x, y) for x, y in pts if math.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for px, py in pts:
-            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-        draw.text((px1 - 150, py0 + 6 + 14 * i), name, fill=colour)
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); ``weight`` defaults to a
+    window of about 5 % of the points."""
+    if weight is None:
+        weight = 1.0 - 1.0 / max(1.0, 0.05 * len(values))
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm if norm > 0 else v)
+    return out
 
 
-def plot_curves(rows: list[dict], path: str | Path) -> None:
-    """Two panels from log rows: train losses and validation metrics against epoch."""
-    def series(prefix: str) -> dict[str, list[tuple[float, float]]]:
-        keys = [k for k in (rows[0] if rows else {}) if k.startswith(prefix)]
-        out = {}
-        for key in keys:
-            pts = []
-            for row in rows:
-                try:
-                    pts.append((float(row["epoch"]), float(row[key])))
-                except (TypeError, ValueError, KeyError):
-                    continue
-            if pts:
-                out[key] = pts
-        return out
+def _floats(rows: list[dict], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        try:
+            x, y = float(row[x_key]), float(row[y_key])
+        except (TypeError, ValueError, KeyError):
+            continue
+        if math.isfinite(y):
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
 
-    img = Image.new("RGB", (960, 360), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    _panel(draw, (0, 0, 480, 360), "training loss", series("train_"))
-    _panel(draw, (480, 0, 960, 360), "validation", {k: v for k, v in series("val_").items() if k in ("val_dice", "val_iou", "val_per_image_dice", "val_isic_jaccard")})
-    img.save(path)
+
+def plot_curves(rows: list[dict], path: str | Path, steps: list[dict] | None = None) -> None:
+    """Two panels: training loss against epoch (per step from ``steps`` rows ``{"epoch": float,
+    "loss": ..}`` when given, else per epoch from ``rows``) and validation metrics per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    if steps:
+        xs, ys = _floats(steps, "epoch", "loss")
+        if xs:
+            ax_loss.plot(xs, ys, color="tab:blue", alpha=0.25, linewidth=0.8, label="per step")
+            ax_loss.plot(xs, smooth(ys), color="tab:blue", linewidth=1.8, label="smoothed")
+    else:
+        xs, ys = _floats(rows, "epoch", "train_loss")
+        if xs:
+            ax_loss.plot(xs, ys, "o-", color="tab:blue", label="epoch mean")
+    ax_loss.set_title("training loss")
+    ax_val.set_title("validation")
+    for key in VAL_METRICS:
+        xs, ys = _floats(rows, "epoch", key)
+        if xs:
+            ax_val.plot(xs, ys, "o-", markersize=3, label=key.removeprefix("val_"))
+    for ax in (ax_loss, ax_val):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            # Below the axes, so the legend never covers a line.
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False, fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", color="0.5")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["plot_curves", "smooth"]

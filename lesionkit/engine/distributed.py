@@ -49,6 +49,14 @@ class DistributedContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
+    def any_rank(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag true on every rank when it is true on any rank (one collective for all)."""
+        if not self.enabled:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [v > 0 for v in t.tolist()]
+
     def broadcast_floats(self, values: list[float], device: torch.device) -> list[float]:
         """Rank 0's ``values`` on every rank."""
         if not self.enabled:

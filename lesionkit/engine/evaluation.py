@@ -42,13 +42,15 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     """Run ``model`` over ``loader`` in eval mode; restores the model's train/eval mode after."""
     from tqdm import tqdm
 
+    from lesionkit.engine.runtime import on_terminal
+
     was_training = model.training
     model.eval()
     metrics = build_metrics(threshold, hd95=hd95)
     ranked: list[tuple[int, str, float]] = []
     index = 0
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, mininterval=1.0):
+        for batch in tqdm(loader, desc=desc, disable=not (progress and on_terminal()), leave=False, mininterval=1.0):
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             with autocast_context(device, precision):

@@ -7,10 +7,10 @@ Stage ``hybrid`` (``epochs``, paper: 100): every iteration takes one segmentatio
 (the masked, patch-weighted MSE, Eq. 12) on the same batch, each with its own backward and
 optimiser update. ``segmae.hybrid: false`` leaves the segmentation step alone (Table 4 row 1).
 
-Every row of the paper's Table 4 is a setting of :class:`SegMAERecipe` (configs/segmae_ablation_*).
+Every row of the paper's Table 4 is a setting of :class:`SegMAERecipe` (recipes segmae_ablation_*).
 Values the paper does not give are marked "ours" below. The paper's augmentations (flips,
-rotation within +-15 degrees, brightness / contrast) are the engine's ``data.augment`` and
-``data.transforms``, set in the configs.
+rotation within +-15 degrees, brightness / contrast) are the engine's ``data.transforms``, set in
+the recipes. The losses are in :mod:`lesionkit.losses.segmae`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from lesionkit.engine.config import TrainConfig
+from lesionkit.engine.registry import register_trainer
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
-from lesionkit.engine.trainer import Stage, Trainer, register_trainer
+from lesionkit.engine.trainer import Stage, Trainer
+from lesionkit.losses.segmae import PATCHWISE_SCALES, SegMAEReconstructionLoss, SegMAESegmentationLoss
 from lesionkit.models import segmentation_logits
 
-PATCHWISE_SCALES = ("weighted_mean", "eq8")
 
 
 @dataclass
@@ -77,48 +78,17 @@ class SegMAETrainConfig(TrainConfig):
     segmae: SegMAERecipe = field(default_factory=SegMAERecipe)
 
 
-class SegMAESegmentationLoss(nn.Module):
-    """Eq. 11: lambda1 BCE + lambda2 Dice + lambda3 patch-wise softmax loss on probabilities (Eq. 5-8)."""
-
-    def __init__(self, recipe: SegMAERecipe) -> None:
-        super().__init__()
-        from lesionkit.losses import SegmentationLoss
-
-        # REFERENCE 3: the standard Dice 1 - 2|XY| / (|X| + |Y|), not Eq. 10's stray factor 2.
-        self.terms_loss = SegmentationLoss(bce=recipe.bce_weight, dice=recipe.dice_weight, patchwise=recipe.patch_weight,
-                                           patch_size=recipe.seg_patch_size, beta=recipe.seg_beta)
-        self.scale_patchwise = recipe.patchwise_scale == "weighted_mean"
-        self.seg_patch_size = recipe.seg_patch_size
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"loss": weighted sum, "bce": .., "dice": .., "patchwise": ..}`` (terms unweighted)."""
-        h, w = logits.shape[-2:]
-        if h % self.seg_patch_size or w % self.seg_patch_size:
-            raise ValueError(f"segmae.seg_patch_size={self.seg_patch_size} should divide the image size, got {h}x{w}")
-        terms = self.terms_loss.terms(logits, target)
-        if "patchwise" in terms and self.scale_patchwise:
-            terms["patchwise"] = terms["patchwise"] * ((h // self.seg_patch_size) * (w // self.seg_patch_size))
-        total = sum(self.terms_loss.weights[k] * v for k, v in terms.items())
-        return {"loss": total, **terms}
+def build_segmentation_loss(recipe: SegMAERecipe) -> SegMAESegmentationLoss:
+    """Eq. 11 with the recipe's weights."""
+    return SegMAESegmentationLoss(bce_weight=recipe.bce_weight, dice_weight=recipe.dice_weight,
+                                  patch_weight=recipe.patch_weight, patch_size=recipe.seg_patch_size,
+                                  beta=recipe.seg_beta, scale=recipe.patchwise_scale)
 
 
-class SegMAEReconstructionLoss(nn.Module):
-    """The MAE loss over masked patches (Eq. 12), softmax-weighted per patch when ``recon_patchwise``."""
-
-    def __init__(self, recipe: SegMAERecipe, patch_size: int) -> None:
-        super().__init__()
-        from lesionkit.losses import MAEReconstructionLoss
-
-        beta = recipe.recon_beta if recipe.recon_patchwise else None
-        self.loss = MAEReconstructionLoss(patch_size=patch_size, norm_pix=recipe.norm_pix_loss, beta=beta)
-        self.scale = recipe.recon_patchwise and recipe.patchwise_scale == "weighted_mean"
-
-    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        loss = self.loss(reconstruction.float(), target.float(), mask)
-        if self.scale:
-            # Every image has the same number of masked patches (random_patch_mask), N in Eq. 8.
-            loss = loss * mask[0].sum().to(loss.dtype)
-        return loss
+def build_reconstruction_loss(recipe: SegMAERecipe, patch_size: int) -> SegMAEReconstructionLoss:
+    """Eq. 12 (patch-weighted when ``recon_patchwise``) over ``patch_size`` patches."""
+    return SegMAEReconstructionLoss(patch_size, beta=recipe.recon_beta if recipe.recon_patchwise else None,
+                                    norm_pix=recipe.norm_pix_loss, scale=recipe.patchwise_scale)
 
 
 @register_trainer("segmae")
@@ -127,6 +97,7 @@ class SegMAETrainer(Trainer):
 
     config_class = SegMAETrainConfig
     ddp_find_unused_parameters = True  # each step uses one decoder only
+    optimizer_per_stage = True  # stage 'mae' trains without the CUP; 'hybrid' starts a fresh optimiser
 
     def __init__(self, config: SegMAETrainConfig, **kwargs) -> None:
         if not isinstance(config, SegMAETrainConfig):
@@ -146,12 +117,12 @@ class SegMAETrainer(Trainer):
             raise ValueError(f"segmae.mae_epochs > 0, segmae.hybrid and segmae.seg_mask_ratio > 0 need the MAE decoder; "
                              f"model {config.model.name!r} has none (set segmae.mae_epochs=0, segmae.hybrid=false "
                              "for the single-branch baseline of Table 4 row 1)")
-        self.recon_loss_fn = SegMAEReconstructionLoss(recipe, self.model.patch_size) if self.mae is not None else None
+        self.recon_loss_fn = build_reconstruction_loss(recipe, self.model.patch_size) if self.mae is not None else None
 
     # ----------------------------------------------------------------------------- builders
 
     def build_loss(self) -> nn.Module:
-        return SegMAESegmentationLoss(self.cfg.segmae)
+        return build_segmentation_loss(self.cfg.segmae)
 
     def stages(self) -> list[Stage]:
         recipe = self.cfg.segmae
@@ -178,21 +149,10 @@ class SegMAETrainer(Trainer):
         frozen = stage.name == "mae"  # Sec. 3.3: the segmentation branch stays frozen in pre-training
         for module in self.segmentation_modules():
             module.requires_grad_(not frozen)
-        self.optimizer, self.scheduler = self.configure_optimizers()
-        start = sum(s.epochs for s in self.stages()[: [s.name for s in self.stages()].index(stage.name)])
-        if stage.name != "mae" and self.epoch == start:
+        # (optimizer_per_stage: the engine now builds this stage's optimiser over the trainable parameters.)
+        if stage.name != "mae" and self.epoch == self.stage_start_epoch:
             # Segmentation starts now: Dice measured behind a frozen, untrained decoder is no baseline.
             self.best_metric, self.best_epoch, self.bad_epochs = -math.inf, None, 0
-
-    def _apply_state(self, state: dict) -> None:
-        if state.get("stage") != self.stage.name:
-            # A checkpoint from the end of the previous stage: its optimiser held other parameters
-            # (the CUP is frozen in stage 'mae'), and an uninterrupted run starts this stage with
-            # the fresh optimiser and schedule on_stage_start just built. Keep those; restore
-            # weights and random streams.
-            state = {**state, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-        super()._apply_state(state)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         if self.stage.name == "mae":
@@ -201,11 +161,10 @@ class SegMAETrainer(Trainer):
     # ----------------------------------------------------------------------------- steps
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        if self._task == "reconstruct":
-            return self.reconstruction_step(batch)
         return self.segmentation_step(batch)
 
     def segmentation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Eq. 11 on the (optionally masked) forward's segmentation logits."""
         if self.mae is None:
             out = self.forward(batch["image"])
         else:
@@ -214,28 +173,20 @@ class SegMAETrainer(Trainer):
         return {"loss": losses["loss"], "seg_loss": losses["loss"], **{k: v for k, v in losses.items() if k != "loss"}}
 
     def reconstruction_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Eq. 12 on the MAE decoder's reconstruction of the masked patches."""
         out = self.forward(batch["image"], mask_ratio=self.model.cfg.mask_ratio, segment=False)
         target = self.model.encoder.prepare_input(batch["image"])
         loss = self.cfg.segmae.recon_weight * self.recon_loss_fn(out.reconstruction, target, out.mask)
         return {"loss": loss, "rec_loss": loss}
 
-    _task = "segment"
-
     def optimization_step(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.stage.name == "mae":
-            return self._step("reconstruct", batch)
-        seg = self._step("segment", batch)
+            return self.optimize(self.reconstruction_step, batch)
+        seg = self.optimize(self.segmentation_step, batch)
         if self.stage.name != "hybrid":
             return seg
-        rec = self._step("reconstruct", batch)  # Sec. 3.3: then a reconstruction step on the same batch
+        rec = self.optimize(self.reconstruction_step, batch)  # Sec. 3.3: then a reconstruction step on the same batch
         return {**seg, **rec, "loss": seg["loss"] + rec["loss"]}
 
-    def _step(self, task: str, batch: dict) -> dict[str, torch.Tensor]:
-        self._task = task
-        try:
-            return super().optimization_step(batch)
-        finally:
-            self._task = "segment"
 
-
-__all__ = ["SegMAEReconstructionLoss", "SegMAERecipe", "SegMAESegmentationLoss", "SegMAETrainConfig", "SegMAETrainer"]
+__all__ = ["SegMAERecipe", "SegMAETrainConfig", "SegMAETrainer", "build_reconstruction_loss", "build_segmentation_loss"]

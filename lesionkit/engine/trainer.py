@@ -1,26 +1,32 @@
-"""The training loop shared by every method.
+"""The training loop shared by every method: the :class:`Trainer` and its hooks.
 
 Methods plug in by subclassing :class:`Trainer` and overriding hooks, never by copying the loop:
 
 - ``build_model`` / ``build_loss`` / ``build_datasets`` / ``configure_optimizers``
-- ``stages()`` for multi-stage schedules (e.g. SegMAE: MAE pre-training, then segmentation);
-  ``on_stage_start(stage)`` may freeze modules or rebuild the optimiser
-- ``training_step(batch) -> {"loss": total, **parts}`` for extra losses (CM-SSM distillation)
-  or alternating objectives (``self.global_step % 2``); ``optimization_step`` for full control
-  of backward / step
-- ``augment(batch)``, ``on_epoch_start`` / ``on_epoch_end``, ``on_train_end``
+- ``stages()`` for multi-stage schedules (SegMAE: MAE pre-training, then segmentation; AMLP:
+  pre-training, then fine-tuning). ``on_stage_start(stage)`` may freeze modules or swap heads;
+  ``optimizer_per_stage = True`` rebuilds the optimiser and schedule for each stage (after the
+  hook) and makes a resume at a stage boundary start the stage with them, as an uninterrupted
+  run does
+- ``training_step(batch) -> {"loss": total, **parts}`` for extra losses (CM-SSM distillation);
+  ``optimization_step(batch)`` for several updates per batch, each through
+  ``optimize(step_fn, batch)`` (SegMAE: a segmentation step, then a reconstruction step)
+- ``augment(batch)``, ``on_epoch_start`` / ``on_epoch_end``, ``on_train_end``,
+  ``load_resume_state(state)``
 
-Register a subclass with ``@register_trainer("name")`` and select it with ``trainer: name``.
+Register a subclass with ``@register_trainer("name")``, add its module to
+:data:`lesionkit.engine.registry.TRAINER_MODULES` and select it with ``trainer: name``.
+Where the rest lives: config loading in :mod:`~lesionkit.engine.config`, seeding and devices in
+:mod:`~lesionkit.engine.runtime`, the log files in :mod:`~lesionkit.engine.run_log`, checkpoint
+files in :mod:`~lesionkit.engine.checkpoint`; data splits and augmentation in :mod:`lesionkit.data`.
 """
 
 from __future__ import annotations
 
-import csv
-import importlib
-import importlib.util
 import math
-import os
-import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -30,58 +36,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
+from lesionkit.data.splits import holdout_split
+from lesionkit.data.transforms import BatchFlips, split_transform_options
 from lesionkit.engine.builders import build_dataset, build_eval_transform, build_loss, build_train_transform
 from lesionkit.engine.checkpoint import capture_rng_state, checkpoint_header, load_checkpoint, restore_rng_state, save_checkpoint
-from lesionkit.engine.config import TrainConfig
+from lesionkit.engine.config import TrainConfig, load_train_config
 from lesionkit.engine.distributed import DistributedContext
 from lesionkit.engine.evaluation import autocast_context, evaluate
+from lesionkit.engine.registry import TRAINERS, get_trainer_class, register_trainer
+from lesionkit.engine.run_log import RunLog
+from lesionkit.engine.runtime import default_num_workers, init_worker, on_terminal, resolve_device, seed_everything, set_determinism
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
 from lesionkit.models import create_model, segmentation_logits
-
-TRAINERS: dict[str, type["Trainer"]] = {}
-
-
-def register_trainer(name: str) -> Callable[[type["Trainer"]], type["Trainer"]]:
-    def wrap(cls: type["Trainer"]) -> type["Trainer"]:
-        if name in TRAINERS:
-            raise ValueError(f"trainer {name!r} is registered twice")
-        TRAINERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_trainer_class(name: str) -> type["Trainer"]:
-    """The trainer registered as ``name``; a recipe in ``lesionkit/engine/<name>_trainer.py`` is
-    imported on first use, so recipes need no eager import here."""
-    if name not in TRAINERS:
-        module = f"lesionkit.engine.{name}_trainer"
-        if name.isidentifier() and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-    if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; registered trainers: {sorted(TRAINERS)}")
-    return TRAINERS[name]
-
-
-def load_train_config(source: str | Path | dict) -> TrainConfig:
-    """A config (YAML file or dict) as the dataclass of the trainer its ``trainer:`` key names."""
-    if isinstance(source, dict):
-        data, where = source, None
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        data, where = yaml.safe_load(path.read_text()) or {}, path
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
-    name = data.get("trainer", TrainConfig.trainer)
-    try:
-        return get_trainer_class(name).config_class.from_dict(data)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -90,45 +58,21 @@ class Stage:
     epochs: int
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class SkipSampler(torch.utils.data.Sampler):
+    """A sampler's order without its first ``skip`` indices: a resumed epoch starts at the batch it stopped at."""
 
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler = sampler
+        self.skip = 0
 
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; derive numpy/random from it too.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    def __iter__(self):
+        it = iter(self.sampler)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
 
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def default_num_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # On 2 cores a worker process steals the compute the model needs; above that, overlap decoding.
-    return 0 if cpus <= 2 else min(8, cpus - 1)
-
-
-def holdout_split(dataset: torch.utils.data.Dataset, fraction: float, seed: int):
-    """Seeded (train, val) subsets with ``round(fraction * n)`` (at least 1) images held out."""
-    n = len(dataset)
-    n_val = max(1, round(fraction * n))
-    if n_val >= n:
-        raise ValueError(f"cannot hold out {fraction:.0%} of {n} images for validation and keep any for training")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return torch.utils.data.Subset(dataset, sorted(perm[n_val:])), torch.utils.data.Subset(dataset, sorted(perm[:n_val]))
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
 
 
 def _plain(value: Any) -> Any:
@@ -170,6 +114,46 @@ def monitor_value(metrics: dict, monitor: str) -> float:
     return float(source[key])
 
 
+def check_files(dataset: torch.utils.data.Dataset, spec: str) -> None:
+    """The header-only part of ``lesionkit data check``: a missing, unreadable or mismatched file
+    fails the run before the first epoch instead of hours into it."""
+    from lesionkit.data.check import check_headers
+
+    report = check_headers(dataset)
+    if report.errors:
+        raise ValueError(f"data {spec!r}: {report.summary()}\n(`lesionkit data check {spec}` decodes every file "
+                         "and lists all problems)")
+
+
+class _StopRequests:
+    """SIGTERM / SIGINT while :meth:`Trainer.fit` runs: the first asks the loop to checkpoint and
+    stop after the current step; the handlers then go back to the defaults, so a second one ends
+    the process at once."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), signal.SIGINT) if s is not None)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @register_trainer("segmentation")
 class Trainer:
     """Supervised segmentation training driven by a :class:`TrainConfig`."""
@@ -178,6 +162,10 @@ class Trainer:
     # Recipes whose steps leave part of the model unused (SegMAE's alternating segmentation and
     # reconstruction steps) set this so DistributedDataParallel does not wait for those grads.
     ddp_find_unused_parameters = False
+    # Recipes whose stages train different parameters or objectives (pre-training -> fine-tuning)
+    # set this: each stage starts with a fresh optimiser and schedule from configure_optimizers,
+    # built after on_stage_start, and a resume at a stage boundary does the same.
+    optimizer_per_stage = False
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None,
                  train_data: torch.utils.data.Dataset | None = None, val_data: torch.utils.data.Dataset | None = None,
@@ -191,7 +179,7 @@ class Trainer:
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(f"precision 'fp16' needs a CUDA device, got {self.device}; use 'bf16' or 'fp32' on CPU")
         self.out_dir = Path(config.out_dir)
-        self._set_determinism()
+        set_determinism(config.deterministic, self.device)
 
         seed_everything(config.seed)  # same on every rank: identical initial weights
         self.model = (model if model is not None else self.build_model()).to(self.device)
@@ -201,6 +189,7 @@ class Trainer:
         if train_data is None:
             train_data, val_data = self.build_datasets()
         self.train_data, self.val_data = train_data, val_data
+        self.batch_flips = BatchFlips(**split_transform_options(config.data.transforms)[0])
         seed_everything(config.seed + self.dist.rank)  # augmentation differs between ranks
 
         self.train_loader = self.build_train_loader()
@@ -229,20 +218,18 @@ class Trainer:
         self.bad_epochs = 0
         self.elapsed_before = 0.0  # seconds spent before a resume
         self.last_metrics: dict | None = None
+        self.stage_start_epoch = 0  # the epoch (over all stages) at which the current stage began
         self._resume_state: dict | None = None
         self._fit_start = 0.0
         self._train_seconds = 0.0
         self._train_images = 0
-        self._tb = None
-
-    def _set_determinism(self) -> None:
-        if self.cfg.deterministic:
-            # cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA docs, "Reproducibility").
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        # A partly trained epoch (a mid-epoch checkpoint): batches done and their loss sums.
+        self._epoch_batches = 0
+        self._epoch_sums: dict[str, float] = {}  # from a mid-epoch checkpoint
+        self._running_sums: dict[str, torch.Tensor] = {}
+        self._last_save = time.monotonic()
+        self._stop = _StopRequests()
+        self.run_log: RunLog | None = None
 
     # ----------------------------------------------------------------------------- builders
 
@@ -258,8 +245,11 @@ class Trainer:
             raise ValueError("data.train is not set: give a data spec such as 'synthetic:200' or 'isic:PATH:train'")
         train_tf, eval_tf = build_train_transform(data), build_eval_transform(data)
         train = build_dataset(data.train, data.image_size, train_tf)
+        check_files(train, data.train)
         if data.val:
-            return train, build_dataset(data.val, data.image_size, eval_tf)
+            val = build_dataset(data.val, data.image_size, eval_tf)
+            check_files(val, data.val)
+            return train, val
         if data.val_fraction == 0:
             return train, None
         # The held-out part must not see the training augmentation: same indices, own dataset.
@@ -281,12 +271,13 @@ class Trainer:
                                                           shuffle=True, seed=self.cfg.seed)
         else:
             sampler = torch.utils.data.RandomSampler(data, generator=self._order_generator)
+        self._skip_sampler = SkipSampler(sampler)
         per_rank = math.ceil(len(data) / self.dist.world_size)
         bs = self.cfg.data.batch_size
         return torch.utils.data.DataLoader(
-            data, batch_size=bs, sampler=sampler, num_workers=self._num_workers(),
+            data, batch_size=bs, sampler=self._skip_sampler, num_workers=self._num_workers(),
             pin_memory=self.device.type == "cuda", drop_last=per_rank >= 2 * bs,
-            generator=self._loader_generator, worker_init_fn=_seed_worker)
+            generator=self._loader_generator, worker_init_fn=init_worker)
 
     def build_val_loader(self) -> torch.utils.data.DataLoader | None:
         if self.val_data is None:
@@ -316,7 +307,11 @@ class Trainer:
         return sum(s.epochs for s in self.stages())
 
     def on_stage_start(self, stage: Stage) -> None:
-        """Called when a stage begins (and when a run resumes inside it, before state loads)."""
+        """Called when a stage begins (and when a run resumes inside it, before its state loads).
+
+        ``self.epoch == self.stage_start_epoch`` tells a fresh start of the stage from a resume
+        inside it. With ``optimizer_per_stage`` the optimiser is rebuilt right after this hook.
+        """
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
@@ -332,19 +327,8 @@ class Trainer:
         return self.train_model(images, **kwargs)
 
     def augment(self, batch: dict) -> dict:
-        """Random flips / 90-degree turns per sample, on the batch's device."""
-        aug = self.cfg.data.augment
-        image, mask = batch["image"], batch["mask"]
-        n = image.shape[0]
-        for name, dims in (("hflip", (-1,)), ("vflip", (-2,))):
-            if name in aug:
-                m = (torch.rand(n) < 0.5).to(image.device).view(n, 1, 1, 1)
-                image, mask = torch.where(m, image.flip(dims), image), torch.where(m, mask.flip(dims), mask)
-        if "rot90" in aug and image.shape[-1] == image.shape[-2]:
-            m = (torch.rand(n) < 0.5).to(image.device).view(n, 1, 1, 1)
-            image = torch.where(m, image.transpose(-1, -2), image)
-            mask = torch.where(m, mask.transpose(-1, -2), mask)
-        return {**batch, "image": image, "mask": mask}
+        """Per-batch augmentation on the device: the flips of ``data.transforms`` (:class:`~lesionkit.data.transforms.BatchFlips`)."""
+        return self.batch_flips(batch) if self.batch_flips else batch
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Losses for one batch; ``"loss"`` is what is back-propagated, other keys are logged."""
@@ -352,10 +336,20 @@ class Trainer:
         return {"loss": self.loss_fn(logits.float(), batch["mask"])}
 
     def optimization_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Everything one batch trains: by default one update on :meth:`training_step`'s loss.
+
+        Recipes with several updates per batch call :meth:`optimize` once for each, with the
+        step function of each objective, and return the merged logs.
+        """
+        return self.optimize(self.training_step, batch)
+
+    def optimize(self, step_fn: Callable[[dict], dict[str, torch.Tensor]], batch: dict) -> dict[str, torch.Tensor]:
+        """One optimiser update on the ``"loss"`` that ``step_fn(batch)`` returns: autocast,
+        backward (scaled for fp16), gradient clipping, optimiser and per-step schedule step."""
         with autocast_context(self.device, self.cfg.precision):
-            losses = self.training_step(batch)
+            losses = step_fn(batch)
         if "loss" not in losses:
-            raise KeyError(f"training_step must return a 'loss' entry, got {sorted(losses)}")
+            raise KeyError(f"{getattr(step_fn, '__name__', 'the step function')} must return a 'loss' entry, got {sorted(losses)}")
         loss = losses["loss"]
         if not torch.isfinite(loss.detach()).item():
             raise FloatingPointError(f"training loss is {loss.item()} at epoch {self.epoch + 1}, step {self.global_step}; "
@@ -376,108 +370,157 @@ class Trainer:
     # ----------------------------------------------------------------------------- loop
 
     def fit(self) -> dict:
-        """Train all stages (or until the time budget / early stopping); returns a summary."""
+        """Train all stages (or until the time budget, early stopping or a stop signal); returns a summary.
+
+        ``summary["stop_reason"]`` is "epochs", "time_budget", "early_stopping" or, after SIGTERM /
+        SIGINT, the signal's name ("SIGTERM"); then ``last.pt`` holds the state to resume from.
+        """
         cfg = self.cfg
-        self._fit_start = time.monotonic()
+        self._fit_start = self._last_save = time.monotonic()
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_yaml(self.out_dir / "config.yaml")
-            self._prepare_log()
-            if cfg.tensorboard:
-                self._tb = _tensorboard_writer(self.out_dir / "tensorboard")
+            self.run_log = RunLog(self.out_dir, tensorboard=cfg.tensorboard)
+            self.run_log.start(self.epoch if self._resume_state is not None else None, self.global_step)
         stages = self.stages()
         total = sum(s.epochs for s in stages)
         stop_reason = "epochs"
         current = None
-        while self.epoch < total:
-            index, stage = self._stage_at(stages, self.epoch)
-            if index != current:
-                current, self.stage = index, stage
-                self.on_stage_start(stage)
-                if self._resume_state is not None:
-                    self._apply_state(self._resume_state)
-                    self._resume_state = None
-            self.on_epoch_start(self.epoch)
-            train_logs, budget_hit = self.train_epoch(total)
-            self.sync_buffers()
-            self.epoch += 1
-            logs = {"epoch": self.epoch, "stage": stage.name, "step": self.global_step,
-                    "lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in train_logs.items()}}
-            value = self._validate_and_share()
-            if value is not None:
-                flat = _flatten_metrics(self.last_metrics or {})
-                logs.update({f"val_{k}": v for k, v in flat.items() if self.cfg.val_hd95 or "hd95" not in k})
-                improved = value > self.best_metric
-                if improved:
-                    self.best_metric, self.best_epoch, self.bad_epochs = value, self.epoch, 0
-                else:
-                    self.bad_epochs += 1
-                if self.scheduler is not None and not steps_per_batch(self.scheduler):
-                    self.scheduler.step(value)
-            else:
-                improved = True  # no validation data: the latest model is the best we know
-                self.best_epoch = self.epoch
-            logs["time"] = self.elapsed()
-            self.on_epoch_end(self.epoch, logs)
-            self.save(self.out_dir / "last.pt")
-            if improved:
-                self.save(self.out_dir / "best.pt", full=False)
-            if self.dist.is_main:
-                self._log(logs)
-            if budget_hit:
-                stop_reason = "time_budget"
-                break
-            if cfg.early_stopping_patience is not None and self.bad_epochs >= cfg.early_stopping_patience:
-                stop_reason = "early_stopping"
-                break
+        with self._stop:
+            while self.epoch < total:
+                index, stage = self._stage_at(stages, self.epoch)
+                if index != current:
+                    current, self.stage = index, stage
+                    self.stage_start_epoch = sum(s.epochs for s in stages[:index])
+                    self.on_stage_start(stage)
+                    if self.optimizer_per_stage:
+                        self.optimizer, self.scheduler = self.configure_optimizers()
+                    if self._resume_state is not None:
+                        self.load_resume_state(self._resume_state)
+                        self._resume_state = None
+                self.on_epoch_start(self.epoch)
+                train_logs, stop = self.train_epoch(total)
+                if stop not in (None, "time_budget") and self._epoch_batches < self.steps_per_epoch:
+                    stop_reason = stop  # a signal inside the epoch: last.pt holds the partly trained epoch
+                    break
+                self._epoch_batches, self._epoch_sums, self._running_sums = 0, {}, {}
+                self.sync_buffers()
+                self.epoch += 1
+                self._end_epoch(stage, train_logs, total)
+                if stop is not None:
+                    stop_reason = stop
+                    break
+                if cfg.early_stopping_patience is not None and self.bad_epochs >= cfg.early_stopping_patience:
+                    stop_reason = "early_stopping"
+                    break
         summary = {
             "epochs": self.epoch, "global_step": self.global_step, "stop_reason": stop_reason,
             "best_metric": self.best_metric if math.isfinite(self.best_metric) else None, "best_epoch": self.best_epoch,
             "monitor": cfg.monitor, "elapsed_s": self.elapsed(), "last_metrics": self.last_metrics,
             "train_images_per_s": self._train_images / self._train_seconds if self._train_seconds > 0 else None,
         }
-        if self._tb is not None:
-            self._tb.close()
+        if self.run_log is not None:
+            self.run_log.close()
         self.on_train_end(summary)
         return summary
 
-    def train_epoch(self, total_epochs: int) -> tuple[dict[str, float], bool]:
+    def _end_epoch(self, stage: Stage, train_logs: dict[str, float], total: int) -> None:
+        """Validate, keep best.pt / last.pt and write the epoch's log row."""
+        logs = {"epoch": self.epoch, "stage": stage.name, "step": self.global_step,
+                "lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in train_logs.items()}}
+        value = self._validate_and_share()
+        if value is not None:
+            flat = _flatten_metrics(self.last_metrics or {})
+            logs.update({f"val_{k}": v for k, v in flat.items() if self.cfg.val_hd95 or "hd95" not in k})
+            improved = value > self.best_metric
+            if improved:
+                self.best_metric, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            else:
+                self.bad_epochs += 1
+            if self.scheduler is not None and not steps_per_batch(self.scheduler):
+                self.scheduler.step(value)
+        else:
+            improved = True  # no validation data: the latest model is the best we know
+            self.best_epoch = self.epoch
+        logs["time"] = self.elapsed()
+        self.on_epoch_end(self.epoch, logs)
+        self.save(self.out_dir / "last.pt")
+        if improved:
+            self.save(self.out_dir / "best.pt", full=False)
+        if self.run_log is not None:
+            row = self.run_log.append(logs)
+            if self.cfg.progress:
+                shown = " ".join(f"{k} {row[k]}" for k in ("train_loss", "val_dice") if k in row)
+                ips = f"; {self._train_images / self._train_seconds:.1f} images/s" if self._train_seconds > 0 else ""
+                print(f"epoch {self.epoch}/{total} [{stage.name}] {shown}; {logs['time']:.1f} s{ips}", flush=True)
+
+    def train_epoch(self, total_epochs: int) -> tuple[dict[str, float], str | None]:
+        """One epoch (or its rest, after a mid-epoch resume); returns the mean of each logged loss
+        and why it stopped early: ``None``, "time_budget" or a signal's name."""
         from tqdm import tqdm
 
         self.train_model.train()
         epoch_seed = self.cfg.seed * 100_003 + self.epoch
         self._order_generator.manual_seed(epoch_seed)
         self._loader_generator.manual_seed(epoch_seed + 1)
-        sampler = self.train_loader.sampler
+        sampler = self._skip_sampler.sampler
         if isinstance(sampler, torch.utils.data.DistributedSampler):
             sampler.set_epoch(self.epoch)
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        budget_hit = False
+        # A mid-epoch resume: the same order, without the batches already trained on.
+        self._skip_sampler.skip = self._epoch_batches * self.cfg.data.batch_size
+        # Loss sums stay on the device (no sync per step); a mid-epoch checkpoint carries them over.
+        sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in self._epoch_sums.items()}
+        self._running_sums = sums
+        count = self._epoch_batches
+        stop = None
         start = time.monotonic()
+        show_bar = self.cfg.progress and self.dist.is_main and on_terminal()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{total_epochs} [{self.stage.name}]",
-                   disable=not (self.cfg.progress and self.dist.is_main), leave=False, mininterval=1.0)
-        for batch in bar:
-            batch = self.augment(self.to_device(batch))
-            losses = self.optimization_step(batch)
-            self.global_step += 1
-            count += 1
-            self._train_images += batch["image"].shape[0]
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.float()
-            if count % 10 == 0 and bar.disable is False:
-                bar.set_postfix(loss=f"{(sums['loss'] / count).item():.4f}")
-            if self._budget_exhausted():
-                budget_hit = True
-                break
-        self._train_seconds += time.monotonic() - start
-        bar.close()
+                   total=self.steps_per_epoch, initial=count, disable=not show_bar, leave=False, mininterval=1.0)
+        try:
+            for batch in bar:
+                batch = self.augment(self.to_device(batch))
+                losses = self.optimization_step(batch)
+                self.global_step += 1
+                count += 1
+                self._train_images += batch["image"].shape[0]
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                if count % 10 == 0 and show_bar:
+                    bar.set_postfix(loss=f"{(sums['loss'] / count).item():.4f}")
+                self._epoch_batches = count
+                if self.run_log is not None:
+                    self.run_log.add_step(self.global_step, self.epoch + count / self.steps_per_epoch, losses["loss"])
+                stop = self._after_step(count)
+                if stop is not None:
+                    break
+        finally:
+            self._train_seconds += time.monotonic() - start
+            bar.close()
+        self._skip_sampler.skip = 0
         means = {k: (v / max(1, count)).item() for k, v in sums.items()}
         if self.dist.enabled:  # average the logged losses over ranks
             vals = torch.tensor(list(means.values()), dtype=torch.float64)
             torch.distributed.all_reduce(vals)
             means = dict(zip(means, (vals / self.dist.world_size).tolist()))
-        return means, budget_hit
+        return means, stop
+
+    def _after_step(self, batches_done: int) -> str | None:
+        """Mid-epoch checkpoints and the reasons to stop inside an epoch (agreed by every rank)."""
+        ck = self.cfg.checkpoint
+        due = (ck.every_steps is not None and self.global_step % ck.every_steps == 0) or (
+            ck.every_minutes is not None and time.monotonic() - self._last_save >= 60 * ck.every_minutes)
+        budget = self.cfg.time_budget is not None and self.elapsed() >= self.cfg.time_budget
+        # One collective for all three keeps every rank at the same step (a no-op on one process).
+        due, budget, signalled = self.dist.any_rank([due, budget, self._stop.received is not None], self.device)
+        last_batch = batches_done == self.steps_per_epoch
+        if (due or signalled) and not last_batch:  # the end of an epoch writes last.pt anyway
+            if self.run_log is not None:  # first: a resume drops steps the checkpoint does not hold
+                self.run_log.flush()
+            self.save(self.out_dir / "last.pt")
+        if signalled:
+            return signal.Signals(self._stop.received).name if self._stop.received else "SIGTERM"
+        return "time_budget" if budget else None
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every rank.
@@ -518,12 +561,6 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self._fit_start)
 
-    def _budget_exhausted(self) -> bool:
-        if self.cfg.time_budget is None:
-            return False
-        hit = float(self.elapsed() >= self.cfg.time_budget)
-        return self.dist.all_reduce_max(hit, self.device) > 0  # all ranks stop at the same step
-
     @staticmethod
     def _stage_at(stages: list[Stage], epoch: int) -> tuple[int, Stage]:
         start = 0
@@ -549,6 +586,9 @@ class Trainer:
             "best_epoch": self.best_epoch,
         })
         if full:
+            # Inside an epoch: the batches of epoch `epoch + 1` already trained on, and their loss sums.
+            sums = {k: float(v) for k, v in self._running_sums.items()} if self._epoch_batches else {}
+            state.update({"epoch_batches": self._epoch_batches, "epoch_sums": sums})
             state.update({
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -564,9 +604,12 @@ class Trainer:
         state = self.state_dict(full)
         if self.dist.is_main:
             save_checkpoint(state, path)
+        if full:
+            self._last_save = time.monotonic()
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a ``last.pt``; the state loads when :meth:`fit` enters its stage."""
+        """Continue from a ``last.pt`` (written at the end of an epoch or inside one); the state
+        loads when :meth:`fit` enters its stage, through :meth:`load_resume_state`."""
         state = load_checkpoint(path, map_location=self.device)
         if "optimizer" not in state:
             raise ValueError(f"checkpoint {str(path)!r} holds weights only (a best.pt?); resume from last.pt")
@@ -579,10 +622,25 @@ class Trainer:
         self.bad_epochs = int(state["bad_epochs"])
         self.elapsed_before = float(state["elapsed"])
         self.last_metrics = state.get("metrics")
+        self._epoch_batches = int(state.get("epoch_batches", 0))
+        self._epoch_sums = {k: float(v) for k, v in (state.get("epoch_sums") or {}).items()}
+        if self._epoch_batches >= self.steps_per_epoch:
+            raise ValueError(f"checkpoint {str(path)!r} is {self._epoch_batches} batches into an epoch, but an epoch "
+                             f"of this run has {self.steps_per_epoch}: resume with the data and batch size it was written with")
         self._resume_state = state
 
-    def _apply_state(self, state: dict) -> None:
+    def load_resume_state(self, state: dict) -> None:
+        """Load a resume checkpoint as :meth:`fit` enters ``self.stage`` (after ``on_stage_start``).
+
+        Weights, random streams and the loop counters always come from ``state``. The optimiser,
+        schedule and gradient scaler do too, except when the checkpoint was written at the end of
+        another stage and ``optimizer_per_stage`` is set: then this stage starts with the fresh
+        ones, as in an uninterrupted run. Override to restore recipe state of your own (call super).
+        """
         self.model.load_state_dict(state["model"])
+        if state.get("stage") != self.stage.name and self.optimizer_per_stage:
+            self._restore_rng(state)
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             horizon = getattr(self.scheduler, "total_steps", None)
@@ -590,6 +648,9 @@ class Trainer:
             if horizon is not None:  # a resume with more epochs stretches the schedule to them
                 self.scheduler.total_steps = horizon
         self.scaler.load_state_dict(state["scaler"])
+        self._restore_rng(state)
+
+    def _restore_rng(self, state: dict) -> None:
         rng = state.get("rng")
         if rng and len(rng) == self.dist.world_size:
             restore_rng_state(rng[self.dist.rank])
@@ -598,61 +659,15 @@ class Trainer:
                           "random streams restart from the seed, so the run will not match an uninterrupted one", stacklevel=2)
             seed_everything(self.cfg.seed + self.dist.rank + self.epoch)
 
-    # ----------------------------------------------------------------------------- logging
-
-    def _prepare_log(self) -> None:
-        path = self.out_dir / "log.csv"
-        if self._resume_state is None or not path.exists():
-            path.unlink(missing_ok=True)
-            return
-        # Drop rows written after the checkpoint we resume from (a kill between log and save).
-        rows = self.read_log()
-        self._write_rows([r for r in rows if int(r["epoch"]) <= self.epoch])
-
     def read_log(self) -> list[dict]:
-        path = self.out_dir / "log.csv"
-        if not path.exists():
-            return []
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-    def _write_rows(self, rows: list[dict]) -> None:
-        path = self.out_dir / "log.csv"
-        fields: list[str] = []
-        for row in rows:
-            fields += [k for k in row if k not in fields]
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-
-    def _log(self, logs: dict[str, Any]) -> None:
-        from lesionkit.engine.curves import plot_curves
-
-        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in logs.items()}
-        rows = self.read_log() + [row]
-        self._write_rows(rows)
-        plot_curves(rows, self.out_dir / "curves.png")
-        if self._tb is not None:
-            for k, v in logs.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self._tb.add_scalar(k, v, self.epoch)
-        if not self.cfg.progress:
-            return
-        shown = " ".join(f"{k}={row[k]}" for k in ("epoch", "train_loss", "val_dice", "time") if k in row)
-        print(shown, flush=True)
-
-
-def _tensorboard_writer(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ValueError(f"tensorboard: true needs the tensorboard package ({err}); install lesionkit[tensorboard]") from err
-    return SummaryWriter(str(path))
+        """The rows of ``log.csv`` so far (one per epoch)."""
+        return RunLog(self.out_dir).read()
 
 
 def build_trainer(config: TrainConfig, **kwargs) -> Trainer:
     """The trainer class named by ``config.trainer``, constructed on ``config``."""
     return get_trainer_class(config.trainer)(config, **kwargs)
+
+
+__all__ = ["Stage", "TRAINERS", "Trainer", "build_trainer", "get_trainer_class", "load_train_config", "monitor_value",
+           "register_trainer"]

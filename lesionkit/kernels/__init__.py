@@ -12,7 +12,7 @@ from lesionkit.kernels.backend import (
     use_backend,
 )
 from lesionkit.kernels.info import format_info, info
-from lesionkit.kernels.patchwise_softmax_loss import PatchwiseSoftmaxLoss, patchwise_softmax_loss
+from lesionkit.kernels.patchwise_softmax_loss import patchwise_softmax_loss
 from lesionkit.kernels.reference import (
     cross_merge_reference,
     cross_scan_reference,
@@ -30,7 +30,6 @@ from lesionkit.kernels.selective_scan import (
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
-    "PatchwiseSoftmaxLoss",
     "cross_merge",
     "cross_merge_reference",
     "cross_scan",

@@ -9,21 +9,17 @@ reference. Fake and autograd registrations of the compiled and Triton ops live h
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lesionkit.kernels import _library
+from lesionkit.kernels.accumulation import acc_dtype
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
 from lesionkit.kernels.reference.patchwise_softmax_loss import (
     check_patchwise_inputs,
     patchwise_softmax_loss_per_image_reference,
-    reduce_loss,
 )
+from lesionkit.reduction import reduce_loss
 
 OP = register_op(OpSpec("patchwise_softmax_loss", auto_gpu_order=("cuda", "triton", "reference")))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):
@@ -55,7 +51,7 @@ if _library.HAS_OPS:
         batch, _, height, width = pred.shape
         torch._check(height % patch_size == 0 and width % patch_size == 0)
         n = (height // patch_size) * (width // patch_size)
-        acc = _acc_dtype(pred.dtype)
+        acc = acc_dtype(pred.dtype)
         return (pred.new_empty((batch,)), pred.new_empty((batch, n), dtype=acc),
                 pred.new_empty((batch, n), dtype=acc))
 
@@ -122,24 +118,3 @@ def patchwise_softmax_loss(
         loss = torch.ops.lesionkit.patchwise_softmax_loss(
             pred, target, patch_size, float(beta), mask, detach_weights)[0]
     return reduce_loss(loss, reduction)
-
-
-class PatchwiseSoftmaxLoss(nn.Module):
-    """Module form of :func:`patchwise_softmax_loss` holding its configuration."""
-
-    def __init__(self, patch_size: int = 16, beta: float = 1.0, detach_weights: bool = False,
-                 reduction: str = "mean") -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.beta = beta
-        self.detach_weights = detach_weights
-        self.reduction = reduction
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return patchwise_softmax_loss(pred, target, self.patch_size, self.beta, mask,
-                                      self.detach_weights, self.reduction)
-
-    def extra_repr(self) -> str:
-        return (f"patch_size={self.patch_size}, beta={self.beta}, "
-                f"detach_weights={self.detach_weights}, reduction={self.reduction!r}")

@@ -1,5 +1,5 @@
 """Public API of the selective scan, cross-scan / cross-merge and the fused SS2D core
-(REFERENCE 2.1).
+(docs/ops.md).
 
 Each function validates its inputs, picks a backend (see :mod:`lesionkit.kernels.backend`) and
 calls ``torch.ops.lesionkit.*`` (cpu, cuda), the Triton op (triton) or the pure-PyTorch
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lesionkit.kernels import _library
+from lesionkit.kernels.accumulation import acc_dtype
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
 from lesionkit.kernels.reference.selective_scan import (
     check_cross_merge_inputs,
@@ -31,10 +32,6 @@ CROSS_MERGE = register_op(OpSpec("cross_merge", auto_gpu_order=("cuda", "triton"
 
 SCAN_CHUNK = 512  # csrc/selective_scan.h kScanChunk: steps between the forward's checkpoints
 DIRECTIONS = 4
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(length):
@@ -83,7 +80,7 @@ if _library.HAS_OPS:
     def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         batch, dim, length = u.shape
         n = A.shape[1]
-        acc = _acc_dtype(u.dtype)
+        acc = acc_dtype(u.dtype)
         return (torch.empty_like(u, memory_format=torch.contiguous_format),
                 u.new_empty((batch, dim, n), dtype=acc),
                 u.new_empty((batch, dim, _chunks(length), n), dtype=acc))
@@ -105,7 +102,7 @@ if _library.HAS_OPS:
         n = A.shape[2]
         return (torch.empty_like(x, memory_format=torch.contiguous_format),
                 x.new_empty((batch, DIRECTIONS, dim, _chunks(height * width), n),
-                            dtype=_acc_dtype(x.dtype)))
+                            dtype=acc_dtype(x.dtype)))
 
     @torch.library.register_fake("lesionkit::selective_scan_2d_backward")
     def _(grad_out, x, dt, A, B, C, D, dt_bias, dt_softplus, checkpoints):

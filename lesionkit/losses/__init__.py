@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lesionkit.losses.reconstruction import MAEReconstructionLoss, patchify, unpatchify
+from lesionkit.losses.reconstruction import MAEReconstructionLoss
+from lesionkit.losses.segmae import SegMAEReconstructionLoss, SegMAESegmentationLoss
 from lesionkit.losses.segmentation import (
     BCEDiceLoss,
     DiceFocalLoss,
@@ -43,11 +44,11 @@ __all__ = [
     "FocalLoss",
     "MAEReconstructionLoss",
     "PatchwiseSoftmaxLoss",
+    "SegMAEReconstructionLoss",
+    "SegMAESegmentationLoss",
     "SegmentationLoss",
     "create_loss",
     "dice_loss",
     "focal_loss",
     "list_losses",
-    "patchify",
-    "unpatchify",
 ]

@@ -5,20 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, C * P * P), patches row-major, as the kernels number them."""
-    b, c, h, w = x.shape
-    p = patch_size
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(x: torch.Tensor, patch_size: int, shape: torch.Size) -> torch.Tensor:
-    b, c, h, w = shape
-    p = patch_size
-    x = x.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
+from lesionkit.layers.patch_masking import patchify, unpatchify
 
 
 class MAEReconstructionLoss(nn.Module):
@@ -56,7 +43,7 @@ class MAEReconstructionLoss(nn.Module):
         if self.norm_pix:
             t = patchify(target, p)
             mean, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
-            target = unpatchify((t - mean) / (var + self.eps).sqrt(), p, target.shape)
+            target = unpatchify((t - mean) / (var + self.eps).sqrt(), p, (h // p, w // p), target.shape[1])
         if self.beta is not None:
             from lesionkit.kernels import patchwise_softmax_loss
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lesionkit.reduction import check_reduction, reduce_loss
+
 AGGREGATIONS = ("sample", "batch")
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
@@ -29,14 +30,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
-
-
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
               aggregation: str = "sample", reduction: str = "mean") -> torch.Tensor:
     """Soft Dice loss 1 - (2 sum(p t) + s) / (sum p + sum t + s), p = sigmoid(logits).
@@ -47,8 +40,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
     _check(logits, target, "dice_loss")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation should be one of {AGGREGATIONS}, got {aggregation!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction should be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     if smooth < 0:
         raise ValueError(f"smooth should be >= 0, got {smooth!r}")
     p = torch.sigmoid(_compute_dtype(logits)).flatten(1)
@@ -58,7 +50,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
     inter = (p * t).sum(1)
     denom = p.sum(1) + t.sum(1)
     loss = 1 - (2 * inter + smooth) / (denom + smooth).clamp_min(1e-12)
-    return loss[0] if aggregation == "batch" else _reduce(loss, reduction)
+    return loss[0] if aggregation == "batch" else reduce_loss(loss, reduction)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float | None = 0.25,
@@ -68,8 +60,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float | None =
     alpha weights the positives (1 - alpha the negatives); None disables the weighting.
     """
     _check(logits, target, "focal_loss")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction should be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     if gamma < 0:
         raise ValueError(f"gamma should be >= 0, got {gamma!r}")
     x = _compute_dtype(logits)
@@ -80,7 +71,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float | None =
     loss = ce * (1 - p_t) ** gamma
     if alpha is not None:
         loss = loss * (alpha * t + (1 - alpha) * (1 - t))
-    return _reduce(loss.flatten(1).mean(1), reduction)
+    return reduce_loss(loss.flatten(1).mean(1), reduction)
 
 
 class DiceLoss(nn.Module):
@@ -104,21 +95,24 @@ class FocalLoss(nn.Module):
 
 
 class PatchwiseSoftmaxLoss(nn.Module):
-    """The patch-wise softmax loss (SegMAE Eq. 5-8) on segmentation logits.
+    """The patch-wise softmax loss (SegMAE Eq. 5-8) as a module holding its configuration.
 
-    With from_logits the op sees sigmoid(logits) against the mask; the math runs in
-    ``lesionkit.kernels.patchwise_softmax_loss`` on whatever backend is selected there.
+    ``from_logits`` (the default, for segmentation logits) applies a sigmoid first; with
+    ``from_logits=False`` the inputs are compared as they are (probabilities, images). The math
+    runs in :func:`lesionkit.kernels.patchwise_softmax_loss` on the backend selected there;
+    ``mask``, ``detach_weights`` and ``reduction`` mean what they mean there.
     """
 
     def __init__(self, patch_size: int = 16, beta: float = 1.0, from_logits: bool = True,
-                 detach_weights: bool = False) -> None:
+                 detach_weights: bool = False, reduction: str = "mean") -> None:
         super().__init__()
         if patch_size <= 0:
             raise ValueError(f"patch_size should be positive, got {patch_size!r}")
         if beta <= 0:
             raise ValueError(f"beta should be > 0, got {beta!r}")
+        check_reduction(reduction)
         self.patch_size, self.beta = int(patch_size), float(beta)
-        self.from_logits, self.detach_weights = bool(from_logits), bool(detach_weights)
+        self.from_logits, self.detach_weights, self.reduction = bool(from_logits), bool(detach_weights), reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -130,7 +124,11 @@ class PatchwiseSoftmaxLoss(nn.Module):
         if pred.dim() == 3:
             pred, target = pred[:, None], target[:, None]
         return patchwise_softmax_loss(pred, target.to(pred.dtype), self.patch_size, self.beta,
-                                      mask=mask, detach_weights=self.detach_weights)
+                                      mask=mask, detach_weights=self.detach_weights, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"patch_size={self.patch_size}, beta={self.beta}, from_logits={self.from_logits}, "
+                f"detach_weights={self.detach_weights}, reduction={self.reduction!r}")
 
 
 class SegmentationLoss(nn.Module):

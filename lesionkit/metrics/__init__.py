@@ -1,4 +1,4 @@
-"""Segmentation metrics: streaming dataset-level and per-image scores (REFERENCE 5)."""
+"""Segmentation metrics: streaming dataset-level and per-image scores (docs/data.md, Metrics)."""
 
 from lesionkit.metrics.segmentation import (
     ISIC_JACCARD_THRESHOLD,

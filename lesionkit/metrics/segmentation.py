@@ -1,4 +1,4 @@
-"""Streaming binary segmentation metrics with dataset-level and per-image aggregation (REFERENCE 5).
+"""Streaming binary segmentation metrics with dataset-level and per-image aggregation (docs/data.md, Metrics).
 
 Definitions (pred and target binarised; tp, fp, fn, tn counted over pixels):
 

@@ -5,7 +5,7 @@ The encoder (CNN + ViT) sees a random subset of the patch tokens (Eq. 1-2); an M
 Inference never masks. ``segmae_r50_vit_b16`` is TransUNet R50-ViT-B/16 plus the MAE-B decoder
 (512 wide, 8 blocks, 16 heads): ~131.3M parameters.
 
-Choices the paper leaves open are config fields (REFERENCE 3):
+Choices the paper leaves open are config fields (docs/models.md):
 
 - ``mask_mode``: ``"token"`` drops tokens after the CNN, which still sees the whole image;
   ``"pixel"`` also blanks the masked 16x16 patches of the image before the CNN, so neither the

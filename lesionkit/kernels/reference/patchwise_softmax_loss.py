@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
+from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.reduction import check_reduction, reduce_loss
 
 
 def check_patchwise_inputs(
@@ -38,8 +39,7 @@ def check_patchwise_inputs(
     if height == 0 or width == 0 or height % patch_size or width % patch_size:
         raise ValueError(f"H and W should be positive multiples of patch_size={patch_size}, got "
                          f"H={height}, W={width}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction should be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     if mask is None:
         return
     n_patches = (height // patch_size) * (width // patch_size)
@@ -58,14 +58,6 @@ def check_patchwise_inputs(
                              f"{empty} have none")
 
 
-def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 def patchwise_softmax_loss_per_image_reference(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -77,7 +69,7 @@ def patchwise_softmax_loss_per_image_reference(
     """Per-image loss (B,) in pred's dtype; math in float32 (float64 for float64 inputs)."""
     batch, channels, height, width = pred.shape
     p = patch_size
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(pred.dtype)
     err = (pred.to(acc) - target.to(acc)).square()  # Eq. 5
     # Eq. 6: mean over each P x P patch and all channels, patches in row-major order.
     patch_loss = err.view(batch, channels, height // p, p, width // p, p).mean(dim=(1, 3, 5))

@@ -1,6 +1,6 @@
 """Selective scan (Mamba S6), VMamba's cross-scan / cross-merge and the SS2D core, plain PyTorch.
 
-Recurrence (REFERENCE 2.1), with dt = softplus(delta + delta_bias) when `delta_softplus`:
+Recurrence (Mamba's S6 after zero-order-hold discretisation; docs/ops.md), with dt = softplus(delta + delta_bias) when `delta_softplus`:
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   y_t = <C_t, h_t> + D * u_t,   y *= silu(z).
 
 Two references of the scan share one input check:
@@ -17,17 +17,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lesionkit.kernels.accumulation import acc_dtype
+
 MAX_STATE = 256  # largest d_state (n) the kernels take
 DIRECTIONS = 4  # VMamba's cross-scan: row-major, column-major and both reversed
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _param_dtype_ok(param: torch.Tensor, u: torch.Tensor) -> bool:
     # State and parameters are float32; float64 inputs (gradcheck) take float64 throughout.
-    return param.dtype == _acc_dtype(u.dtype)
+    return param.dtype == acc_dtype(u.dtype)
 
 
 def check_selective_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> int:
@@ -40,7 +38,7 @@ def check_selective_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=No
     if not u.dtype.is_floating_point:
         raise ValueError(f"u should be a floating tensor, got {u.dtype}")
     batch, dim, length = u.shape
-    acc = _acc_dtype(u.dtype)
+    acc = acc_dtype(u.dtype)
     if delta.shape != u.shape:
         raise ValueError(f"delta should have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
     if z is not None and z.shape != u.shape:
@@ -87,7 +85,7 @@ def check_selective_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=No
 
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     """float32 (float64) views: dt (b, d, l), B and C as (b, g, n, l)."""
-    acc = _acc_dtype(u.dtype)
+    acc = acc_dtype(u.dtype)
     dt = delta.to(acc)
     if delta_bias is not None:
         dt = dt + delta_bias.to(acc)[:, None]
@@ -256,7 +254,7 @@ def check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias) -> None:
         raise ValueError(f"A's N (d_state) should be in [1, {MAX_STATE}], got {n}")
     expected = {"dt": (batch, k, dim, height, width), "B": (batch, k, n, height, width),
                 "C": (batch, k, n, height, width), "D": (k, dim), "dt_bias": (k, dim)}
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     for name, t in (("dt", dt), ("B", B), ("C", C), ("D", D), ("dt_bias", dt_bias)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else t

@@ -1,4 +1,4 @@
-"""Triton kernels of VMamba's cross-scan and its adjoint cross-merge (REFERENCE 2.1).
+"""Triton kernels of VMamba's cross-scan and its adjoint cross-merge (docs/ops.md).
 
 One program per (image, channel, block of pixels). cross_scan reads each pixel once and writes
 it to its four sequence positions (row-major t = p, column-major t = w * H + h, and both

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from lesionkit.kernels.accumulation import acc_dtype
+
 _PER_IMAGE_BLOCK = 1024
 
 
@@ -138,7 +140,9 @@ def _grad_kernel(pred_ptr, target_ptr, coef_ptr, grad_ptr, C, H, W, N, cols,
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    """The accumulation dtype (docs/ops.md, Precision) as torch and Triton types."""
+    acc = acc_dtype(dtype)
+    return acc, (tl.float64 if acc == torch.float64 else tl.float32)
 
 
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
