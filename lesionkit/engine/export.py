@@ -7,7 +7,8 @@ logits (N, classes, H, W) - multi-head models are reduced to their logits.
 
 - ``exported-program`` (``.pt2``, ``torch.export``) holds every model, lesionkit ops included;
   loading it needs ``import lesionkit.kernels`` when the model calls them.
-- ``torchscript`` (``.ts``) holds models that trace; lesionkit ops need lesionkit at load time.
+- ``torchscript`` (``.ts``) holds models that trace, at the traced input shape; lesionkit ops
+  need lesionkit at load time. (PyTorch deprecates TorchScript in favour of ``torch.export``.)
 - ``onnx`` (``.onnx``) holds models whose forward uses no lesionkit op (U-Net, TransUNet,
   SegMAE at inference); needs the ``onnx`` extra (``pip install lesionkit[onnx]``), and
   ``onnxruntime`` (in that extra) for the check.
@@ -15,6 +16,7 @@ logits (N, classes, H, W) - multi-head models are reduced to their logits.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +84,18 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
             torch.export.save(program, out)
             got = torch.export.load(out).module()(sample)
         elif fmt == "torchscript":
-            try:
-                scripted = torch.jit.trace(model, (sample,), check_trace=False)
-            except Exception as err:
-                raise ExportError(f"{state['model_name']} cannot be traced to TorchScript ({err}); "
-                                  "use --format exported-program") from err
-            scripted.save(str(out))
-            got = torch.jit.load(str(out))(sample)
+            with warnings.catch_warnings():
+                # torch.jit is deprecated in favour of torch.export, and the models' input checks
+                # are constants for the traced shape; the check below proves the trace.
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                try:
+                    scripted = torch.jit.trace(model, (sample,), check_trace=False)
+                except Exception as err:
+                    raise ExportError(f"{state['model_name']} cannot be traced to TorchScript ({err}); "
+                                      "use --format exported-program") from err
+                scripted.save(str(out))
+                got = torch.jit.load(str(out))(sample)
         else:
             got = _export_onnx(program, model, sample, out, state["model_name"])
     diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("inf")

@@ -413,6 +413,9 @@ class Trainer:
                 if cfg.early_stopping_patience is not None and self.bad_epochs >= cfg.early_stopping_patience:
                     stop_reason = "early_stopping"
                     break
+                if self.dist.any_rank([self._stop.received is not None], self.device)[0]:
+                    stop_reason = self._signal_name()  # arrived during validation: last.pt is this epoch's
+                    break
         summary = {
             "epochs": self.epoch, "global_step": self.global_step, "stop_reason": stop_reason,
             "best_metric": self.best_metric if math.isfinite(self.best_metric) else None, "best_epoch": self.best_epoch,
@@ -519,8 +522,12 @@ class Trainer:
                 self.run_log.flush()
             self.save(self.out_dir / "last.pt")
         if signalled:
-            return signal.Signals(self._stop.received).name if self._stop.received else "SIGTERM"
+            return self._signal_name()
         return "time_budget" if budget else None
+
+    def _signal_name(self) -> str:
+        # A rank that did not receive the signal itself stops because another rank did.
+        return signal.Signals(self._stop.received).name if self._stop.received else "SIGTERM"
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every rank.

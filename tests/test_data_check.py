@@ -1,0 +1,95 @@
+"""`lesionkit data check` and the header check `lesionkit train` runs before its first epoch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionkit.data import FolderDataset
+from lesionkit.data.check import check_dataset, check_headers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_folder(root: Path, n: int = 12) -> Path:
+    """A folder dataset of n good samples (a disc of 10-16 % of the image each)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:40, :40]
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / "images" / f"c{i:02d}.png")
+        disc = ((yy - 20) ** 2 + (xx - 20) ** 2 <= (7 + i % 3) ** 2).astype(np.uint8) * 255
+        Image.fromarray(disc).save(root / "masks" / f"c{i:02d}.png")
+    return root
+
+
+def break_some(root: Path) -> None:
+    (root / "images" / "c00.png").write_bytes(b"not an image")                        # unreadable
+    Image.new("L", (30, 40)).save(root / "masks" / "c01.png")                          # size mismatch
+    data = (root / "images" / "c02.png").read_bytes()
+    (root / "images" / "c02.png").write_bytes(data[: len(data) // 2])                  # truncated
+    Image.fromarray(np.full((40, 40), 0, np.uint8)).save(root / "masks" / "c03.png")  # empty
+    soft = np.zeros((40, 40), np.uint8)
+    soft[10:30, 10:30] = 200
+    soft[15:25, 15:25] = 255
+    Image.fromarray(soft).save(root / "masks" / "c04.png")                             # non-binary
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(root / "masks" / "c05.png")  # 100 % lesion
+
+
+def test_a_clean_dataset_has_no_findings(tmp_path):
+    report = check_dataset(FolderDataset(write_folder(tmp_path)), workers=2, progress=False)
+    assert report.checked == 12 and report.findings == []
+    assert all(0.05 < f < 0.25 for f in report.lesion_fractions.values())
+
+
+def test_every_kind_of_problem_is_found(tmp_path):
+    root = write_folder(tmp_path)
+    break_some(root)
+    report = check_dataset(FolderDataset(root), workers=2, progress=False)
+    found = {(f.sample, f.problem) for f in report.findings}
+    assert found == {("c00", "unreadable"), ("c01", "size_mismatch"), ("c02", "unreadable"), ("c03", "empty_mask"),
+                     ("c04", "non_binary_mask"), ("c05", "lesion_fraction_outlier")}
+    assert {f.sample for f in report.errors} == {"c00", "c01", "c02"}
+    # The header check sees what a header shows: not the truncated file, nor mask contents.
+    assert {(f.sample, f.problem) for f in check_headers(FolderDataset(root)).findings} == {
+        ("c00", "unreadable"), ("c01", "size_mismatch")}
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lesionkit", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_exits_non_zero_on_errors_and_writes_the_fix_report(tmp_path):
+    root = write_folder(tmp_path / "data")
+    clean = run_cli("data", "check", f"folder:{root}")
+    assert clean.returncode == 0 and "0 error(s), 0 warning(s)" in clean.stdout
+    break_some(root)
+    result = run_cli("data", "check", f"folder:{root}", "--fix-report", tmp_path / "fix.json")
+    assert result.returncode == 1 and "3 error(s), 3 warning(s)" in result.stdout
+    report = json.loads((tmp_path / "fix.json").read_text())
+    assert report["errors"] == 3 and len(report["findings"]) == 6
+    assert all(row["fix"] for row in report["findings"])
+
+
+def test_train_fails_before_the_first_epoch_on_a_broken_file(tmp_path):
+    root = write_folder(tmp_path / "data")
+    Image.new("L", (30, 40)).save(root / "masks" / "c07.png")
+    result = run_cli("train", "--model", "unet_tiny", "--data", f"folder:{root}", "--image-size", "32", "--epochs", "1",
+                     "--out", tmp_path / "run", "--set", "model.kwargs.widths=[4,8,16]", "data.num_workers=0")
+    assert result.returncode == 2
+    assert "size_mismatch" in result.stderr and "c07" in result.stderr and "lesionkit data check" in result.stderr
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
+@pytest.mark.parametrize("spec", ["synthetic:4"])
+def test_datasets_without_files_have_nothing_to_check(spec):
+    result = run_cli("data", "check", spec)
+    assert result.returncode == 0 and "no image / mask files to check" in result.stdout
