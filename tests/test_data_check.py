@@ -1,19 +1,13 @@
 """`lesionkit data check` and the header check `lesionkit train` runs before its first epoch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from lesionkit.data import FolderDataset
 from lesionkit.data.check import check_dataset, check_headers
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_folder(root: Path, n: int = 12) -> Path:
@@ -61,35 +55,38 @@ def test_every_kind_of_problem_is_found(tmp_path):
         ("c00", "unreadable"), ("c01", "size_mismatch")}
 
 
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lesionkit", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``lesionkit ARGS`` in this process (a subprocess would spend seconds importing torch)."""
+    from lesionkit.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_exits_non_zero_on_errors_and_writes_the_fix_report(tmp_path):
+def test_cli_exits_non_zero_on_errors_and_writes_the_fix_report(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
-    clean = run_cli("data", "check", f"folder:{root}")
-    assert clean.returncode == 0 and "0 error(s), 0 warning(s)" in clean.stdout
+    code, out, _ = run_cli(capsys, "data", "check", f"folder:{root}")
+    assert code == 0 and "0 error(s), 0 warning(s)" in out
     break_some(root)
-    result = run_cli("data", "check", f"folder:{root}", "--fix-report", tmp_path / "fix.json")
-    assert result.returncode == 1 and "3 error(s), 3 warning(s)" in result.stdout
+    code, out, _ = run_cli(capsys, "data", "check", f"folder:{root}", "--fix-report", tmp_path / "fix.json")
+    assert code == 1 and "3 error(s), 3 warning(s)" in out
     report = json.loads((tmp_path / "fix.json").read_text())
     assert report["errors"] == 3 and len(report["findings"]) == 6
     assert all(row["fix"] for row in report["findings"])
 
 
-def test_train_fails_before_the_first_epoch_on_a_broken_file(tmp_path):
+def test_train_fails_before_the_first_epoch_on_a_broken_file(tmp_path, capsys):
     root = write_folder(tmp_path / "data")
     Image.new("L", (30, 40)).save(root / "masks" / "c07.png")
-    result = run_cli("train", "--model", "unet_tiny", "--data", f"folder:{root}", "--image-size", "32", "--epochs", "1",
-                     "--out", tmp_path / "run", "--set", "model.kwargs.widths=[4,8,16]", "data.num_workers=0")
-    assert result.returncode == 2
-    assert "size_mismatch" in result.stderr and "c07" in result.stderr and "lesionkit data check" in result.stderr
+    code, _, err = run_cli(capsys, "train", "--model", "unet_tiny", "--data", f"folder:{root}", "--image-size", "32",
+                           "--epochs", "1", "--out", tmp_path / "run", "--set", "model.kwargs.widths=[4,8,16]",
+                           "data.num_workers=0")
+    assert code == 2
+    assert "size_mismatch" in err and "c07" in err and "lesionkit data check" in err
     assert not (tmp_path / "run" / "log.csv").exists()
 
 
-@pytest.mark.parametrize("spec", ["synthetic:4"])
-def test_datasets_without_files_have_nothing_to_check(spec):
-    result = run_cli("data", "check", spec)
-    assert result.returncode == 0 and "no image / mask files to check" in result.stdout
+def test_datasets_without_files_have_nothing_to_check(capsys):
+    code, out, _ = run_cli(capsys, "data", "check", "synthetic:4")
+    assert code == 0 and "no image / mask files to check" in out

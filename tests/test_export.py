@@ -1,10 +1,6 @@
 """`lesionkit export`: each format round-trips a checkpoint's model, and clear errors where it cannot."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +11,6 @@ from lesionkit.engine.export import ExportError, LogitsOnly, _export_onnx, expor
 
 from test_trainer import Discs, make_config
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
 
@@ -37,13 +32,14 @@ def test_round_trip(checkpoint, tmp_path, fmt):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="the onnx extra (onnx, onnxscript, onnxruntime) is not installed")
-def test_onnx_round_trip_through_the_cli(checkpoint, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lesionkit", "export", "--checkpoint", str(checkpoint), "--format",
-                             "onnx", "--out", str(tmp_path / "m.onnx"), "--image-size", "64"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "reproduces the checkpoint" in result.stdout and (tmp_path / "m.onnx").stat().st_size > 10_000
+def test_onnx_round_trip_through_the_cli(checkpoint, tmp_path, capsys):
+    from lesionkit.cli import main
+
+    code = main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--image-size", "64"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert "reproduces the checkpoint" in out and (tmp_path / "m.onnx").stat().st_size > 10_000
 
 
 class CrossScanModel(torch.nn.Module):

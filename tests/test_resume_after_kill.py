@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from lesionkit.engine import load_checkpoint
@@ -35,9 +36,15 @@ def log_rows(out: Path) -> int:
         return 0
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    full = tmp_path_factory.mktemp("full")
     subprocess.run(train_cmd(full), env=env(), check=True, capture_output=True, timeout=300)
+    return full
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
+    full = uninterrupted
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -74,10 +81,10 @@ def mid_epoch_checkpoint(out: Path) -> dict | None:
     return state if state.get("epoch_batches") else None
 
 
-def test_kill_inside_an_epoch_and_resume_matches_uninterrupted_run(tmp_path):
+def test_kill_inside_an_epoch_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
+    # Mid-epoch checkpoints change nothing in the training: the same uninterrupted run is the reference.
     every = ["checkpoint.every_steps=2"]  # 6 steps per epoch: checkpoints after steps 2 and 4 of each
-    full = tmp_path / "full"
-    subprocess.run(train_cmd(full, *every), env=env(), check=True, capture_output=True, timeout=300)
+    full = uninterrupted
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed, *every), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

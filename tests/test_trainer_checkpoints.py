@@ -118,7 +118,7 @@ def test_curves_png_from_steps_and_epochs(tmp_path):
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lesionkit", "train", "--model", "unet_tiny", "--data", "synthetic:2000:3",
+    return [sys.executable, "-m", "lesionkit", "train", "--model", "unet_tiny", "--data", "synthetic:4000:3",
             "--val-data", "synthetic:4:4", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
             "--out", str(out), "--seed", "1", "--set", "model.kwargs.widths=[4,8,16]", "data.num_workers=0", *extra]
 
@@ -126,12 +126,13 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_train_cmd(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = _train_cmd(tmp_path, "checkpoint.every_steps=20")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # inside the first epoch (500 steps)
+        # The first mid-epoch checkpoint says the loop runs, 20 of the epoch's 1000 steps in.
+        while not (tmp_path / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -139,7 +140,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig)
     assert proc.returncode == 128 + sig, err[-2000:]
     assert f"stopped by {signal.Signals(sig).name}" in err and f"lesionkit train --resume {tmp_path}/last.pt" in err
     state = load_checkpoint(tmp_path / "last.pt")
-    assert state["epoch"] == 0 and 0 < state["epoch_batches"] < 500 and state["global_step"] == state["epoch_batches"]
+    assert state["epoch"] == 0 and 20 < state["epoch_batches"] < 1000 and state["global_step"] == state["epoch_batches"]
 
 
 SLOW_STEP = """

@@ -62,7 +62,7 @@ def plot_curves(rows: list[dict], path: str | Path, steps: list[dict] | None = N
     for ax in (ax_loss, ax_val):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))  # round ticks
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             # Below the axes, so the legend never covers a line.
