@@ -43,6 +43,20 @@ def uninterrupted(tmp_path_factory) -> Path:
     return full
 
 
+def resume_and_compare(full: Path, killed: Path) -> None:
+    """Resume the killed run and check it ends with the uninterrupted run's weights and Adam moments."""
+    result = subprocess.run(train_cmd(killed, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS and a["global_step"] == b["global_step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key in ("state",):  # Adam moments too
+        for i, s in a["optimizer"][key].items():
+            assert torch.equal(s["exp_avg"], b["optimizer"][key][i]["exp_avg"])
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
     full = uninterrupted
 
@@ -59,16 +73,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
     interrupted_at = load_checkpoint(killed / "last.pt")["epoch"]
     assert 2 <= interrupted_at < EPOCHS
 
-    result = subprocess.run(train_cmd(killed, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
-    assert a["epoch"] == b["epoch"] == EPOCHS and a["global_step"] == b["global_step"]
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    for key in ("state",):  # Adam moments too
-        for i, s in a["optimizer"][key].items():
-            assert torch.equal(s["exp_avg"], b["optimizer"][key][i]["exp_avg"])
+    resume_and_compare(full, killed)
     rows = (killed / "log.csv").read_text().strip().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, EPOCHS + 1))
 
@@ -84,30 +89,25 @@ def mid_epoch_checkpoint(out: Path) -> dict | None:
 def test_kill_inside_an_epoch_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
     # Mid-epoch checkpoints change nothing in the training: the same uninterrupted run is the reference.
     every = ["checkpoint.every_steps=2"]  # 6 steps per epoch: checkpoints after steps 2 and 4 of each
-    full = uninterrupted
-
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed, *every), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        while (log_rows(killed) < 1 or mid_epoch_checkpoint(killed) is None) and proc.poll() is None \
-                and time.monotonic() < deadline:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log_rows(killed) >= 1 and mid_epoch_checkpoint(killed) is not None:
+                proc.send_signal(signal.SIGSTOP)  # freeze, then make sure last.pt is still mid-epoch
+                if mid_epoch_checkpoint(killed) is not None:
+                    break
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     state = mid_epoch_checkpoint(killed)
-    if state is None:  # killed just after an epoch-end checkpoint replaced the mid-epoch one
-        state = load_checkpoint(killed / "last.pt")
-    assert state["epoch"] < EPOCHS
+    assert state is not None and 1 <= state["epoch"] < EPOCHS and state["epoch_batches"] in (2, 4)
 
-    result = subprocess.run(train_cmd(killed, "--resume"), env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
-    assert a["epoch"] == b["epoch"] == EPOCHS and a["global_step"] == b["global_step"]
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert (full / "log.csv").read_text().splitlines()[0] == (killed / "log.csv").read_text().splitlines()[0]
-    train_losses = [[r.split(",")[4] for r in (out / "log.csv").read_text().strip().splitlines()[1:]] for out in (full, killed)]
-    assert train_losses[0] == train_losses[1]
+    resume_and_compare(uninterrupted, killed)
+    logs = [(out / "log.csv").read_text().strip().splitlines() for out in (uninterrupted, killed)]
+    assert logs[0][0] == logs[1][0]  # the same columns; train_loss (column 5) covers every batch of each epoch
+    assert [r.split(",")[4] for r in logs[0][1:]] == [r.split(",")[4] for r in logs[1][1:]]
