@@ -114,6 +114,15 @@ def check_headers(dataset) -> CheckReport:
     return report
 
 
+def check_files(dataset, spec: str) -> None:
+    """The header-only part of ``lesionkit data check``: a missing, unreadable or mismatched file
+    fails the run before the first epoch instead of hours into it."""
+    report = check_headers(dataset)
+    if report.errors:
+        raise ValueError(f"data {spec!r}: {report.summary()}\n(`lesionkit data check {spec}` decodes every file "
+                         "and lists all problems)")
+
+
 def _decode(sample: tuple[str, Path, Path]) -> tuple[list[Finding], float | None]:
     sid, image, mask = sample
     found = _header_findings(sid, image, mask)
@@ -212,4 +221,4 @@ def main(args: argparse.Namespace) -> int:
     return 1 if report.errors or (args.strict and report.warnings) else 0
 
 
-__all__ = ["CheckReport", "Finding", "check_dataset", "check_headers"]
+__all__ = ["CheckReport", "Finding", "check_dataset", "check_files", "check_headers"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,3 +66,42 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     finally:
         model.train(was_training)
     return EvaluationResult(metrics=metrics.compute(), per_image_dice=ranked)
+
+
+def plain_metrics(value: Any) -> Any:
+    """Numbers and containers as Python primitives (``weights_only``-safe)."""
+    if isinstance(value, dict):
+        return {str(k): plain_metrics(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_metrics(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def flatten_metrics(metrics: dict) -> dict[str, float]:
+    """``{"dice": .., "per_image_dice": .., "isic_jaccard": ..}`` for logs."""
+    out: dict[str, float] = {}
+    for key, value in metrics.get("dataset", {}).items():
+        out[key] = float(value)
+    for key, value in metrics.get("per_image", {}).items():
+        out[f"per_image_{key}"] = float(value)
+    if "isic_jaccard" in metrics:
+        out["isic_jaccard"] = float(metrics["isic_jaccard"])
+    return out
+
+
+def monitor_value(metrics: dict, monitor: str) -> float:
+    """The value of ``monitor`` ("dice", "per_image.dice", "isic_jaccard", ...) in ``compute()`` output."""
+    if "." in monitor:
+        group, key = monitor.split(".", 1)
+        source = metrics.get(group, {})
+    elif monitor in metrics.get("dataset", {}):
+        source, key = metrics["dataset"], monitor
+    else:
+        source, key = metrics, monitor
+    if key not in source or not isinstance(source[key], (int, float)):
+        raise ValueError(f"monitor {monitor!r} is not among the validation metrics {sorted(flatten_metrics(metrics))}")
+    return float(source[key])

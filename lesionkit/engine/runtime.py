@@ -6,6 +6,8 @@ import os
 import random
 import signal
 import sys
+import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,4 +71,33 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(8, cpus - 1)
 
 
-__all__ = ["available_cpus", "default_num_workers", "init_worker", "on_terminal", "resolve_device", "seed_everything", "set_determinism"]
+class StopRequests:
+    """SIGTERM / SIGINT inside ``with StopRequests() as stop:``: the first sets ``stop.received``
+    (the training loop checkpoints and stops after the current step); the handlers then go back
+    to the defaults, so a second one ends the process at once. Installed in the main thread only."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), signal.SIGINT) if s is not None)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["StopRequests", "available_cpus", "default_num_workers", "init_worker", "on_terminal", "resolve_device", "seed_everything", "set_determinism"]

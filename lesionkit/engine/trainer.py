@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -34,20 +32,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from lesionkit.data.check import check_files
 from lesionkit.data.splits import holdout_split
 from lesionkit.data.transforms import BatchFlips, split_transform_options
 from lesionkit.engine.builders import build_dataset, build_eval_transform, build_loss, build_train_transform
 from lesionkit.engine.checkpoint import capture_rng_state, checkpoint_header, load_checkpoint, restore_rng_state, save_checkpoint
 from lesionkit.engine.config import TrainConfig, load_train_config
 from lesionkit.engine.distributed import DistributedContext
-from lesionkit.engine.evaluation import autocast_context, evaluate
+from lesionkit.engine.evaluation import autocast_context, evaluate, flatten_metrics, monitor_value, plain_metrics
 from lesionkit.engine.registry import TRAINERS, get_trainer_class, register_trainer
 from lesionkit.engine.run_log import RunLog
-from lesionkit.engine.runtime import default_num_workers, init_worker, on_terminal, resolve_device, seed_everything, set_determinism
+from lesionkit.engine.runtime import (
+    StopRequests,
+    default_num_workers,
+    init_worker,
+    on_terminal,
+    resolve_device,
+    seed_everything,
+    set_determinism,
+)
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
 from lesionkit.models import create_model, segmentation_logits
 
@@ -73,85 +79,6 @@ class SkipSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
-
-
-def _plain(value: Any) -> Any:
-    """Numbers and containers as Python primitives (``weights_only``-safe)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _flatten_metrics(metrics: dict) -> dict[str, float]:
-    """``{"dice": .., "per_image_dice": .., "isic_jaccard": ..}`` for logs."""
-    out: dict[str, float] = {}
-    for key, value in metrics.get("dataset", {}).items():
-        out[key] = float(value)
-    for key, value in metrics.get("per_image", {}).items():
-        out[f"per_image_{key}"] = float(value)
-    if "isic_jaccard" in metrics:
-        out["isic_jaccard"] = float(metrics["isic_jaccard"])
-    return out
-
-
-def monitor_value(metrics: dict, monitor: str) -> float:
-    """The value of ``monitor`` ("dice", "per_image.dice", "isic_jaccard", ...) in ``compute()`` output."""
-    if "." in monitor:
-        group, key = monitor.split(".", 1)
-        source = metrics.get(group, {})
-    elif monitor in metrics.get("dataset", {}):
-        source, key = metrics["dataset"], monitor
-    else:
-        source, key = metrics, monitor
-    if key not in source or not isinstance(source[key], (int, float)):
-        raise ValueError(f"monitor {monitor!r} is not among the validation metrics {sorted(_flatten_metrics(metrics))}")
-    return float(source[key])
-
-
-def check_files(dataset: torch.utils.data.Dataset, spec: str) -> None:
-    """The header-only part of ``lesionkit data check``: a missing, unreadable or mismatched file
-    fails the run before the first epoch instead of hours into it."""
-    from lesionkit.data.check import check_headers
-
-    report = check_headers(dataset)
-    if report.errors:
-        raise ValueError(f"data {spec!r}: {report.summary()}\n(`lesionkit data check {spec}` decodes every file "
-                         "and lists all problems)")
-
-
-class _StopRequests:
-    """SIGTERM / SIGINT while :meth:`Trainer.fit` runs: the first asks the loop to checkpoint and
-    stop after the current step; the handlers then go back to the defaults, so a second one ends
-    the process at once."""
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), signal.SIGINT) if s is not None)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        for sig in self.SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @register_trainer("segmentation")
@@ -228,7 +155,7 @@ class Trainer:
         self._epoch_sums: dict[str, float] = {}  # from a mid-epoch checkpoint
         self._running_sums: dict[str, torch.Tensor] = {}
         self._last_save = time.monotonic()
-        self._stop = _StopRequests()
+        self._stop = StopRequests()
         self.run_log: RunLog | None = None
 
     # ----------------------------------------------------------------------------- builders
@@ -433,7 +360,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in train_logs.items()}}
         value = self._validate_and_share()
         if value is not None:
-            flat = _flatten_metrics(self.last_metrics or {})
+            flat = flatten_metrics(self.last_metrics or {})
             logs.update({f"val_{k}": v for k, v in flat.items() if self.cfg.val_hd95 or "hd95" not in k})
             improved = value > self.best_metric
             if improved:
@@ -559,7 +486,7 @@ class Trainer:
         metrics = self.validate()
         value = math.nan
         if metrics is not None:
-            self.last_metrics = _plain(metrics)
+            self.last_metrics = plain_metrics(metrics)
             value = monitor_value(metrics, self.cfg.monitor)
         # Every rank takes the same early-stopping and plateau decisions as rank 0.
         (value,) = self.dist.broadcast_floats([value], self.device)
