@@ -16,9 +16,10 @@ Methods plug in by subclassing :class:`Trainer` and overriding hooks, never by c
 
 Register a subclass with ``@register_trainer("name")``, add its module to
 :data:`lesionkit.engine.registry.TRAINER_MODULES` and select it with ``trainer: name``.
-Where the rest lives: config loading in :mod:`~lesionkit.engine.config`, seeding and devices in
-:mod:`~lesionkit.engine.runtime`, the log files in :mod:`~lesionkit.engine.run_log`, checkpoint
-files in :mod:`~lesionkit.engine.checkpoint`; data splits and augmentation in :mod:`lesionkit.data`.
+Where the rest lives: config loading in :mod:`~lesionkit.engine.config`, seeding, devices and
+stop signals in :mod:`~lesionkit.engine.runtime`, the log files in :mod:`~lesionkit.engine.run_log`,
+checkpoint files in :mod:`~lesionkit.engine.checkpoint`, validation in
+:mod:`~lesionkit.engine.evaluation`; data splits, augmentation and checks in :mod:`lesionkit.data`.
 """
 
 from __future__ import annotations
