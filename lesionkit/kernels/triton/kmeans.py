@@ -66,6 +66,9 @@ def _lloyd_step_kernel(x_ptr, c_ptr, sums_ptr, tol_ptr, labels_ptr, active_ptr, 
                 inside = (ks[:, None] < K) & (ds[None, :] < D)
                 offs = s_base + ks[:, None] * D + ds[None, :]
                 tl.store(offs, tl.load(offs, mask=inside, other=0) + part, mask=inside)
+                # The next read of these sums may come from another thread of the program
+                # (layouts differ between loops): order the global writes before it.
+                tl.debug_barrier()
         filled = counts > 0
         inv = 1.0 / tl.maximum(counts, 1).to(ACC)
         shift = tl.zeros((BLOCK_K,), ACC)
