@@ -106,6 +106,8 @@ lloyd_step_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ centroids,
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       acc_t sum[kClustersPerPass] = {};
       int members[kClustersPerPass] = {};
+      // Unrolled so that several points' loads are in flight per thread.
+#pragma unroll 8
       for (int64_t n = 0; n < N; ++n) {
         const int64_t rel = labels[n] - j0;
         const acc_t v = static_cast<acc_t>(xb[n * D + d]);
