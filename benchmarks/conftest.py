@@ -41,3 +41,5 @@ def machine() -> str:
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["machine_info"]["lesionkit_machine"] = machine_name()
     output_json["machine_info"]["torch"] = torch.__version__
+    if hasattr(os, "getloadavg"):  # results on a shared machine mean little without it
+        output_json["machine_info"]["load_average_1_5_15_min_at_end"] = list(os.getloadavg())

@@ -99,4 +99,13 @@ TORCH_LIBRARY(lesionkit, m) {
   // and its adjoint cross_merge (B, 4, C, H*W) -> (B, C, H, W); each is the other's backward.
   m.def("cross_scan(Tensor x) -> Tensor");
   m.def("cross_merge(Tensor y, int H, int W) -> Tensor");
+
+  // Batched k-means (AMLP Sec. 3.1): B independent problems x (B, N, D), Lloyd iterations from
+  // the given centroids init (B, k, D), each problem stopping once the summed squared shift of
+  // its centroids is <= its tol (B,) or after `iters` updates; an empty cluster keeps its
+  // centroid. init and tol are in x's accumulation dtype (double for double, else float); the
+  // seeded initialisation and the relative tolerance are computed once in Python for every
+  // backend. Returns labels (B, N) int64, centroids (B, k, D) and squared distances (B, N, k)
+  // in the accumulation dtype, and the updates run n_iter (B,) int64.
+  m.def("kmeans(Tensor x, Tensor init, Tensor tol, int iters) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -12,10 +12,12 @@ from lesionkit.kernels.backend import (
     use_backend,
 )
 from lesionkit.kernels.info import format_info, info
+from lesionkit.kernels.kmeans import KMeansResult, kmeans
 from lesionkit.kernels.patchwise_softmax_loss import patchwise_softmax_loss
 from lesionkit.kernels.reference import (
     cross_merge_reference,
     cross_scan_reference,
+    kmeans_reference,
     patchwise_softmax_loss_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
@@ -30,12 +32,15 @@ from lesionkit.kernels.selective_scan import (
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "KMeansResult",
     "cross_merge",
     "cross_merge_reference",
     "cross_scan",
     "cross_scan_reference",
     "format_info",
     "info",
+    "kmeans",
+    "kmeans_reference",
     "patchwise_softmax_loss",
     "patchwise_softmax_loss_reference",
     "requested_backend",
