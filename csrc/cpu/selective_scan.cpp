@@ -134,11 +134,12 @@ struct Row {
 
 template <typename acc_t>
 struct Workspace {
-  // Per step of the current chunk: dt, dt * u, u, y and d dt / d delta (softplus' sigmoid).
-  std::vector<acc_t> dt, dtu, u, y, dsoft, states;
+  // Per step of the current chunk: dt, dt * u, u, y and d dt / d delta (softplus' sigmoid);
+  // the backward also keeps the chunk's states and decays exp(dt A) (chunk, n).
+  std::vector<acc_t> dt, dtu, u, y, dsoft, states, decay;
   Workspace(int64_t n, bool backward)
       : dt(kScanChunk), dtu(kScanChunk), u(kScanChunk), y(kScanChunk), dsoft(kScanChunk),
-        states(backward ? (kScanChunk + 2) * n : n) {}
+        states(backward ? (kScanChunk + 2) * n : n), decay(backward ? kScanChunk * n : 0) {}
 };
 
 // dt_t = softplus(delta_t + bias), dt_t u_t and u_t of steps [t0, t0 + len) into the workspace:
@@ -257,13 +258,99 @@ struct RowGrads {
   acc_t dD = 0, dbias = 0;
 };
 
+#if defined(__AVX512F__)
+// Both horizontal sums of v and w in one reduction tree (4 shuffles and 4 adds instead of 8 + 8):
+// the 128-bit blocks of v and w are paired first, so every later step works on both at once.
+LK_INLINE void reduce_add_pair(__m512 v, __m512 w, float& sum_v, float& sum_w) {
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(v, w, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(v, w, _MM_SHUFFLE(3, 2, 3, 2)));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  sum_v = _mm512_cvtss_f32(s);
+  sum_w = _mm_cvtss_f32(_mm512_extractf32x4_ps(s, 2));
+}
+
+// scan_row_backward for n = 16 float32, the state and its adjoint in one AVX-512 register each.
+// The recompute keeps exp(dt A) of every step next to the states, so the adjoint pass computes
+// no exp; y is recomputed only when grad_y needs it (z's gate); dA stays in a register for the
+// whole row; the two per-step reductions over n share one reduction tree.
+template <typename scalar_t, typename Map, typename GradY, typename Emit>
+void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map map,
+                         bool softplus_dt, bool needs_y, float* g_io, RowGrads<float>& grads,
+                         Workspace<float>& ws, GradY grad_y, Emit emit) {
+  const __m512 A = _mm512_loadu_ps(row.A);
+  __m512 g = _mm512_loadu_ps(g_io);
+  __m512 dA = _mm512_loadu_ps(grads.dA);
+  float* __restrict__ hist = ws.states.data();
+  float* __restrict__ decay = ws.decay.data();
+  for (int64_t c = scan_chunks(length) - 1; c >= 0; --c) {
+    const int64_t t0 = c * kScanChunk;
+    const int64_t len = std::min(kScanChunk, length - t0);
+    load_steps(row, map, softplus_dt, t0, len, ws, /*with_dsoft=*/softplus_dt);
+    const float* Bc = row.B + t0 * 16;
+    const float* Cc = row.C + t0 * 16;
+    // Recompute: hist[i] is h before step i, decay[i] = exp(dt_i A).
+    __m512 h = _mm512_loadu_ps(row.checkpoints + c * 16);
+    _mm512_storeu_ps(hist, h);
+    for (int64_t i = 0; i < len; ++i) {
+      const __m512 a = fast_exp16(_mm512_mul_ps(_mm512_set1_ps(ws.dt[i]), A));
+      _mm512_storeu_ps(decay + i * 16, a);
+      h = _mm512_fmadd_ps(a, h, _mm512_mul_ps(_mm512_set1_ps(ws.dtu[i]), _mm512_loadu_ps(Bc + i * 16)));
+      _mm512_storeu_ps(hist + (i + 1) * 16, h);
+      if (needs_y) {
+        ws.y[i] = _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(Cc + i * 16), h)) +
+                  row.D * ws.u[i];
+      }
+    }
+    float* dBc = grads.dB + t0 * 16;
+    float* dCc = grads.dC + t0 * 16;
+    for (int64_t i = len - 1; i >= 0; --i) {
+      const int64_t t = t0 + i, p = map(t);
+      const float u = ws.u[i], dt = ws.dt[i];
+      const float dy = grad_y(t, p, ws.y[i]);
+      grads.dD += dy * u;
+      const __m512 dyv = _mm512_set1_ps(dy);
+      const __m512 Bt = _mm512_loadu_ps(Bc + i * 16);
+      const __m512 gj = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(Cc + i * 16), g);  // dL/dh_t
+      _mm512_storeu_ps(dCc + i * 16,
+                       _mm512_fmadd_ps(dyv, _mm512_loadu_ps(hist + (i + 1) * 16),
+                                       _mm512_loadu_ps(dCc + i * 16)));
+      _mm512_storeu_ps(dBc + i * 16, _mm512_fmadd_ps(gj, _mm512_set1_ps(ws.dtu[i]),
+                                                     _mm512_loadu_ps(dBc + i * 16)));
+      const __m512 a = _mm512_loadu_ps(decay + i * 16);
+      const __m512 gha = _mm512_mul_ps(_mm512_mul_ps(gj, a), _mm512_loadu_ps(hist + i * 16));
+      dA = _mm512_fmadd_ps(gha, _mm512_set1_ps(dt), dA);
+      g = _mm512_mul_ps(gj, a);  // dL/dh_{t-1} from this step
+      float sum_ghaA, sum_gB;
+      reduce_add_pair(_mm512_mul_ps(gha, A), _mm512_mul_ps(gj, Bt), sum_ghaA, sum_gB);
+      const float ddt = sum_ghaA + sum_gB * u;
+      const float du = dy * row.D + sum_gB * dt;
+      const float ddelta = softplus_dt ? ddt * ws.dsoft[i] : ddt;
+      grads.dbias += ddelta;
+      emit(t, p, du, ddelta);
+    }
+  }
+  _mm512_storeu_ps(g_io, g);
+  _mm512_storeu_ps(grads.dA, dA);
+}
+#endif
+
 // Backward of one row. `grad_y(t, p, y)` returns dL/dy_t given y_t (applying z's gate and
-// writing dz where there is one); `emit(t, p, du, ddelta)` receives the input gradients.
-// `g` (n,) holds dL/dh at the end on entry (the gradient of the last state, or zeros).
+// writing dz where there is one; `needs_y` says whether it reads y); `emit(t, p, du, ddelta)`
+// receives the input gradients. `g` (n,) holds dL/dh at the end on entry (the gradient of the
+// last state, or zeros).
 template <int kN, typename scalar_t, typename acc_t, typename Map, typename GradY, typename Emit>
 void scan_row_backward(const Row<scalar_t, acc_t>& row, int64_t length, int64_t n_runtime,
-                       Map map, bool softplus_dt, acc_t* __restrict__ g, RowGrads<acc_t>& grads,
-                       Workspace<acc_t>& ws, GradY grad_y, Emit emit) {
+                       Map map, bool softplus_dt, bool needs_y, acc_t* __restrict__ g,
+                       RowGrads<acc_t>& grads, Workspace<acc_t>& ws, GradY grad_y, Emit emit) {
+#if defined(__AVX512F__)
+  if constexpr (kN == 16 && std::is_same_v<acc_t, float>) {
+    scan_row_backward16(row, length, map, softplus_dt, needs_y, g, grads, ws, grad_y, emit);
+    return;
+  }
+#endif
+  (void)needs_y;
   const int64_t n = kN > 0 ? kN : n_runtime;
   const acc_t* __restrict__ A = row.A;
   acc_t* __restrict__ dA = grads.dA;
@@ -524,7 +611,8 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
               scalar_t* ddelta_row = ddelta_p + idx * L;
               dispatch_state(n, [&](auto width) {
                 scan_row_backward<decltype(width)::value>(
-                    row, L, n, IdentityMap{}, delta_softplus, g.data(), grads, ws,
+                    row, L, n, IdentityMap{}, delta_softplus, z_row != nullptr, g.data(), grads,
+                    ws,
                     [&](int64_t t, int64_t, acc_t y) {
                       const acc_t go = static_cast<acc_t>(go_row[t]);
                       if (!z_row) return go;
@@ -732,7 +820,8 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
               scalar_t* ddt_row = ddt_p + row_idx * L;
               dispatch_state(n, [&](auto width) {
                 scan_row_backward<decltype(width)::value>(
-                    row, L, n, DirectionMap{index.data() + k * L}, dt_softplus, g.data(), grads, ws,
+                    row, L, n, DirectionMap{index.data() + k * L}, dt_softplus,
+                    /*needs_y=*/false, g.data(), grads, ws,
                     [&](int64_t, int64_t p, acc_t) { return static_cast<acc_t>(go_row[p]); },
                     [&](int64_t, int64_t p, acc_t du_t, acc_t ddt_t) {
                       dx_row[p] += du_t;
