@@ -28,6 +28,22 @@ inline at::ScalarType scan_acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The output dtype: the input's, or (out_dtype = float32 for 16-bit inputs) the accumulation
+// dtype, so that a bfloat16 / float16 scan can hand float32 results to the next layer unrounded.
+inline at::ScalarType scan_out_type(at::ScalarType in, std::optional<at::ScalarType> out_dtype) {
+  if (!out_dtype.has_value()) return in;
+  TORCH_CHECK(*out_dtype == in || *out_dtype == scan_acc_type(in), "out_dtype should be None, ",
+              in, " (the input dtype) or ", scan_acc_type(in), ", got ", *out_dtype);
+  return *out_dtype;
+}
+
+// grad_out of a backward: the output's dtype, so the input's or the accumulation dtype.
+inline void check_grad_out_type(const at::Tensor& grad_out, at::ScalarType in) {
+  TORCH_CHECK(grad_out.scalar_type() == in || grad_out.scalar_type() == scan_acc_type(in),
+              "grad_out should be ", in, " or ", scan_acc_type(in), " (the output dtype), got ",
+              grad_out.scalar_type());
+}
+
 inline ScanShape check_selective_scan_inputs(const at::Tensor& u, const at::Tensor& delta,
                                              const at::Tensor& A, const at::Tensor& B,
                                              const at::Tensor& C,

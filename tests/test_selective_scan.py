@@ -427,3 +427,87 @@ def test_2d_bad_inputs_name_the_argument(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         K.selective_scan_2d(**kw)
+
+
+# --- out_dtype: float32 output from 16-bit inputs ---------------------------------------------
+
+
+def _out_and_grads(fn, kw, weight_seed=31):
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    leaves = {k: kw[k].detach().clone().requires_grad_() for k in names}
+    out = fn(**{**kw, **leaves})
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(weight_seed))
+    grads = torch.autograd.grad((out.float() * weight.to(out.device)).sum(), list(leaves.values()))
+    return out.detach(), dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("backend,device", SCAN_BACKENDS + [REFERENCE])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_out_dtype_float32_is_the_output_before_rounding(backend, device, dtype):
+    kw = make_scan_inputs((2, 4, 600, 16, 2, "z,bias,softplus,D"), dtype, device, seed=30)
+    with K.use_backend(backend):
+        got, got_grads = _out_and_grads(
+            lambda **a: K.selective_scan(**a, out_dtype=torch.float32), kw)
+        rounded = K.selective_scan(**kw)
+    assert got.dtype == torch.float32 and rounded.dtype == dtype
+    # The 16-bit output is the float32 one rounded once, and float32 is closer to float64.
+    assert torch.equal(got.to(dtype), rounded)
+    exact = selective_scan_sequential_reference(
+        **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    assert (got.double() - exact).abs().max() < (rounded.double() - exact).abs().max()
+    _, want_grads = _out_and_grads(
+        lambda **a: K.selective_scan_reference(**a, out_dtype=torch.float32), kw)
+    for name, g in got_grads.items():
+        scale = want_grads[name].float().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g.float() / scale, want_grads[name].float() / scale,
+                                   rtol=3e-2, atol=3e-2, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", SCAN_2D_BACKENDS + [REFERENCE])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_2d_out_dtype_float32_is_the_output_before_rounding(backend, device, dtype):
+    kw = make_2d_inputs((2, 3, 23, 25, 16), dtype, device, seed=32)
+    with K.use_backend(backend):
+        got, got_grads = _out_and_grads(
+            lambda **a: K.selective_scan_2d(**a, out_dtype=torch.float32), kw)
+        rounded = K.selective_scan_2d(**kw)
+    assert got.dtype == torch.float32 and rounded.dtype == dtype
+    assert torch.equal(got.to(dtype), rounded)
+    _, want_grads = _out_and_grads(
+        lambda **a: K.selective_scan_2d_reference(**a, out_dtype=torch.float32), kw)
+    for name, g in got_grads.items():
+        scale = want_grads[name].float().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g.float() / scale, want_grads[name].float() / scale,
+                                   rtol=3e-2, atol=3e-2, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_out_dtype_rejects_other_dtypes():
+    kw = make_scan_inputs((1, 2, 8, 4, 1, ""), torch.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype should be None, torch.bfloat16"):
+        K.selective_scan(**kw, out_dtype=torch.float16)
+    kw32 = make_scan_inputs((1, 2, 8, 4, 1, ""))
+    with pytest.raises(ValueError, match="out_dtype should be None, torch.float32"):
+        K.selective_scan(**kw32, out_dtype=torch.float64)
+
+
+@needs_ops
+def test_opcheck_out_dtype():
+    kw = make_scan_inputs((2, 4, 40, 16, 2, "z,bias,softplus,D"), torch.bfloat16, seed=33)
+    args = tuple(kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                 "delta_softplus")) + (torch.float32,)
+    for t in args[:5]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan.default, args)
+    out, state, ckpt = torch.ops.lesionkit.selective_scan(*args)
+    assert out.dtype == torch.float32
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args[:-1])
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan_backward.default,
+                          (torch.randn_like(out), None, *detached, ckpt))
+    with pytest.raises(RuntimeError, match="out_dtype should be None"):
+        torch.ops.lesionkit.selective_scan(*args[:-1], torch.float16)
+    kw2 = make_2d_inputs((1, 2, 5, 6, 16), torch.float16, seed=34)
+    args2 = tuple(kw2.values()) + (True, torch.float32)
+    for t in args2[:7]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lesionkit.selective_scan_2d.default, args2)
+

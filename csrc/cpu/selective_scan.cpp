@@ -400,18 +400,18 @@ void scan_row_backward(const Row<scalar_t, acc_t>& row, int64_t length, int64_t 
 }
 
 // out = y * silu(z) (or y without z), cast to the output dtype.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename out_t, typename acc_t>
 void write_gated(const acc_t* __restrict__ y, const scalar_t* __restrict__ z,
-                 scalar_t* __restrict__ out, int64_t len) {
+                 out_t* __restrict__ out, int64_t len) {
   if (z != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const acc_t zz = static_cast<acc_t>(z[i]);
-      out[i] = static_cast<scalar_t>(y[i] * zz * sigmoid(zz));
+      out[i] = static_cast<out_t>(y[i] * zz * sigmoid(zz));
     }
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(y[i]);
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<out_t>(y[i]);
   }
 }
 
@@ -447,12 +447,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
     const std::optional<at::Tensor>& z_in, const std::optional<at::Tensor>& bias_in,
-    bool delta_softplus) {
+    bool delta_softplus, std::optional<at::ScalarType> out_dtype) {
   const ScanShape s = check_selective_scan_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in,
                                                   bias_in);
   const auto acc = scan_acc_type(u_in.scalar_type());
   const auto acc_opts = u_in.options().dtype(acc);
-  auto out = at::empty(u_in.sizes(), u_in.options());
+  const auto out_type = scan_out_type(u_in.scalar_type(), out_dtype);
+  auto out = at::empty(u_in.sizes(), u_in.options().dtype(out_type));
   auto last_state = at::zeros({s.batch, s.dim, s.state}, acc_opts);
   auto checkpoints = at::empty({s.batch, s.dim, scan_chunks(s.length), s.state}, acc_opts);
   if (s.batch == 0 || s.dim == 0 || s.length == 0) return {out, last_state, checkpoints};
@@ -478,7 +479,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const acc_t* bias_p = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     const acc_t* B_p = Bt.const_data_ptr<acc_t>();
     const acc_t* C_p = Ct.const_data_ptr<acc_t>();
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    // float32 output from 16-bit inputs goes through out_f.
+    const bool float_out = out_type != u.scalar_type();
+    scalar_t* out_p = float_out ? nullptr : out.mutable_data_ptr<scalar_t>();
+    acc_t* out_f = float_out ? out.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* last_p = last_state.mutable_data_ptr<acc_t>();
     acc_t* ckpt_p = checkpoints.mutable_data_ptr<acc_t>();
     const int64_t chunks = scan_chunks(L);
@@ -491,13 +495,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
                                        B_p + (b * s.groups + grp) * L * n,
                                        C_p + (b * s.groups + grp) * L * n,
                                        ckpt_p + idx * chunks * n};
-        scalar_t* out_row = out_p + idx * L;
         const scalar_t* z_row = z_p ? z_p + idx * L : nullptr;
         dispatch_state(n, [&](auto width) {
           scan_row_forward<decltype(width)::value>(
               row, L, n, IdentityMap{}, delta_softplus, last_p + idx * n, ws,
               [&](int64_t t0, int64_t len, const acc_t* y) {
-                write_gated(y, z_row ? z_row + t0 : nullptr, out_row + t0, len);
+                const scalar_t* z_chunk = z_row ? z_row + t0 : nullptr;
+                if (out_f) {
+                  write_gated(y, z_chunk, out_f + idx * L + t0, len);
+                } else {
+                  write_gated(y, z_chunk, out_p + idx * L + t0, len);
+                }
               });
         });
       }
@@ -527,6 +535,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
   const auto acc_opts = u_in.options().dtype(acc);
   TORCH_CHECK(grad_out_in.sizes() == u_in.sizes(), "grad_out should have u's shape ", u_in.sizes(),
               ", got ", grad_out_in.sizes());
+  check_grad_out_type(grad_out_in, u_in.scalar_type());
   check_checkpoints(checkpoints_in, {s.batch, s.dim}, s.length, s.state, acc);
   if (grad_last_in.has_value()) {
     TORCH_CHECK(grad_last_in->sizes() == at::IntArrayRef({s.batch, s.dim, s.state}),
@@ -548,7 +557,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
   if (s.batch > 0 && s.dim > 0 && L > 0) {
     const auto u = u_in.contiguous();
     const auto delta = delta_in.contiguous();
-    const auto grad_out = grad_out_in.contiguous();
+    const auto grad_out = grad_out_in.to(acc).contiguous();  // read in float32
     const auto A = A_in.contiguous();
     const auto Bt = step_major(B_in, s.groups, acc);
     const auto Ct = step_major(C_in, s.groups, acc);
@@ -563,7 +572,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* u_p = u.const_data_ptr<scalar_t>();
       const scalar_t* delta_p = delta.const_data_ptr<scalar_t>();
-      const scalar_t* go_p = grad_out.const_data_ptr<scalar_t>();
+      const acc_t* go_p = grad_out.const_data_ptr<acc_t>();
       const scalar_t* z_p = z.defined() ? z.const_data_ptr<scalar_t>() : nullptr;
       const acc_t* A_p = A.const_data_ptr<acc_t>();
       const acc_t* D_p = D.defined() ? D.const_data_ptr<acc_t>() : nullptr;
@@ -604,7 +613,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
               } else {
                 std::fill(g.begin(), g.end(), acc_t(0));
               }
-              const scalar_t* go_row = go_p + idx * L;
+              const acc_t* go_row = go_p + idx * L;
               const scalar_t* z_row = z_p ? z_p + idx * L : nullptr;
               scalar_t* dz_row = dz_p ? dz_p + idx * L : nullptr;
               scalar_t* du_row = du_p + idx * L;
@@ -614,7 +623,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
                     row, L, n, IdentityMap{}, delta_softplus, z_row != nullptr, g.data(), grads,
                     ws,
                     [&](int64_t t, int64_t, acc_t y) {
-                      const acc_t go = static_cast<acc_t>(go_row[t]);
+                      const acc_t go = go_row[t];
                       if (!z_row) return go;
                       const acc_t zz = static_cast<acc_t>(z_row[t]);
                       const acc_t sg = sigmoid(zz);
@@ -673,11 +682,13 @@ at::Tensor steps_to_directions(const at::Tensor& steps, int64_t height, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cpu(
     const at::Tensor& x_in, const at::Tensor& dt_in, const at::Tensor& A_in, const at::Tensor& B_in,
-    const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus) {
+    const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus,
+    std::optional<at::ScalarType> out_dtype) {
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
   const auto acc = scan_acc_type(x_in.scalar_type());
   const int64_t L = s.length(), n = s.state, chunks = scan_chunks(L);
-  auto out = at::empty(x_in.sizes(), x_in.options());
+  const auto out_type = scan_out_type(x_in.scalar_type(), out_dtype);
+  auto out = at::empty(x_in.sizes(), x_in.options().dtype(out_type));
   auto checkpoints = at::empty({s.batch, kDirections, s.dim, chunks, n}, x_in.options().dtype(acc));
   if (s.batch == 0 || s.dim == 0 || L == 0) return {out, checkpoints};
 
@@ -690,7 +701,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cpu(
   const auto Ct = directions_to_steps(C_in, acc);
   const auto index = direction_indices(s.height, s.width);
   // The four directions' sum, in the accumulation dtype (the output itself when that matches).
-  auto sum = x_in.scalar_type() == acc ? out : at::empty(x_in.sizes(), x_in.options().dtype(acc));
+  auto sum = out_type == acc ? out : at::empty(x_in.sizes(), x_in.options().dtype(acc));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "selective_scan_2d_cpu", [&] {
@@ -748,6 +759,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   const auto acc_opts = x_in.options().dtype(acc);
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "grad_out should have x's shape ", x_in.sizes(),
               ", got ", grad_out_in.sizes());
+  check_grad_out_type(grad_out_in, x_in.scalar_type());
   check_checkpoints(checkpoints_in, {s.batch, kDirections, s.dim}, s.length(), s.state, acc);
   const int64_t L = s.length(), n = s.state, chunks = scan_chunks(L);
   const int64_t splits = backward_splits(s.batch, s.dim);
@@ -765,7 +777,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   if (s.batch > 0 && s.dim > 0 && L > 0) {
     const auto x = x_in.contiguous();
     const auto dt = dt_in.contiguous();
-    const auto grad_out = grad_out_in.contiguous();
+    const auto grad_out = grad_out_in.to(acc).contiguous();  // read in float32
     const auto A = A_in.contiguous();
     const auto D = D_in.contiguous();
     const auto bias = bias_in.contiguous();
@@ -779,7 +791,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* x_p = x.const_data_ptr<scalar_t>();
       const scalar_t* dt_p = dt.const_data_ptr<scalar_t>();
-      const scalar_t* go_p = grad_out.const_data_ptr<scalar_t>();
+      const acc_t* go_p = grad_out.const_data_ptr<acc_t>();
       const acc_t* A_p = A.const_data_ptr<acc_t>();
       const acc_t* D_p = D.const_data_ptr<acc_t>();
       const acc_t* bias_p = bias.const_data_ptr<acc_t>();
@@ -809,7 +821,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
               const int64_t idx = b * s.dim + d;
               const int64_t kd = k * s.dim + d;
               const int64_t row_idx = bk * s.dim + d;
-              const scalar_t* go_row = go_p + idx * L;
+              const acc_t* go_row = go_p + idx * L;
               acc_t* dx_row = dx_sum_p + idx * L;
               const Row<scalar_t, acc_t> row{x_p + idx * L, dt_p + row_idx * L, A_p + kd * n,
                                              D_p[kd], bias_p[kd], B_p + bk * L * n,
@@ -822,7 +834,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
                 scan_row_backward<decltype(width)::value>(
                     row, L, n, DirectionMap{index.data() + k * L}, dt_softplus,
                     /*needs_y=*/false, g.data(), grads, ws,
-                    [&](int64_t, int64_t p, acc_t) { return static_cast<acc_t>(go_row[p]); },
+                    [&](int64_t, int64_t p, acc_t) { return go_row[p]; },
                     [&](int64_t, int64_t p, acc_t du_t, acc_t ddt_t) {
                       dx_row[p] += du_t;
                       ddt_row[p] = static_cast<scalar_t>(ddt_t);

@@ -14,6 +14,7 @@ from lesionkit.kernels import _library
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
 from lesionkit.kernels.cross_scan import DIRECTIONS, cross_merge, cross_scan  # noqa: F401
 from lesionkit.kernels.reference.selective_scan import (
+    check_out_dtype,
     check_selective_scan_2d_inputs,
     check_selective_scan_inputs,
     selective_scan_2d_reference,
@@ -39,7 +40,7 @@ def _chunks(length):
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _out_dtype = inputs
     _, _, checkpoints = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
     ctx.delta_softplus = delta_softplus
@@ -53,11 +54,11 @@ def _scan_backward(ctx, grad_out, grad_last, _grad_checkpoints):
     du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.lesionkit.selective_scan_backward(
         grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            dbias if delta_bias is not None else None, None)
+            dbias if delta_bias is not None else None, None, None)
 
 
 def _scan_2d_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, dt_bias, dt_softplus = inputs
+    x, dt, A, B, C, D, dt_bias, dt_softplus, _out_dtype = inputs
     _, checkpoints = output
     ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, checkpoints)
     ctx.dt_softplus = dt_softplus
@@ -68,17 +69,18 @@ def _scan_2d_backward(ctx, grad_out, _grad_checkpoints):
     x, dt, A, B, C, D, dt_bias, checkpoints = ctx.saved_tensors
     grads = torch.ops.lesionkit.selective_scan_2d_backward(
         grad_out, x, dt, A, B, C, D, dt_bias, ctx.dt_softplus, checkpoints)
-    return (*grads, None)
+    return (*grads, None, None)
 
 
 if _library.HAS_OPS:
 
     @torch.library.register_fake("lesionkit::selective_scan")
-    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype=None):
         batch, dim, length = u.shape
         n = A.shape[1]
         acc = _acc_dtype(u.dtype)
-        return (torch.empty_like(u, memory_format=torch.contiguous_format),
+        out_dtype = check_out_dtype(out_dtype, u.dtype)
+        return (torch.empty_like(u, dtype=out_dtype, memory_format=torch.contiguous_format),
                 u.new_empty((batch, dim, n), dtype=acc),
                 u.new_empty((batch, dim, _chunks(length), n), dtype=acc))
 
@@ -94,10 +96,11 @@ if _library.HAS_OPS:
                 like(delta_bias) if delta_bias is not None else A.new_empty((0,)))
 
     @torch.library.register_fake("lesionkit::selective_scan_2d")
-    def _(x, dt, A, B, C, D, dt_bias, dt_softplus):
+    def _(x, dt, A, B, C, D, dt_bias, dt_softplus, out_dtype=None):
         batch, dim, height, width = x.shape
         n = A.shape[2]
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+        out_dtype = check_out_dtype(out_dtype, x.dtype)
+        return (torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format),
                 x.new_empty((batch, DIRECTIONS, dim, _chunks(height * width), n),
                             dtype=_acc_dtype(x.dtype)))
 
@@ -122,6 +125,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba's selective scan (S6), mamba_ssm ``selective_scan_fn`` semantics.
 
@@ -134,16 +138,20 @@ def selective_scan(
         B, C: (b, g, n, l) with d % g == 0, or (b, n, l) meaning g = 1; u's dtype.
         D, delta_bias: optional (d,) float32. z: optional (b, d, l) gate, u's dtype.
         return_last_state: also return the final state (b, d, n) in float32.
+        out_dtype: None (u's dtype) or torch.float32 for float16 / bfloat16 inputs: the output
+            unrounded, as the scan accumulates it (gradients flow back in float32 too).
     Returns:
-        y (b, d, l) in u's dtype, and the last state when asked.
+        y (b, d, l) in u's dtype (or out_dtype), and the last state when asked.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = check_out_dtype(out_dtype, u.dtype)
     backend = select_backend(SCAN.name, u.device)
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                        return_last_state)
+                                        return_last_state, out_dtype=out_dtype)
     out, last_state, _ = torch.ops.lesionkit.selective_scan(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+        None if out_dtype == u.dtype else out_dtype)
     return (out, last_state) if return_last_state else out
 
 
@@ -156,6 +164,7 @@ def selective_scan_2d(
     D: torch.Tensor,
     dt_bias: torch.Tensor,
     dt_softplus: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The SS2D core (VMamba / VM-UNet) fused: cross_merge(selective_scan(cross_scan(x))).
 
@@ -165,12 +174,16 @@ def selective_scan_2d(
     Args:
         x: (B, D, H, W). dt: (B, 4, D, H, W), direction k's delta at each pixel.
         A: (4, D, N) float32. B, C: (B, 4, N, H, W). D, dt_bias: (4, D) float32.
+        out_dtype: None (x's dtype) or torch.float32 for float16 / bfloat16 inputs.
     Returns:
-        (B, D, H, W) in x's dtype: the four directions' outputs mapped back and summed.
+        (B, D, H, W) in x's dtype (or out_dtype): the four directions' outputs mapped back and
+        summed.
     """
     check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias)
+    out_dtype = check_out_dtype(out_dtype, x.dtype)
     backend = select_backend(SCAN_2D.name, x.device)
     if backend == "reference":
-        return selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, bool(dt_softplus))
-    return torch.ops.lesionkit.selective_scan_2d(x, dt, A, B, C, D, dt_bias,
-                                                     bool(dt_softplus))[0]
+        return selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, bool(dt_softplus),
+                                           out_dtype=out_dtype)
+    return torch.ops.lesionkit.selective_scan_2d(x, dt, A, B, C, D, dt_bias, bool(dt_softplus),
+                                                 None if out_dtype == x.dtype else out_dtype)[0]

@@ -94,6 +94,16 @@ def check_selective_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=No
     return groups
 
 
+def check_out_dtype(out_dtype, dtype: torch.dtype) -> torch.dtype:
+    """The output dtype: the input's (None), or float32 for 16-bit inputs; ValueError otherwise."""
+    if out_dtype is None:
+        return dtype
+    if out_dtype not in (dtype, _acc_dtype(dtype)):
+        raise ValueError(f"out_dtype should be None, {dtype} (the input dtype) or "
+                         f"{_acc_dtype(dtype)}, got {out_dtype}")
+    return out_dtype
+
+
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     """float32 (float64) views: dt (b, d, l), B and C as (b, g, n, l)."""
     acc = _acc_dtype(u.dtype)
@@ -109,19 +119,21 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     return dt, A.to(acc), B, C
 
 
-def _finish(y, u, D, z):
+def _finish(y, u, D, z, out_dtype=None):
     acc = y.dtype
     if D is not None:
         y = y + D.to(acc)[:, None] * u.to(acc)
     if z is not None:
         y = y * F.silu(z.to(acc))
-    return y.to(u.dtype)
+    return y.to(out_dtype or u.dtype)
 
 
 def selective_scan_sequential_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                                        delta_softplus=False, return_last_state=False):
+                                        delta_softplus=False, return_last_state=False,
+                                        out_dtype=None):
     """The recurrence stepped through l one position at a time: the test oracle."""
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = check_out_dtype(out_dtype, u.dtype)
     dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
@@ -145,14 +157,16 @@ def selective_scan_sequential_reference(u, delta, A, B, C, D=None, z=None, delta
         y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
     else:
         y = u.new_zeros((batch, dim, 0), dtype=dt.dtype)
-    out = _finish(y, u, D, z)
+    out = _finish(y, u, D, z, out_dtype)
     return (out, h.reshape(batch, dim, n)) if return_last_state else out
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, return_last_state=False, chunk_size=None):
+                             delta_softplus=False, return_last_state=False, chunk_size=None,
+                             out_dtype=None):
     """Chunked parallel scan; same arguments as selective_scan (`chunk_size` T ~ sqrt(l))."""
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = check_out_dtype(out_dtype, u.dtype)
     dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
@@ -200,7 +214,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         S = S + dt_steps[t] * A_v
         ys.append(y_local[t] + (torch.exp(S) * H * C_steps[t]).sum(-1))
     y = torch.stack(ys, dim=-1).reshape(batch, dim, chunks * T)[..., :length]
-    out = _finish(y, u, D, z)
+    out = _finish(y, u, D, z, out_dtype)
     return (out, state.reshape(batch, dim, n)) if return_last_state else out
 
 
@@ -236,9 +250,11 @@ def check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias) -> None:
             raise ValueError(f"{name} should be on x's device {x.device}, got {t.device}")
 
 
-def selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, dt_softplus=True, sequential=False):
+def selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, dt_softplus=True, sequential=False,
+                                out_dtype=None):
     """SS2D core = cross_merge(selective_scan(cross_scan(x), ...)); `sequential` picks the oracle."""
     check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias)
+    out_dtype = check_out_dtype(out_dtype, x.dtype)
     batch, dim, height, width = x.shape
     k, n = DIRECTIONS, A.shape[2]
     xs = cross_scan_reference(x).reshape(batch, k * dim, height * width)
@@ -246,6 +262,8 @@ def selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, dt_softplus=True, se
     Bs = directions_to_sequences(B)
     Cs = directions_to_sequences(C)
     scan = selective_scan_sequential_reference if sequential else selective_scan_reference
+    # The four directions are summed in float32 (as the kernels do) and rounded once.
     ys = scan(xs, dts, A.reshape(k * dim, n), Bs, Cs, D.reshape(-1), None, dt_bias.reshape(-1),
-              dt_softplus)
-    return cross_merge_reference(ys.view(batch, k, dim, height * width), height, width)
+              dt_softplus, out_dtype=_acc_dtype(x.dtype))
+    return cross_merge_reference(ys.view(batch, k, dim, height * width), height,
+                                 width).to(out_dtype)
