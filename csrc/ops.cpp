@@ -71,14 +71,17 @@ TORCH_LIBRARY(lesionkit, m) {
       "bool detach_weights) -> Tensor");
 
   // Selective scan (Mamba S6, docs/ops.md): u, delta, z (b, d, l); A (d, n); B, C (b, g, n, l)
-  // or (b, n, l); D, delta_bias (d,). Returns the output (u's dtype), the last state (b, d, n)
-  // and the checkpoints (b, d, ceil(l / 512), n): the state entering every 512-step chunk, from
-  // which the backward recomputes the states instead of storing (b, d, l, n).
+  // or (b, n, l); D, delta_bias (d,). Returns the output (u's dtype, or out_dtype = float32 for
+  // 16-bit inputs), the last state (b, d, n) and the checkpoints (b, d, ceil(l / 512), n): the
+  // state entering every 512-step chunk, from which the backward recomputes the states instead
+  // of storing (b, d, l, n).
   m.def(
       "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
-      "Tensor? z, Tensor? delta_bias, bool delta_softplus) -> (Tensor, Tensor, Tensor)");
+      "Tensor? z, Tensor? delta_bias, bool delta_softplus, ScalarType? out_dtype=None) -> "
+      "(Tensor, Tensor, Tensor)");
   // Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); dD, dz and ddelta_bias are empty
-  // when D, z and delta_bias are None. grad_last_state is the gradient of the last state.
+  // when D, z and delta_bias are None. grad_last_state is the gradient of the last state;
+  // grad_out has the output's dtype (u's, or float32).
   m.def(
       "selective_scan_backward(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, "
       "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
@@ -86,10 +89,11 @@ TORCH_LIBRARY(lesionkit, m) {
       "Tensor, Tensor, Tensor)");
   // The SS2D core fused: x (B, D, H, W), dt (B, 4, D, H, W), A (4, D, N), B and C
   // (B, 4, N, H, W), D and dt_bias (4, D), every direction read through its cross-scan index map
-  // and the four outputs summed. Returns the output and checkpoints (B, 4, D, ceil(L / 512), N).
+  // and the four outputs summed. Returns the output (x's dtype, or out_dtype = float32 for 16-bit
+  // inputs) and checkpoints (B, 4, D, ceil(L / 512), N).
   m.def(
       "selective_scan_2d(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, "
-      "Tensor dt_bias, bool dt_softplus) -> (Tensor, Tensor)");
+      "Tensor dt_bias, bool dt_softplus, ScalarType? out_dtype=None) -> (Tensor, Tensor)");
   // Gradients (dx, ddt, dA, dB, dC, dD, ddt_bias).
   m.def(
       "selective_scan_2d_backward(Tensor grad_out, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "

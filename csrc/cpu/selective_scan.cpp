@@ -1,5 +1,5 @@
-// CPU kernels of lesionkit::selective_scan (Mamba S6), selective_scan_2d (the fused SS2D core),
-// cross_scan and cross_merge (docs/ops.md).
+// CPU kernels of lesionkit::selective_scan (Mamba S6) and selective_scan_2d (the fused SS2D
+// core) (docs/ops.md); cross_scan and cross_merge are in cross_scan.cpp.
 //
 // h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,  y_t = <C_t, h_t> + D u_t,  y *= silu(z).
 //
@@ -134,11 +134,12 @@ struct Row {
 
 template <typename acc_t>
 struct Workspace {
-  // Per step of the current chunk: dt, dt * u, u, y and d dt / d delta (softplus' sigmoid).
-  std::vector<acc_t> dt, dtu, u, y, dsoft, states;
+  // Per step of the current chunk: dt, dt * u, u, y and d dt / d delta (softplus' sigmoid);
+  // the backward also keeps the chunk's states and decays exp(dt A) (chunk, n).
+  std::vector<acc_t> dt, dtu, u, y, dsoft, states, decay;
   Workspace(int64_t n, bool backward)
       : dt(kScanChunk), dtu(kScanChunk), u(kScanChunk), y(kScanChunk), dsoft(kScanChunk),
-        states(backward ? (kScanChunk + 2) * n : n) {}
+        states(backward ? (kScanChunk + 2) * n : n), decay(backward ? kScanChunk * n : 0) {}
 };
 
 // dt_t = softplus(delta_t + bias), dt_t u_t and u_t of steps [t0, t0 + len) into the workspace:
@@ -257,13 +258,99 @@ struct RowGrads {
   acc_t dD = 0, dbias = 0;
 };
 
+#if defined(__AVX512F__)
+// Both horizontal sums of v and w in one reduction tree (4 shuffles and 4 adds instead of 8 + 8):
+// the 128-bit blocks of v and w are paired first, so every later step works on both at once.
+LK_INLINE void reduce_add_pair(__m512 v, __m512 w, float& sum_v, float& sum_w) {
+  __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(v, w, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(v, w, _MM_SHUFFLE(3, 2, 3, 2)));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  sum_v = _mm512_cvtss_f32(s);
+  sum_w = _mm_cvtss_f32(_mm512_extractf32x4_ps(s, 2));
+}
+
+// scan_row_backward for n = 16 float32, the state and its adjoint in one AVX-512 register each.
+// The recompute keeps exp(dt A) of every step next to the states, so the adjoint pass computes
+// no exp; y is recomputed only when grad_y needs it (z's gate); dA stays in a register for the
+// whole row; the two per-step reductions over n share one reduction tree.
+template <typename scalar_t, typename Map, typename GradY, typename Emit>
+void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map map,
+                         bool softplus_dt, bool needs_y, float* g_io, RowGrads<float>& grads,
+                         Workspace<float>& ws, GradY grad_y, Emit emit) {
+  const __m512 A = _mm512_loadu_ps(row.A);
+  __m512 g = _mm512_loadu_ps(g_io);
+  __m512 dA = _mm512_loadu_ps(grads.dA);
+  float* __restrict__ hist = ws.states.data();
+  float* __restrict__ decay = ws.decay.data();
+  for (int64_t c = scan_chunks(length) - 1; c >= 0; --c) {
+    const int64_t t0 = c * kScanChunk;
+    const int64_t len = std::min(kScanChunk, length - t0);
+    load_steps(row, map, softplus_dt, t0, len, ws, /*with_dsoft=*/softplus_dt);
+    const float* Bc = row.B + t0 * 16;
+    const float* Cc = row.C + t0 * 16;
+    // Recompute: hist[i] is h before step i, decay[i] = exp(dt_i A).
+    __m512 h = _mm512_loadu_ps(row.checkpoints + c * 16);
+    _mm512_storeu_ps(hist, h);
+    for (int64_t i = 0; i < len; ++i) {
+      const __m512 a = fast_exp16(_mm512_mul_ps(_mm512_set1_ps(ws.dt[i]), A));
+      _mm512_storeu_ps(decay + i * 16, a);
+      h = _mm512_fmadd_ps(a, h, _mm512_mul_ps(_mm512_set1_ps(ws.dtu[i]), _mm512_loadu_ps(Bc + i * 16)));
+      _mm512_storeu_ps(hist + (i + 1) * 16, h);
+      if (needs_y) {
+        ws.y[i] = _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(Cc + i * 16), h)) +
+                  row.D * ws.u[i];
+      }
+    }
+    float* dBc = grads.dB + t0 * 16;
+    float* dCc = grads.dC + t0 * 16;
+    for (int64_t i = len - 1; i >= 0; --i) {
+      const int64_t t = t0 + i, p = map(t);
+      const float u = ws.u[i], dt = ws.dt[i];
+      const float dy = grad_y(t, p, ws.y[i]);
+      grads.dD += dy * u;
+      const __m512 dyv = _mm512_set1_ps(dy);
+      const __m512 Bt = _mm512_loadu_ps(Bc + i * 16);
+      const __m512 gj = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(Cc + i * 16), g);  // dL/dh_t
+      _mm512_storeu_ps(dCc + i * 16,
+                       _mm512_fmadd_ps(dyv, _mm512_loadu_ps(hist + (i + 1) * 16),
+                                       _mm512_loadu_ps(dCc + i * 16)));
+      _mm512_storeu_ps(dBc + i * 16, _mm512_fmadd_ps(gj, _mm512_set1_ps(ws.dtu[i]),
+                                                     _mm512_loadu_ps(dBc + i * 16)));
+      const __m512 a = _mm512_loadu_ps(decay + i * 16);
+      const __m512 gha = _mm512_mul_ps(_mm512_mul_ps(gj, a), _mm512_loadu_ps(hist + i * 16));
+      dA = _mm512_fmadd_ps(gha, _mm512_set1_ps(dt), dA);
+      g = _mm512_mul_ps(gj, a);  // dL/dh_{t-1} from this step
+      float sum_ghaA, sum_gB;
+      reduce_add_pair(_mm512_mul_ps(gha, A), _mm512_mul_ps(gj, Bt), sum_ghaA, sum_gB);
+      const float ddt = sum_ghaA + sum_gB * u;
+      const float du = dy * row.D + sum_gB * dt;
+      const float ddelta = softplus_dt ? ddt * ws.dsoft[i] : ddt;
+      grads.dbias += ddelta;
+      emit(t, p, du, ddelta);
+    }
+  }
+  _mm512_storeu_ps(g_io, g);
+  _mm512_storeu_ps(grads.dA, dA);
+}
+#endif
+
 // Backward of one row. `grad_y(t, p, y)` returns dL/dy_t given y_t (applying z's gate and
-// writing dz where there is one); `emit(t, p, du, ddelta)` receives the input gradients.
-// `g` (n,) holds dL/dh at the end on entry (the gradient of the last state, or zeros).
+// writing dz where there is one; `needs_y` says whether it reads y); `emit(t, p, du, ddelta)`
+// receives the input gradients. `g` (n,) holds dL/dh at the end on entry (the gradient of the
+// last state, or zeros).
 template <int kN, typename scalar_t, typename acc_t, typename Map, typename GradY, typename Emit>
 void scan_row_backward(const Row<scalar_t, acc_t>& row, int64_t length, int64_t n_runtime,
-                       Map map, bool softplus_dt, acc_t* __restrict__ g, RowGrads<acc_t>& grads,
-                       Workspace<acc_t>& ws, GradY grad_y, Emit emit) {
+                       Map map, bool softplus_dt, bool needs_y, acc_t* __restrict__ g,
+                       RowGrads<acc_t>& grads, Workspace<acc_t>& ws, GradY grad_y, Emit emit) {
+#if defined(__AVX512F__)
+  if constexpr (kN == 16 && std::is_same_v<acc_t, float>) {
+    scan_row_backward16(row, length, map, softplus_dt, needs_y, g, grads, ws, grad_y, emit);
+    return;
+  }
+#endif
+  (void)needs_y;
   const int64_t n = kN > 0 ? kN : n_runtime;
   const acc_t* __restrict__ A = row.A;
   acc_t* __restrict__ dA = grads.dA;
@@ -313,18 +400,18 @@ void scan_row_backward(const Row<scalar_t, acc_t>& row, int64_t length, int64_t 
 }
 
 // out = y * silu(z) (or y without z), cast to the output dtype.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename out_t, typename acc_t>
 void write_gated(const acc_t* __restrict__ y, const scalar_t* __restrict__ z,
-                 scalar_t* __restrict__ out, int64_t len) {
+                 out_t* __restrict__ out, int64_t len) {
   if (z != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       const acc_t zz = static_cast<acc_t>(z[i]);
-      out[i] = static_cast<scalar_t>(y[i] * zz * sigmoid(zz));
+      out[i] = static_cast<out_t>(y[i] * zz * sigmoid(zz));
     }
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(y[i]);
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<out_t>(y[i]);
   }
 }
 
@@ -360,12 +447,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
     const std::optional<at::Tensor>& z_in, const std::optional<at::Tensor>& bias_in,
-    bool delta_softplus) {
+    bool delta_softplus, std::optional<at::ScalarType> out_dtype) {
   const ScanShape s = check_selective_scan_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in,
                                                   bias_in);
   const auto acc = scan_acc_type(u_in.scalar_type());
   const auto acc_opts = u_in.options().dtype(acc);
-  auto out = at::empty(u_in.sizes(), u_in.options());
+  const auto out_type = scan_out_type(u_in.scalar_type(), out_dtype);
+  auto out = at::empty(u_in.sizes(), u_in.options().dtype(out_type));
   auto last_state = at::zeros({s.batch, s.dim, s.state}, acc_opts);
   auto checkpoints = at::empty({s.batch, s.dim, scan_chunks(s.length), s.state}, acc_opts);
   if (s.batch == 0 || s.dim == 0 || s.length == 0) return {out, last_state, checkpoints};
@@ -391,7 +479,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
     const acc_t* bias_p = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     const acc_t* B_p = Bt.const_data_ptr<acc_t>();
     const acc_t* C_p = Ct.const_data_ptr<acc_t>();
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    // float32 output from 16-bit inputs goes through out_f.
+    const bool float_out = out_type != u.scalar_type();
+    scalar_t* out_p = float_out ? nullptr : out.mutable_data_ptr<scalar_t>();
+    acc_t* out_f = float_out ? out.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* last_p = last_state.mutable_data_ptr<acc_t>();
     acc_t* ckpt_p = checkpoints.mutable_data_ptr<acc_t>();
     const int64_t chunks = scan_chunks(L);
@@ -404,13 +495,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
                                        B_p + (b * s.groups + grp) * L * n,
                                        C_p + (b * s.groups + grp) * L * n,
                                        ckpt_p + idx * chunks * n};
-        scalar_t* out_row = out_p + idx * L;
         const scalar_t* z_row = z_p ? z_p + idx * L : nullptr;
         dispatch_state(n, [&](auto width) {
           scan_row_forward<decltype(width)::value>(
               row, L, n, IdentityMap{}, delta_softplus, last_p + idx * n, ws,
               [&](int64_t t0, int64_t len, const acc_t* y) {
-                write_gated(y, z_row ? z_row + t0 : nullptr, out_row + t0, len);
+                const scalar_t* z_chunk = z_row ? z_row + t0 : nullptr;
+                if (out_f) {
+                  write_gated(y, z_chunk, out_f + idx * L + t0, len);
+                } else {
+                  write_gated(y, z_chunk, out_p + idx * L + t0, len);
+                }
               });
         });
       }
@@ -440,6 +535,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
   const auto acc_opts = u_in.options().dtype(acc);
   TORCH_CHECK(grad_out_in.sizes() == u_in.sizes(), "grad_out should have u's shape ", u_in.sizes(),
               ", got ", grad_out_in.sizes());
+  check_grad_out_type(grad_out_in, u_in.scalar_type());
   check_checkpoints(checkpoints_in, {s.batch, s.dim}, s.length, s.state, acc);
   if (grad_last_in.has_value()) {
     TORCH_CHECK(grad_last_in->sizes() == at::IntArrayRef({s.batch, s.dim, s.state}),
@@ -461,7 +557,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
   if (s.batch > 0 && s.dim > 0 && L > 0) {
     const auto u = u_in.contiguous();
     const auto delta = delta_in.contiguous();
-    const auto grad_out = grad_out_in.contiguous();
+    const auto grad_out = grad_out_in.to(acc).contiguous();  // read in float32
     const auto A = A_in.contiguous();
     const auto Bt = step_major(B_in, s.groups, acc);
     const auto Ct = step_major(C_in, s.groups, acc);
@@ -476,7 +572,7 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* u_p = u.const_data_ptr<scalar_t>();
       const scalar_t* delta_p = delta.const_data_ptr<scalar_t>();
-      const scalar_t* go_p = grad_out.const_data_ptr<scalar_t>();
+      const acc_t* go_p = grad_out.const_data_ptr<acc_t>();
       const scalar_t* z_p = z.defined() ? z.const_data_ptr<scalar_t>() : nullptr;
       const acc_t* A_p = A.const_data_ptr<acc_t>();
       const acc_t* D_p = D.defined() ? D.const_data_ptr<acc_t>() : nullptr;
@@ -517,16 +613,17 @@ selective_scan_backward_cpu(const at::Tensor& grad_out_in, const std::optional<a
               } else {
                 std::fill(g.begin(), g.end(), acc_t(0));
               }
-              const scalar_t* go_row = go_p + idx * L;
+              const acc_t* go_row = go_p + idx * L;
               const scalar_t* z_row = z_p ? z_p + idx * L : nullptr;
               scalar_t* dz_row = dz_p ? dz_p + idx * L : nullptr;
               scalar_t* du_row = du_p + idx * L;
               scalar_t* ddelta_row = ddelta_p + idx * L;
               dispatch_state(n, [&](auto width) {
                 scan_row_backward<decltype(width)::value>(
-                    row, L, n, IdentityMap{}, delta_softplus, g.data(), grads, ws,
+                    row, L, n, IdentityMap{}, delta_softplus, z_row != nullptr, g.data(), grads,
+                    ws,
                     [&](int64_t t, int64_t, acc_t y) {
-                      const acc_t go = static_cast<acc_t>(go_row[t]);
+                      const acc_t go = go_row[t];
                       if (!z_row) return go;
                       const acc_t zz = static_cast<acc_t>(z_row[t]);
                       const acc_t sg = sigmoid(zz);
@@ -585,11 +682,13 @@ at::Tensor steps_to_directions(const at::Tensor& steps, int64_t height, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cpu(
     const at::Tensor& x_in, const at::Tensor& dt_in, const at::Tensor& A_in, const at::Tensor& B_in,
-    const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus) {
+    const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus,
+    std::optional<at::ScalarType> out_dtype) {
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
   const auto acc = scan_acc_type(x_in.scalar_type());
   const int64_t L = s.length(), n = s.state, chunks = scan_chunks(L);
-  auto out = at::empty(x_in.sizes(), x_in.options());
+  const auto out_type = scan_out_type(x_in.scalar_type(), out_dtype);
+  auto out = at::empty(x_in.sizes(), x_in.options().dtype(out_type));
   auto checkpoints = at::empty({s.batch, kDirections, s.dim, chunks, n}, x_in.options().dtype(acc));
   if (s.batch == 0 || s.dim == 0 || L == 0) return {out, checkpoints};
 
@@ -602,7 +701,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cpu(
   const auto Ct = directions_to_steps(C_in, acc);
   const auto index = direction_indices(s.height, s.width);
   // The four directions' sum, in the accumulation dtype (the output itself when that matches).
-  auto sum = x_in.scalar_type() == acc ? out : at::empty(x_in.sizes(), x_in.options().dtype(acc));
+  auto sum = out_type == acc ? out : at::empty(x_in.sizes(), x_in.options().dtype(acc));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "selective_scan_2d_cpu", [&] {
@@ -660,6 +759,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   const auto acc_opts = x_in.options().dtype(acc);
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "grad_out should have x's shape ", x_in.sizes(),
               ", got ", grad_out_in.sizes());
+  check_grad_out_type(grad_out_in, x_in.scalar_type());
   check_checkpoints(checkpoints_in, {s.batch, kDirections, s.dim}, s.length(), s.state, acc);
   const int64_t L = s.length(), n = s.state, chunks = scan_chunks(L);
   const int64_t splits = backward_splits(s.batch, s.dim);
@@ -677,7 +777,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   if (s.batch > 0 && s.dim > 0 && L > 0) {
     const auto x = x_in.contiguous();
     const auto dt = dt_in.contiguous();
-    const auto grad_out = grad_out_in.contiguous();
+    const auto grad_out = grad_out_in.to(acc).contiguous();  // read in float32
     const auto A = A_in.contiguous();
     const auto D = D_in.contiguous();
     const auto bias = bias_in.contiguous();
@@ -691,7 +791,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* x_p = x.const_data_ptr<scalar_t>();
       const scalar_t* dt_p = dt.const_data_ptr<scalar_t>();
-      const scalar_t* go_p = grad_out.const_data_ptr<scalar_t>();
+      const acc_t* go_p = grad_out.const_data_ptr<acc_t>();
       const acc_t* A_p = A.const_data_ptr<acc_t>();
       const acc_t* D_p = D.const_data_ptr<acc_t>();
       const acc_t* bias_p = bias.const_data_ptr<acc_t>();
@@ -721,7 +821,7 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
               const int64_t idx = b * s.dim + d;
               const int64_t kd = k * s.dim + d;
               const int64_t row_idx = bk * s.dim + d;
-              const scalar_t* go_row = go_p + idx * L;
+              const acc_t* go_row = go_p + idx * L;
               acc_t* dx_row = dx_sum_p + idx * L;
               const Row<scalar_t, acc_t> row{x_p + idx * L, dt_p + row_idx * L, A_p + kd * n,
                                              D_p[kd], bias_p[kd], B_p + bk * L * n,
@@ -732,8 +832,9 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
               scalar_t* ddt_row = ddt_p + row_idx * L;
               dispatch_state(n, [&](auto width) {
                 scan_row_backward<decltype(width)::value>(
-                    row, L, n, DirectionMap{index.data() + k * L}, dt_softplus, g.data(), grads, ws,
-                    [&](int64_t, int64_t p, acc_t) { return static_cast<acc_t>(go_row[p]); },
+                    row, L, n, DirectionMap{index.data() + k * L}, dt_softplus,
+                    /*needs_y=*/false, g.data(), grads, ws,
+                    [&](int64_t, int64_t p, acc_t) { return go_row[p]; },
                     [&](int64_t, int64_t p, acc_t du_t, acc_t ddt_t) {
                       dx_row[p] += du_t;
                       ddt_row[p] = static_cast<scalar_t>(ddt_t);
@@ -753,73 +854,6 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   return {dx, ddt, dA_part.sum(0), dB, dC, dD_part.sum(0), dbias_part.sum(0)};
 }
 
-// ---------------------------------------------------------------------------------------------
-// cross_scan / cross_merge: pure index maps, one task per (batch, channel) plane.
-
-at::Tensor cross_scan_cpu(const at::Tensor& x_in) {
-  check_cross_scan_input(x_in);
-  const int64_t batch = x_in.size(0), channels = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  const int64_t L = H * W;
-  auto out = at::empty({batch, kDirections, channels, L}, x_in.options());
-  if (out.numel() == 0) return out;
-  const auto x = x_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_scan_cpu", [&] {
-    const scalar_t* x_p = x.const_data_ptr<scalar_t>();
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * channels, std::max<int64_t>(1, 32768 / L), [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / channels, c = idx % channels;
-        const scalar_t* plane = x_p + idx * L;
-        scalar_t* o[kDirections];
-        for (int k = 0; k < kDirections; ++k) o[k] = out_p + ((b * kDirections + k) * channels + c) * L;
-        for (int64_t t = 0; t < L; ++t) {
-          o[0][t] = plane[t];
-          o[2][L - 1 - t] = plane[t];
-        }
-        for (int64_t w = 0, t = 0; w < W; ++w) {
-          for (int64_t h = 0; h < H; ++h, ++t) {
-            o[1][t] = plane[h * W + w];
-            o[3][L - 1 - t] = plane[h * W + w];
-          }
-        }
-      }
-    });
-  });
-  return out;
-}
-
-at::Tensor cross_merge_cpu(const at::Tensor& y_in, int64_t H, int64_t W) {
-  check_cross_merge_inputs(y_in, H, W);
-  const int64_t batch = y_in.size(0), channels = y_in.size(2), L = H * W;
-  auto out = at::empty({batch, channels, H, W}, y_in.options());
-  if (out.numel() == 0) return out;
-  const auto y = y_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "cross_merge_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* y_p = y.const_data_ptr<scalar_t>();
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * channels, std::max<int64_t>(1, 32768 / L), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(L);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / channels, c = idx % channels;
-        const scalar_t* in[kDirections];
-        for (int k = 0; k < kDirections; ++k) in[k] = y_p + ((b * kDirections + k) * channels + c) * L;
-        for (int64_t t = 0; t < L; ++t) {
-          sum[t] = static_cast<acc_t>(in[0][t]) + static_cast<acc_t>(in[2][L - 1 - t]);
-        }
-        for (int64_t w = 0, t = 0; w < W; ++w) {
-          for (int64_t h = 0; h < H; ++h, ++t) {
-            sum[h * W + w] += static_cast<acc_t>(in[1][t]) + static_cast<acc_t>(in[3][L - 1 - t]);
-          }
-        }
-        scalar_t* o = out_p + idx * L;
-        for (int64_t p = 0; p < L; ++p) o[p] = static_cast<scalar_t>(sum[p]);
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace lesionkit
 
@@ -828,6 +862,4 @@ TORCH_LIBRARY_IMPL(lesionkit, CPU, m) {
   m.impl("selective_scan_backward", &lesionkit::selective_scan_backward_cpu);
   m.impl("selective_scan_2d", &lesionkit::selective_scan_2d_cpu);
   m.impl("selective_scan_2d_backward", &lesionkit::selective_scan_2d_backward_cpu);
-  m.impl("cross_scan", &lesionkit::cross_scan_cpu);
-  m.impl("cross_merge", &lesionkit::cross_merge_cpu);
 }

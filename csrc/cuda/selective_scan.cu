@@ -1,5 +1,6 @@
-// CUDA kernels of lesionkit::selective_scan (Mamba S6), selective_scan_2d (the fused SS2D
-// core), cross_scan and cross_merge (docs/ops.md). Mirrors csrc/cpu/selective_scan.cpp.
+// CUDA kernels of lesionkit::selective_scan (Mamba S6) and selective_scan_2d (the fused SS2D
+// core) (docs/ops.md); cross_scan and cross_merge are in cross_scan.cu. Mirrors
+// csrc/cpu/selective_scan.cpp.
 //
 // One block of kThreads threads per (batch, channel). The sequence is walked in chunks of
 // kScanChunk = kThreads * kItems steps; thread i holds kItems consecutive steps. Each step is
@@ -122,11 +123,12 @@ struct ScanArgs {
   const acc_t *A, *D, *bias;
   // forward
   scalar_t* out;         // 1D output
+  acc_t* out_float;      // 1D output instead of `out` when it is float32 from 16-bit inputs
   acc_t* out_acc;        // 2D output row sums (B, D, L)
   acc_t* last_state;     // (b, d, n) or nullptr
   acc_t* checkpoints;
   // backward
-  const scalar_t* grad_out;
+  const acc_t* grad_out;  // in the accumulation dtype, whatever the output's
   const acc_t* grad_last;
   scalar_t *du, *ddelta, *dz;
   acc_t* du_acc;  // 2D: dx row sums
@@ -137,8 +139,8 @@ struct ScanArgs {
 // One scan row: where its inputs are and how step t maps to a position.
 template <typename scalar_t, typename acc_t>
 struct RowView {
-  const scalar_t *u, *delta, *B, *C, *z, *grad_out;
-  const acc_t* A;
+  const scalar_t *u, *delta, *B, *C, *z;
+  const acc_t *grad_out, *A;
   acc_t D, bias;
   acc_t* checkpoints;
   int64_t param;  // index into the (batch, row) partials
@@ -285,7 +287,11 @@ __global__ void __launch_bounds__(kThreads) scan_forward_kernel(ScanArgs<scalar_
             const acc_t zz = static_cast<acc_t>(r.z[pos[i]]);
             v *= zz * dev_sigmoid(zz);
           }
-          p.out[r.seq + pos[i]] = static_cast<scalar_t>(v);
+          if (p.out_float) {
+            p.out_float[r.seq + pos[i]] = v;
+          } else {
+            p.out[r.seq + pos[i]] = static_cast<scalar_t>(v);
+          }
         }
       }
       __syncthreads();  // `carry` is written by the last thread and read by all in the next chunk
@@ -327,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) scan_backward_kernel(ScanArgs<scalar
       load_items<k2D>(p, r, t0, u, dt, dtu, dsoft, pos);
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        dy[i] = pos[i] >= 0 ? static_cast<acc_t>(r.grad_out[pos[i]]) : acc_t(0);
+        dy[i] = pos[i] >= 0 ? r.grad_out[pos[i]] : acc_t(0);
         ddt[i] = sum_gB[i] = acc_t(0);
       }
       if (r.z) {
@@ -452,12 +458,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
     const at::Tensor& u_in, const at::Tensor& delta_in, const at::Tensor& A_in,
     const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
     const std::optional<at::Tensor>& z_in, const std::optional<at::Tensor>& bias_in,
-    bool delta_softplus) {
+    bool delta_softplus, std::optional<at::ScalarType> out_dtype) {
   const ScanShape s = check_selective_scan_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in,
                                                   bias_in);
   const c10::cuda::CUDAGuard guard(u_in.device());
   const auto acc_opts = u_in.options().dtype(scan_acc_type(u_in.scalar_type()));
-  auto out = at::empty(u_in.sizes(), u_in.options());
+  const auto out_type = scan_out_type(u_in.scalar_type(), out_dtype);
+  auto out = at::empty(u_in.sizes(), u_in.options().dtype(out_type));
   auto last_state = at::zeros({s.batch, s.dim, s.state}, acc_opts);
   auto checkpoints = at::empty({s.batch, s.dim, scan_chunks(s.length), s.state}, acc_opts);
   if (s.batch == 0 || s.dim == 0 || s.length == 0) return {out, last_state, checkpoints};
@@ -474,7 +481,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
     args.u = u.const_data_ptr<scalar_t>(); args.delta = delta.const_data_ptr<scalar_t>();
     args.z = opt_ptr<scalar_t>(z); args.B = B.const_data_ptr<scalar_t>(); args.C = C.const_data_ptr<scalar_t>();
     args.A = A.const_data_ptr<acc_t>(); args.D = opt_ptr<acc_t>(D); args.bias = opt_ptr<acc_t>(bias);
-    args.out = out.mutable_data_ptr<scalar_t>();
+    if (out_type != u.scalar_type()) {
+      args.out_float = out.mutable_data_ptr<acc_t>();
+    } else {
+      args.out = out.mutable_data_ptr<scalar_t>();
+    }
     args.last_state = last_state.mutable_data_ptr<acc_t>();
     args.checkpoints = checkpoints.mutable_data_ptr<acc_t>();
     launch_forward<false>(args, s.batch * s.dim);
@@ -499,6 +510,7 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
   const auto acc_opts = u_in.options().dtype(acc);
   TORCH_CHECK(grad_out_in.sizes() == u_in.sizes(), "grad_out should have u's shape ", u_in.sizes(),
               ", got ", grad_out_in.sizes());
+  check_grad_out_type(grad_out_in, u_in.scalar_type());
   check_checkpoints(checkpoints_in, {s.batch, s.dim}, s.length, s.state, acc);
   if (grad_last_in.has_value()) {
     TORCH_CHECK(grad_last_in->sizes() == at::IntArrayRef({s.batch, s.dim, s.state}),
@@ -515,7 +527,8 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
   auto dbias_part = at::zeros({s.batch, s.dim}, acc_opts);
   if (s.batch > 0 && s.dim > 0 && s.length > 0) {
     const auto u = u_in.contiguous(), delta = delta_in.contiguous(), A = A_in.contiguous();
-    const auto B = B_in.contiguous(), C = C_in.contiguous(), go = grad_out_in.contiguous();
+    const auto B = B_in.contiguous(), C = C_in.contiguous();
+    const auto go = grad_out_in.to(acc).contiguous();
     const auto D = D_in.has_value() ? D_in->contiguous() : at::Tensor();
     const auto z = z_in.has_value() ? z_in->contiguous() : at::Tensor();
     const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -531,7 +544,7 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
       args.z = opt_ptr<scalar_t>(z); args.B = B.const_data_ptr<scalar_t>(); args.C = C.const_data_ptr<scalar_t>();
       args.A = A.const_data_ptr<acc_t>(); args.D = opt_ptr<acc_t>(D); args.bias = opt_ptr<acc_t>(bias);
       args.checkpoints = const_cast<acc_t*>(ckpt.const_data_ptr<acc_t>());
-      args.grad_out = go.const_data_ptr<scalar_t>(); args.grad_last = opt_ptr<acc_t>(grad_last);
+      args.grad_out = go.const_data_ptr<acc_t>(); args.grad_last = opt_ptr<acc_t>(grad_last);
       args.du = du.mutable_data_ptr<scalar_t>(); args.ddelta = ddelta.mutable_data_ptr<scalar_t>();
       args.dz = z.defined() ? dz.mutable_data_ptr<scalar_t>() : nullptr;
       args.dB = dB_acc.mutable_data_ptr<acc_t>(); args.dC = dC_acc.mutable_data_ptr<acc_t>();
@@ -551,14 +564,16 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cuda(
     const at::Tensor& x_in, const at::Tensor& dt_in, const at::Tensor& A_in, const at::Tensor& B_in,
-    const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus) {
+    const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus,
+    std::optional<at::ScalarType> out_dtype) {
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto out_type = scan_out_type(x_in.scalar_type(), out_dtype);
   const auto acc_opts = x_in.options().dtype(scan_acc_type(x_in.scalar_type()));
   const int64_t L = s.length();
   auto out_acc = at::empty(x_in.sizes(), acc_opts);
   auto checkpoints = at::empty({s.batch, kDirections, s.dim, scan_chunks(L), s.state}, acc_opts);
-  if (s.batch == 0 || s.dim == 0 || L == 0) return {out_acc.to(x_in.scalar_type()), checkpoints};
+  if (s.batch == 0 || s.dim == 0 || L == 0) return {out_acc.to(out_type), checkpoints};
   const auto x = x_in.contiguous(), dt = dt_in.contiguous(), A = A_in.contiguous();
   const auto B = B_in.contiguous(), C = C_in.contiguous(), D = D_in.contiguous();
   const auto bias = bias_in.contiguous();
@@ -574,7 +589,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cuda(
     args.checkpoints = checkpoints.mutable_data_ptr<acc_t>();
     launch_forward<true>(args, s.batch * s.dim);
   });
-  return {out_acc.to(x_in.scalar_type()), checkpoints};
+  return {out_acc.to(out_type), checkpoints};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -589,6 +604,7 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
   const auto acc_opts = x_in.options().dtype(acc);
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "grad_out should have x's shape ", x_in.sizes(),
               ", got ", grad_out_in.sizes());
+  check_grad_out_type(grad_out_in, x_in.scalar_type());
   const int64_t L = s.length();
   check_checkpoints(checkpoints_in, {s.batch, kDirections, s.dim}, L, s.state, acc);
   auto dx_acc = at::zeros(x_in.sizes(), acc_opts);
@@ -601,7 +617,7 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
   if (s.batch > 0 && s.dim > 0 && L > 0) {
     const auto x = x_in.contiguous(), dt = dt_in.contiguous(), A = A_in.contiguous();
     const auto B = B_in.contiguous(), C = C_in.contiguous(), D = D_in.contiguous();
-    const auto bias = bias_in.contiguous(), go = grad_out_in.contiguous();
+    const auto bias = bias_in.contiguous(), go = grad_out_in.to(acc).contiguous();
     const auto ckpt = checkpoints_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                     "selective_scan_2d_backward_cuda", [&] {
@@ -613,7 +629,7 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
       args.B = B.const_data_ptr<scalar_t>(); args.C = C.const_data_ptr<scalar_t>();
       args.A = A.const_data_ptr<acc_t>(); args.D = D.const_data_ptr<acc_t>(); args.bias = bias.const_data_ptr<acc_t>();
       args.checkpoints = const_cast<acc_t*>(ckpt.const_data_ptr<acc_t>());
-      args.grad_out = go.const_data_ptr<scalar_t>();
+      args.grad_out = go.const_data_ptr<acc_t>();
       args.du_acc = dx_acc.mutable_data_ptr<acc_t>(); args.ddelta = ddt.mutable_data_ptr<scalar_t>();
       args.dB = dB_acc.mutable_data_ptr<acc_t>(); args.dC = dC_acc.mutable_data_ptr<acc_t>();
       args.dA_part = dA_part.mutable_data_ptr<acc_t>(); args.dD_part = dD_part.mutable_data_ptr<acc_t>();
@@ -625,84 +641,6 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
           dC_acc.to(C_in.scalar_type()), dD_part.sum(0), dbias_part.sum(0)};
 }
 
-// ---------------------------------------------------------------------------------------------
-// cross_scan / cross_merge: one thread per pixel of a (batch, channel) plane.
-
-template <typename scalar_t>
-__global__ void cross_scan_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                                  int64_t planes, int64_t channels, int64_t H, int64_t W) {
-  const int64_t L = H * W;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < planes * L;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t plane = i / L, p = i % L;
-    const int64_t b = plane / channels, c = plane % channels;
-    const scalar_t v = x[i];
-    const int64_t t_col = (p % W) * H + p / W;
-    const int64_t base = (b * kDirections * channels + c) * L;
-    out[base + p] = v;
-    out[base + channels * L + t_col] = v;
-    out[base + 2 * channels * L + (L - 1 - p)] = v;
-    out[base + 3 * channels * L + (L - 1 - t_col)] = v;
-  }
-}
-
-template <typename scalar_t>
-__global__ void cross_merge_kernel(const scalar_t* __restrict__ y, scalar_t* __restrict__ out,
-                                   int64_t planes, int64_t channels, int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t L = H * W;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < planes * L;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t plane = i / L, p = i % L;
-    const int64_t b = plane / channels, c = plane % channels;
-    const int64_t t_col = (p % W) * H + p / W;
-    const int64_t base = (b * kDirections * channels + c) * L;
-    const acc_t v = static_cast<acc_t>(y[base + p]) +
-                    static_cast<acc_t>(y[base + channels * L + t_col]) +
-                    static_cast<acc_t>(y[base + 2 * channels * L + (L - 1 - p)]) +
-                    static_cast<acc_t>(y[base + 3 * channels * L + (L - 1 - t_col)]);
-    out[i] = static_cast<scalar_t>(v);
-  }
-}
-
-int64_t elementwise_blocks(int64_t total) {
-  return std::min<int64_t>((total + 255) / 256, int64_t(1) << 16);
-}
-
-at::Tensor cross_scan_cuda(const at::Tensor& x_in) {
-  check_cross_scan_input(x_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t batch = x_in.size(0), channels = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
-  auto out = at::empty({batch, kDirections, channels, H * W}, x_in.options());
-  if (out.numel() == 0) return out;
-  const auto x = x_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_scan_cuda", [&] {
-    cross_scan_kernel<scalar_t><<<elementwise_blocks(x.numel()), 256, 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), batch * channels,
-        channels, H, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-at::Tensor cross_merge_cuda(const at::Tensor& y_in, int64_t H, int64_t W) {
-  check_cross_merge_inputs(y_in, H, W);
-  const c10::cuda::CUDAGuard guard(y_in.device());
-  const int64_t batch = y_in.size(0), channels = y_in.size(2);
-  auto out = at::empty({batch, channels, H, W}, y_in.options());
-  if (out.numel() == 0) return out;
-  const auto y = y_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "cross_merge_cuda", [&] {
-    cross_merge_kernel<scalar_t><<<elementwise_blocks(out.numel()), 256, 0,
-                                   c10::cuda::getCurrentCUDAStream()>>>(
-        y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), batch * channels,
-        channels, H, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace lesionkit
 
@@ -711,6 +649,4 @@ TORCH_LIBRARY_IMPL(lesionkit, CUDA, m) {
   m.impl("selective_scan_backward", &lesionkit::selective_scan_backward_cuda);
   m.impl("selective_scan_2d", &lesionkit::selective_scan_2d_cuda);
   m.impl("selective_scan_2d_backward", &lesionkit::selective_scan_2d_backward_cuda);
-  m.impl("cross_scan", &lesionkit::cross_scan_cuda);
-  m.impl("cross_merge", &lesionkit::cross_merge_cuda);
 }

@@ -1,5 +1,5 @@
-"""Public API of the selective scan, cross-scan / cross-merge and the fused SS2D core
-(docs/ops.md).
+"""Public API of the selective scan and the fused SS2D core (docs/ops.md); cross-scan /
+cross-merge are in :mod:`lesionkit.kernels.cross_scan` (re-exported here).
 
 Each function validates its inputs, picks a backend (see :mod:`lesionkit.kernels.backend`) and
 calls ``torch.ops.lesionkit.*`` (cpu, cuda), the Triton op (triton) or the pure-PyTorch
@@ -13,13 +13,11 @@ import torch
 from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.cross_scan import DIRECTIONS, cross_merge, cross_scan  # noqa: F401
 from lesionkit.kernels.reference.selective_scan import (
-    check_cross_merge_inputs,
+    check_out_dtype,
     check_selective_scan_2d_inputs,
     check_selective_scan_inputs,
-    check_spatial_input,
-    cross_merge_reference,
-    cross_scan_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
 )
@@ -27,11 +25,8 @@ from lesionkit.kernels.reference.selective_scan import (
 SCAN = register_op(OpSpec("selective_scan", triton=False, auto_gpu_order=("cuda", "reference")))
 SCAN_2D = register_op(OpSpec("selective_scan_2d", triton=False,
                              auto_gpu_order=("cuda", "reference")))
-CROSS_SCAN = register_op(OpSpec("cross_scan", auto_gpu_order=("cuda", "triton", "reference")))
-CROSS_MERGE = register_op(OpSpec("cross_merge", auto_gpu_order=("cuda", "triton", "reference")))
 
 SCAN_CHUNK = 512  # csrc/selective_scan.h kScanChunk: steps between the forward's checkpoints
-DIRECTIONS = 4
 
 
 def _chunks(length):
@@ -42,7 +37,7 @@ def _chunks(length):
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _out_dtype = inputs
     _, _, checkpoints = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
     ctx.delta_softplus = delta_softplus
@@ -56,11 +51,11 @@ def _scan_backward(ctx, grad_out, grad_last, _grad_checkpoints):
     du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.lesionkit.selective_scan_backward(
         grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            dbias if delta_bias is not None else None, None)
+            dbias if delta_bias is not None else None, None, None)
 
 
 def _scan_2d_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, dt_bias, dt_softplus = inputs
+    x, dt, A, B, C, D, dt_bias, dt_softplus, _out_dtype = inputs
     _, checkpoints = output
     ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, checkpoints)
     ctx.dt_softplus = dt_softplus
@@ -71,17 +66,18 @@ def _scan_2d_backward(ctx, grad_out, _grad_checkpoints):
     x, dt, A, B, C, D, dt_bias, checkpoints = ctx.saved_tensors
     grads = torch.ops.lesionkit.selective_scan_2d_backward(
         grad_out, x, dt, A, B, C, D, dt_bias, ctx.dt_softplus, checkpoints)
-    return (*grads, None)
+    return (*grads, None, None)
 
 
 if _library.HAS_OPS:
 
     @torch.library.register_fake("lesionkit::selective_scan")
-    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype=None):
         batch, dim, length = u.shape
         n = A.shape[1]
         acc = acc_dtype(u.dtype)
-        return (torch.empty_like(u, memory_format=torch.contiguous_format),
+        out_dtype = check_out_dtype(out_dtype, u.dtype)
+        return (torch.empty_like(u, dtype=out_dtype, memory_format=torch.contiguous_format),
                 u.new_empty((batch, dim, n), dtype=acc),
                 u.new_empty((batch, dim, _chunks(length), n), dtype=acc))
 
@@ -97,10 +93,11 @@ if _library.HAS_OPS:
                 like(delta_bias) if delta_bias is not None else A.new_empty((0,)))
 
     @torch.library.register_fake("lesionkit::selective_scan_2d")
-    def _(x, dt, A, B, C, D, dt_bias, dt_softplus):
+    def _(x, dt, A, B, C, D, dt_bias, dt_softplus, out_dtype=None):
         batch, dim, height, width = x.shape
         n = A.shape[2]
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+        out_dtype = check_out_dtype(out_dtype, x.dtype)
+        return (torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format),
                 x.new_empty((batch, DIRECTIONS, dim, _chunks(height * width), n),
                             dtype=acc_dtype(x.dtype)))
 
@@ -109,36 +106,10 @@ if _library.HAS_OPS:
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                      for t in (x, dt, A, B, C, D, dt_bias))
 
-    @torch.library.register_fake("lesionkit::cross_scan")
-    def _(x):
-        batch, channels, height, width = x.shape
-        return x.new_empty((batch, DIRECTIONS, channels, height * width))
-
-    @torch.library.register_fake("lesionkit::cross_merge")
-    def _(y, H, W):
-        return y.new_empty((y.shape[0], y.shape[2], H, W))
-
     torch.library.register_autograd("lesionkit::selective_scan", _scan_backward,
                                     setup_context=_scan_setup_context)
     torch.library.register_autograd("lesionkit::selective_scan_2d", _scan_2d_backward,
                                     setup_context=_scan_2d_setup_context)
-
-    def _cross_scan_setup(ctx, inputs, output):
-        ctx.height, ctx.width = inputs[0].shape[-2:]
-
-    def _cross_merge_setup(ctx, inputs, output):
-        pass
-
-    # cross_merge is cross_scan's adjoint: each one's backward is the other.
-    torch.library.register_autograd(
-        "lesionkit::cross_scan",
-        lambda ctx, grad: torch.ops.lesionkit.cross_merge(grad, ctx.height, ctx.width),
-        setup_context=_cross_scan_setup)
-    torch.library.register_autograd(
-        "lesionkit::cross_merge",
-        lambda ctx, grad: (torch.ops.lesionkit.cross_scan(grad), None, None),
-        setup_context=_cross_merge_setup)
-
 
 def selective_scan(
     u: torch.Tensor,
@@ -151,6 +122,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba's selective scan (S6), mamba_ssm ``selective_scan_fn`` semantics.
 
@@ -163,16 +135,20 @@ def selective_scan(
         B, C: (b, g, n, l) with d % g == 0, or (b, n, l) meaning g = 1; u's dtype.
         D, delta_bias: optional (d,) float32. z: optional (b, d, l) gate, u's dtype.
         return_last_state: also return the final state (b, d, n) in float32.
+        out_dtype: None (u's dtype) or torch.float32 for float16 / bfloat16 inputs: the output
+            unrounded, as the scan accumulates it (gradients flow back in float32 too).
     Returns:
-        y (b, d, l) in u's dtype, and the last state when asked.
+        y (b, d, l) in u's dtype (or out_dtype), and the last state when asked.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = check_out_dtype(out_dtype, u.dtype)
     backend = select_backend(SCAN.name, u.device)
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                        return_last_state)
+                                        return_last_state, out_dtype=out_dtype)
     out, last_state, _ = torch.ops.lesionkit.selective_scan(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+        None if out_dtype == u.dtype else out_dtype)
     return (out, last_state) if return_last_state else out
 
 
@@ -185,6 +161,7 @@ def selective_scan_2d(
     D: torch.Tensor,
     dt_bias: torch.Tensor,
     dt_softplus: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The SS2D core (VMamba / VM-UNet) fused: cross_merge(selective_scan(cross_scan(x))).
 
@@ -194,61 +171,16 @@ def selective_scan_2d(
     Args:
         x: (B, D, H, W). dt: (B, 4, D, H, W), direction k's delta at each pixel.
         A: (4, D, N) float32. B, C: (B, 4, N, H, W). D, dt_bias: (4, D) float32.
+        out_dtype: None (x's dtype) or torch.float32 for float16 / bfloat16 inputs.
     Returns:
-        (B, D, H, W) in x's dtype: the four directions' outputs mapped back and summed.
+        (B, D, H, W) in x's dtype (or out_dtype): the four directions' outputs mapped back and
+        summed.
     """
     check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias)
+    out_dtype = check_out_dtype(out_dtype, x.dtype)
     backend = select_backend(SCAN_2D.name, x.device)
     if backend == "reference":
-        return selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, bool(dt_softplus))
-    return torch.ops.lesionkit.selective_scan_2d(x, dt, A, B, C, D, dt_bias,
-                                                     bool(dt_softplus))[0]
-
-
-_triton_registered = False
-
-
-def _triton_ops():
-    """Import the Triton kernels on first use (importing triton is slow)."""
-    global _triton_registered
-    from lesionkit.kernels.triton import cross_scan as triton_impl
-
-    if not _triton_registered:
-        def setup(ctx, inputs, output):
-            ctx.height, ctx.width = inputs[0].shape[-2:]
-
-        torch.library.register_autograd(
-            "lesionkit::cross_scan_triton",
-            lambda ctx, grad: triton_impl.cross_merge_triton(grad, ctx.height, ctx.width),
-            setup_context=setup)
-        torch.library.register_autograd(
-            "lesionkit::cross_merge_triton",
-            lambda ctx, grad: (triton_impl.cross_scan_triton(grad), None, None),
-            setup_context=lambda ctx, inputs, output: None)
-        _triton_registered = True
-    return triton_impl
-
-
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """VMamba's cross-scan: (B, C, H, W) -> (B, 4, C, H*W).
-
-    Direction 0 reads row-major (h, w), 1 column-major (w, h), 2 and 3 are 0 and 1 reversed.
-    """
-    check_spatial_input("x", x)
-    backend = select_backend(CROSS_SCAN.name, x.device)
-    if backend == "reference":
-        return cross_scan_reference(x)
-    if backend == "triton":
-        return _triton_ops().cross_scan_triton(x)
-    return torch.ops.lesionkit.cross_scan(x)
-
-
-def cross_merge(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Adjoint of :func:`cross_scan`: (B, 4, C, H*W) -> (B, C, H, W), the four summed."""
-    check_cross_merge_inputs(y, H, W)
-    backend = select_backend(CROSS_MERGE.name, y.device)
-    if backend == "reference":
-        return cross_merge_reference(y, H, W)
-    if backend == "triton":
-        return _triton_ops().cross_merge_triton(y, H, W)
-    return torch.ops.lesionkit.cross_merge(y, H, W)
+        return selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, bool(dt_softplus),
+                                           out_dtype=out_dtype)
+    return torch.ops.lesionkit.selective_scan_2d(x, dt, A, B, C, D, dt_bias, bool(dt_softplus),
+                                                 None if out_dtype == x.dtype else out_dtype)[0]

@@ -1,4 +1,5 @@
-"""Selective scan (Mamba S6), VMamba's cross-scan / cross-merge and the SS2D core, plain PyTorch.
+"""Selective scan (Mamba S6) and the SS2D core, plain PyTorch (cross-scan / cross-merge are in
+:mod:`lesionkit.kernels.reference.cross_scan`).
 
 Recurrence (Mamba's S6 after zero-order-hold discretisation; docs/ops.md), with dt = softplus(delta + delta_bias) when `delta_softplus`:
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   y_t = <C_t, h_t> + D * u_t,   y *= silu(z).
@@ -18,9 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.reference.cross_scan import (  # noqa: F401  (re-exported)
+    DIRECTIONS,
+    check_cross_merge_inputs,
+    check_spatial_input,
+    cross_merge_reference,
+    cross_scan_reference,
+    directions_to_sequences,
+)
 
 MAX_STATE = 256  # largest d_state (n) the kernels take
-DIRECTIONS = 4  # VMamba's cross-scan: row-major, column-major and both reversed
 
 
 def _param_dtype_ok(param: torch.Tensor, u: torch.Tensor) -> bool:
@@ -83,6 +91,16 @@ def check_selective_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=No
     return groups
 
 
+def check_out_dtype(out_dtype, dtype: torch.dtype) -> torch.dtype:
+    """The output dtype: the input's (None), or float32 for 16-bit inputs; ValueError otherwise."""
+    if out_dtype is None:
+        return dtype
+    if out_dtype not in (dtype, acc_dtype(dtype)):
+        raise ValueError(f"out_dtype should be None, {dtype} (the input dtype) or "
+                         f"{acc_dtype(dtype)}, got {out_dtype}")
+    return out_dtype
+
+
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     """float32 (float64) views: dt (b, d, l), B and C as (b, g, n, l)."""
     acc = acc_dtype(u.dtype)
@@ -98,19 +116,21 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     return dt, A.to(acc), B, C
 
 
-def _finish(y, u, D, z):
+def _finish(y, u, D, z, out_dtype=None):
     acc = y.dtype
     if D is not None:
         y = y + D.to(acc)[:, None] * u.to(acc)
     if z is not None:
         y = y * F.silu(z.to(acc))
-    return y.to(u.dtype)
+    return y.to(out_dtype or u.dtype)
 
 
 def selective_scan_sequential_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                                        delta_softplus=False, return_last_state=False):
+                                        delta_softplus=False, return_last_state=False,
+                                        out_dtype=None):
     """The recurrence stepped through l one position at a time: the test oracle."""
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = check_out_dtype(out_dtype, u.dtype)
     dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
@@ -134,14 +154,16 @@ def selective_scan_sequential_reference(u, delta, A, B, C, D=None, z=None, delta
         y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
     else:
         y = u.new_zeros((batch, dim, 0), dtype=dt.dtype)
-    out = _finish(y, u, D, z)
+    out = _finish(y, u, D, z, out_dtype)
     return (out, h.reshape(batch, dim, n)) if return_last_state else out
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, return_last_state=False, chunk_size=None):
+                             delta_softplus=False, return_last_state=False, chunk_size=None,
+                             out_dtype=None):
     """Chunked parallel scan; same arguments as selective_scan (`chunk_size` T ~ sqrt(l))."""
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out_dtype = check_out_dtype(out_dtype, u.dtype)
     dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
@@ -189,54 +211,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         S = S + dt_steps[t] * A_v
         ys.append(y_local[t] + (torch.exp(S) * H * C_steps[t]).sum(-1))
     y = torch.stack(ys, dim=-1).reshape(batch, dim, chunks * T)[..., :length]
-    out = _finish(y, u, D, z)
+    out = _finish(y, u, D, z, out_dtype)
     return (out, state.reshape(batch, dim, n)) if return_last_state else out
-
-
-# --- Cross-scan (VMamba / VM-UNet direction order) ----------------------------------------
-
-
-def check_spatial_input(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} should be a (B, C, H, W) tensor, got {shape}")
-
-
-def cross_scan_reference(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
-    check_spatial_input("x", x)
-    rows = x.flatten(2)
-    cols = x.transpose(2, 3).flatten(2)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
-
-
-def check_cross_merge_inputs(y: torch.Tensor, height: int, width: int) -> None:
-    if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[1] != DIRECTIONS:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"y should be a (B, 4, C, H*W) tensor, got {shape}")
-    for name, v in (("H", height), ("W", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} should be a positive int, got {v!r}")
-    if y.shape[-1] != height * width:
-        raise ValueError(f"y's last dimension should be H*W = {height}*{width} = {height * width}, "
-                         f"got {y.shape[-1]}")
-
-
-def cross_merge_reference(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Adjoint of cross_scan: (B, 4, C, H*W) -> (B, C, H, W), the four mapped back and summed."""
-    check_cross_merge_inputs(y, height, width)
-    batch, _, channels, _ = y.shape
-    rows = y[:, 0] + y[:, 2].flip(-1)
-    cols = y[:, 1] + y[:, 3].flip(-1)
-    cols = cols.view(batch, channels, width, height).transpose(2, 3)
-    return rows.view(batch, channels, height, width) + cols
-
-
-def directions_to_sequences(t: torch.Tensor) -> torch.Tensor:
-    """(B, 4, C, H, W) per-direction spatial tensors -> (B, 4, C, H*W), each in its scan order."""
-    rows = t.flatten(3)
-    cols = t.transpose(3, 4).flatten(3)
-    return torch.stack([rows[:, 0], cols[:, 1], rows[:, 2].flip(-1), cols[:, 3].flip(-1)], dim=1)
 
 
 def check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias) -> None:
@@ -271,9 +247,11 @@ def check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias) -> None:
             raise ValueError(f"{name} should be on x's device {x.device}, got {t.device}")
 
 
-def selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, dt_softplus=True, sequential=False):
+def selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, dt_softplus=True, sequential=False,
+                                out_dtype=None):
     """SS2D core = cross_merge(selective_scan(cross_scan(x), ...)); `sequential` picks the oracle."""
     check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias)
+    out_dtype = check_out_dtype(out_dtype, x.dtype)
     batch, dim, height, width = x.shape
     k, n = DIRECTIONS, A.shape[2]
     xs = cross_scan_reference(x).reshape(batch, k * dim, height * width)
@@ -281,6 +259,8 @@ def selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, dt_softplus=True, se
     Bs = directions_to_sequences(B)
     Cs = directions_to_sequences(C)
     scan = selective_scan_sequential_reference if sequential else selective_scan_reference
+    # The four directions are summed in float32 (as the kernels do) and rounded once.
     ys = scan(xs, dts, A.reshape(k * dim, n), Bs, Cs, D.reshape(-1), None, dt_bias.reshape(-1),
-              dt_softplus)
-    return cross_merge_reference(ys.view(batch, k, dim, height * width), height, width)
+              dt_softplus, out_dtype=acc_dtype(x.dtype))
+    return cross_merge_reference(ys.view(batch, k, dim, height * width), height,
+                                 width).to(out_dtype)
