@@ -1,6 +1,6 @@
 // Shapes, constants and input checks shared by the CPU and CUDA kernels of
-// lesionkit::selective_scan*, cross_scan and cross_merge (REFERENCE 2.1), so that a direct
-// torch.ops call gets the same messages as the Python wrapper.
+// lesionkit::selective_scan and selective_scan_2d (REFERENCE 2.1), so that a direct torch.ops
+// call gets the same messages as the Python wrapper.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,11 +8,7 @@
 
 #include <optional>
 
-#if defined(__CUDACC__)
-#define LESIONKIT_HOST_DEVICE __host__ __device__
-#else
-#define LESIONKIT_HOST_DEVICE
-#endif
+#include "cross_scan.h"
 
 namespace lesionkit {
 
@@ -21,17 +17,8 @@ namespace lesionkit {
 // (b, d, l, n) tensor is ever stored. Equal to the CUDA block's 128 threads x 4 steps.
 constexpr int64_t kScanChunk = 512;
 constexpr int64_t kScanMaxState = 256;
-constexpr int kDirections = 4;
 
 inline int64_t scan_chunks(int64_t length) { return (length + kScanChunk - 1) / kScanChunk; }
-
-// Spatial (row-major) index read at step t of cross-scan direction k (VMamba order): 0
-// row-major, 1 column-major, 2 and 3 the same reversed.
-LESIONKIT_HOST_DEVICE inline int64_t direction_index(int k, int64_t t, int64_t height,
-                                                     int64_t width) {
-  if (k >= 2) t = height * width - 1 - t;
-  return (k & 1) ? (t % height) * width + t / height : t;
-}
 
 struct ScanShape {
   int64_t batch, dim, length, state, groups;
@@ -161,18 +148,6 @@ inline Scan2dShape check_selective_scan_2d_inputs(const at::Tensor& x, const at:
                 x.device(), ", got ", t->device());
   }
   return s;
-}
-
-inline void check_cross_scan_input(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "x should be a (B, C, H, W) tensor, got ", x.dim(), "D");
-}
-
-inline void check_cross_merge_inputs(const at::Tensor& y, int64_t height, int64_t width) {
-  TORCH_CHECK(y.dim() == 4 && y.size(1) == kDirections, "y should be a (B, 4, C, H*W) tensor, got ",
-              y.sizes());
-  TORCH_CHECK(height > 0 && width > 0, "H and W should be positive, got H=", height, ", W=", width);
-  TORCH_CHECK(y.size(3) == height * width, "y's last dimension should be H*W = ", height * width,
-              ", got ", y.size(3));
 }
 
 }  // namespace lesionkit

@@ -11,6 +11,7 @@ from lesionkit.kernels.backend import (
     select_backend,
     use_backend,
 )
+from lesionkit.kernels.cross_scan import cross_merge, cross_scan
 from lesionkit.kernels.info import format_info, info
 from lesionkit.kernels.patchwise_softmax_loss import PatchwiseSoftmaxLoss, patchwise_softmax_loss
 from lesionkit.kernels.reference import (
@@ -20,12 +21,7 @@ from lesionkit.kernels.reference import (
     selective_scan_2d_reference,
     selective_scan_reference,
 )
-from lesionkit.kernels.selective_scan import (
-    cross_merge,
-    cross_scan,
-    selective_scan,
-    selective_scan_2d,
-)
+from lesionkit.kernels.selective_scan import selective_scan, selective_scan_2d
 
 __all__ = [
     "BACKENDS",

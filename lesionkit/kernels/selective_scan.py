@@ -1,5 +1,5 @@
-"""Public API of the selective scan, cross-scan / cross-merge and the fused SS2D core
-(REFERENCE 2.1).
+"""Public API of the selective scan and the fused SS2D core (REFERENCE 2.1); cross-scan /
+cross-merge are in :mod:`lesionkit.kernels.cross_scan` (re-exported here).
 
 Each function validates its inputs, picks a backend (see :mod:`lesionkit.kernels.backend`) and
 calls ``torch.ops.lesionkit.*`` (cpu, cuda), the Triton op (triton) or the pure-PyTorch
@@ -12,13 +12,10 @@ import torch
 
 from lesionkit.kernels import _library
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.cross_scan import DIRECTIONS, cross_merge, cross_scan  # noqa: F401
 from lesionkit.kernels.reference.selective_scan import (
-    check_cross_merge_inputs,
     check_selective_scan_2d_inputs,
     check_selective_scan_inputs,
-    check_spatial_input,
-    cross_merge_reference,
-    cross_scan_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
 )
@@ -26,11 +23,8 @@ from lesionkit.kernels.reference.selective_scan import (
 SCAN = register_op(OpSpec("selective_scan", triton=False, auto_gpu_order=("cuda", "reference")))
 SCAN_2D = register_op(OpSpec("selective_scan_2d", triton=False,
                              auto_gpu_order=("cuda", "reference")))
-CROSS_SCAN = register_op(OpSpec("cross_scan", auto_gpu_order=("cuda", "triton", "reference")))
-CROSS_MERGE = register_op(OpSpec("cross_merge", auto_gpu_order=("cuda", "triton", "reference")))
 
 SCAN_CHUNK = 512  # csrc/selective_scan.h kScanChunk: steps between the forward's checkpoints
-DIRECTIONS = 4
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,36 +106,10 @@ if _library.HAS_OPS:
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
                      for t in (x, dt, A, B, C, D, dt_bias))
 
-    @torch.library.register_fake("lesionkit::cross_scan")
-    def _(x):
-        batch, channels, height, width = x.shape
-        return x.new_empty((batch, DIRECTIONS, channels, height * width))
-
-    @torch.library.register_fake("lesionkit::cross_merge")
-    def _(y, H, W):
-        return y.new_empty((y.shape[0], y.shape[2], H, W))
-
     torch.library.register_autograd("lesionkit::selective_scan", _scan_backward,
                                     setup_context=_scan_setup_context)
     torch.library.register_autograd("lesionkit::selective_scan_2d", _scan_2d_backward,
                                     setup_context=_scan_2d_setup_context)
-
-    def _cross_scan_setup(ctx, inputs, output):
-        ctx.height, ctx.width = inputs[0].shape[-2:]
-
-    def _cross_merge_setup(ctx, inputs, output):
-        pass
-
-    # cross_merge is cross_scan's adjoint: each one's backward is the other.
-    torch.library.register_autograd(
-        "lesionkit::cross_scan",
-        lambda ctx, grad: torch.ops.lesionkit.cross_merge(grad, ctx.height, ctx.width),
-        setup_context=_cross_scan_setup)
-    torch.library.register_autograd(
-        "lesionkit::cross_merge",
-        lambda ctx, grad: (torch.ops.lesionkit.cross_scan(grad), None, None),
-        setup_context=_cross_merge_setup)
-
 
 def selective_scan(
     u: torch.Tensor,
@@ -206,52 +174,3 @@ def selective_scan_2d(
         return selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, bool(dt_softplus))
     return torch.ops.lesionkit.selective_scan_2d(x, dt, A, B, C, D, dt_bias,
                                                      bool(dt_softplus))[0]
-
-
-_triton_registered = False
-
-
-def _triton_ops():
-    """Import the Triton kernels on first use (importing triton is slow)."""
-    global _triton_registered
-    from lesionkit.kernels.triton import cross_scan as triton_impl
-
-    if not _triton_registered:
-        def setup(ctx, inputs, output):
-            ctx.height, ctx.width = inputs[0].shape[-2:]
-
-        torch.library.register_autograd(
-            "lesionkit::cross_scan_triton",
-            lambda ctx, grad: triton_impl.cross_merge_triton(grad, ctx.height, ctx.width),
-            setup_context=setup)
-        torch.library.register_autograd(
-            "lesionkit::cross_merge_triton",
-            lambda ctx, grad: (triton_impl.cross_scan_triton(grad), None, None),
-            setup_context=lambda ctx, inputs, output: None)
-        _triton_registered = True
-    return triton_impl
-
-
-def cross_scan(x: torch.Tensor) -> torch.Tensor:
-    """VMamba's cross-scan: (B, C, H, W) -> (B, 4, C, H*W).
-
-    Direction 0 reads row-major (h, w), 1 column-major (w, h), 2 and 3 are 0 and 1 reversed.
-    """
-    check_spatial_input("x", x)
-    backend = select_backend(CROSS_SCAN.name, x.device)
-    if backend == "reference":
-        return cross_scan_reference(x)
-    if backend == "triton":
-        return _triton_ops().cross_scan_triton(x)
-    return torch.ops.lesionkit.cross_scan(x)
-
-
-def cross_merge(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Adjoint of :func:`cross_scan`: (B, 4, C, H*W) -> (B, C, H, W), the four summed."""
-    check_cross_merge_inputs(y, H, W)
-    backend = select_backend(CROSS_MERGE.name, y.device)
-    if backend == "reference":
-        return cross_merge_reference(y, H, W)
-    if backend == "triton":
-        return _triton_ops().cross_merge_triton(y, H, W)
-    return torch.ops.lesionkit.cross_merge(y, H, W)

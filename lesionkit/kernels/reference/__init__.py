@@ -1,13 +1,12 @@
 """Pure-PyTorch references of every lesionkit op: the test oracle, the benchmark baseline and
 the fallback where no compiled or Triton kernel can run."""
 
+from lesionkit.kernels.reference.cross_scan import cross_merge_reference, cross_scan_reference
 from lesionkit.kernels.reference.patchwise_softmax_loss import (
     patchwise_softmax_loss_per_image_reference,
     patchwise_softmax_loss_reference,
 )
 from lesionkit.kernels.reference.selective_scan import (
-    cross_merge_reference,
-    cross_scan_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
     selective_scan_sequential_reference,

@@ -1,4 +1,5 @@
-"""Selective scan (Mamba S6), VMamba's cross-scan / cross-merge and the SS2D core, plain PyTorch.
+"""Selective scan (Mamba S6) and the SS2D core, plain PyTorch (cross-scan / cross-merge are in
+:mod:`lesionkit.kernels.reference.cross_scan`).
 
 Recurrence (REFERENCE 2.1), with dt = softplus(delta + delta_bias) when `delta_softplus`:
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   y_t = <C_t, h_t> + D * u_t,   y *= silu(z).
@@ -17,8 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lesionkit.kernels.reference.cross_scan import (  # noqa: F401  (re-exported)
+    DIRECTIONS,
+    check_cross_merge_inputs,
+    check_spatial_input,
+    cross_merge_reference,
+    cross_scan_reference,
+    directions_to_sequences,
+)
+
 MAX_STATE = 256  # largest d_state (n) the kernels take
-DIRECTIONS = 4  # VMamba's cross-scan: row-major, column-major and both reversed
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,52 +202,6 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     y = torch.stack(ys, dim=-1).reshape(batch, dim, chunks * T)[..., :length]
     out = _finish(y, u, D, z)
     return (out, state.reshape(batch, dim, n)) if return_last_state else out
-
-
-# --- Cross-scan (VMamba / VM-UNet direction order) ----------------------------------------
-
-
-def check_spatial_input(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} should be a (B, C, H, W) tensor, got {shape}")
-
-
-def cross_scan_reference(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, and both reversed."""
-    check_spatial_input("x", x)
-    rows = x.flatten(2)
-    cols = x.transpose(2, 3).flatten(2)
-    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
-
-
-def check_cross_merge_inputs(y: torch.Tensor, height: int, width: int) -> None:
-    if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[1] != DIRECTIONS:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"y should be a (B, 4, C, H*W) tensor, got {shape}")
-    for name, v in (("H", height), ("W", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} should be a positive int, got {v!r}")
-    if y.shape[-1] != height * width:
-        raise ValueError(f"y's last dimension should be H*W = {height}*{width} = {height * width}, "
-                         f"got {y.shape[-1]}")
-
-
-def cross_merge_reference(y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Adjoint of cross_scan: (B, 4, C, H*W) -> (B, C, H, W), the four mapped back and summed."""
-    check_cross_merge_inputs(y, height, width)
-    batch, _, channels, _ = y.shape
-    rows = y[:, 0] + y[:, 2].flip(-1)
-    cols = y[:, 1] + y[:, 3].flip(-1)
-    cols = cols.view(batch, channels, width, height).transpose(2, 3)
-    return rows.view(batch, channels, height, width) + cols
-
-
-def directions_to_sequences(t: torch.Tensor) -> torch.Tensor:
-    """(B, 4, C, H, W) per-direction spatial tensors -> (B, 4, C, H*W), each in its scan order."""
-    rows = t.flatten(3)
-    cols = t.transpose(3, 4).flatten(3)
-    return torch.stack([rows[:, 0], cols[:, 1], rows[:, 2].flip(-1), cols[:, 3].flip(-1)], dim=1)
 
 
 def check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias) -> None:
