@@ -271,6 +271,12 @@ def cross_tolerance(dtype, stage):
 CROSS_SCAN = OpProperty(
     op="cross_scan", call=K.cross_scan, cases=cross_cases(), build=cross_scan_build, grad_inputs=("x",),
     tolerance=cross_tolerance,
+    regressions=(
+        # Found by the ci profile: the bfloat16 gradient sums four values that nearly cancel;
+        # against a bfloat16 reference the kernel's single rounding looked 0.5 off, so the
+        # reference now runs on the same values in float64.
+        dict(b=1, c=4, h=2, w=8, dtype="bfloat16", layout="contiguous", seed=128),
+    ),
     bad_inputs=(
         BadInput("wrong rank", lambda d: dict(x=torch.rand(2, 3, 4, device=d)), r"x should be a \(B, C, H, W\)"),
         BadInput("empty", lambda d: dict(x=torch.rand(2, 0, 3, 4, device=d)), "", error=None,
