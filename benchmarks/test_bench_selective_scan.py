@@ -1,4 +1,4 @@
-"""selective_scan and selective_scan_2d at the VM-UNet shapes (REFERENCE 2.1).
+"""selective_scan and selective_scan_2d at the VM-UNet shapes (docs/ops.md).
 
 Stages (L, K*D) = (4096, 768), (1024, 1536), (256, 3072), (64, 6144) with N = 16 and g = K = 4;
 batch 1 on CPU (latency), 32 on GPU (training). Providers: ``reference-loop`` (the vectorised
@@ -109,7 +109,7 @@ def test_selective_scan(benchmark, provider, stage, mode, machine):
         op="selective_scan", provider=provider, mode=mode, shape=[b, channels, length, N, GROUPS],
         machine=machine, device=str(DEVICE), threads=torch.get_num_threads(),
         state_updates=b * channels * length * N,
-        # Memory floor of the forward (REFERENCE 2.1): u, delta, B, C read once, out written.
+        # Memory floor of the forward (docs/ops.md): u, delta, B, C read once, out written.
         min_bytes=4 * (3 * b * channels * length + 2 * b * GROUPS * N * length)))
 
 

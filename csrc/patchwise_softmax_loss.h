@@ -56,7 +56,13 @@ inline at::ScalarType patchwise_acc_type(at::ScalarType t) {
 
 inline void check_patchwise_backward_inputs(const PatchGrid& g, const at::Tensor& grad_loss,
                                             const at::Tensor& patch_loss,
-                                            const at::Tensor& weights, at::ScalarType acc_type) {
+                                            const at::Tensor& weights, at::ScalarType acc_type,
+                                            const at::Device& device) {
+  // A direct torch.ops call can mix devices; the kernel would read foreign pointers.
+  TORCH_CHECK(grad_loss.device() == device && patch_loss.device() == device &&
+                  weights.device() == device,
+              "grad_loss, patch_loss and weights should be on pred's device ", device, ", got ",
+              grad_loss.device(), ", ", patch_loss.device(), " and ", weights.device());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.batch,
               "grad_loss should have shape (B,) = (", g.batch, "), got ", grad_loss.sizes());
   for (const auto* t : {&patch_loss, &weights}) {

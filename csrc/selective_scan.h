@@ -6,7 +6,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "cross_scan.h"
 
@@ -117,6 +120,19 @@ inline void check_checkpoints(const at::Tensor& checkpoints, at::IntArrayRef lea
   TORCH_CHECK(checkpoints.sizes() == at::IntArrayRef(want) && checkpoints.scalar_type() == acc,
               "checkpoints should be a ", acc, " tensor of shape ", at::IntArrayRef(want),
               " (from the forward), got ", checkpoints.scalar_type(), " ", checkpoints.sizes());
+}
+
+// A direct torch.ops call of a backward can pass its extra tensors (grad_out, grad_last_state,
+// checkpoints) on another device than the inputs; a kernel would then read foreign pointers.
+inline void check_on_device(
+    const at::Device& device, const char* owner,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors) {
+    if (t != nullptr && t->defined()) {
+      TORCH_CHECK(t->device() == device, name, " should be on ", owner, "'s device ", device,
+                  ", got ", t->device());
+    }
+  }
 }
 
 struct Scan2dShape {

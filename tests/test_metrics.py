@@ -24,15 +24,21 @@ def _blobs(n, h, w, seed):
     return prob[:, None], target[:, None]
 
 
-def _brute_hd95(p, t):
-    """MONAI's definition written out: boundary pixels, all pairwise distances, directed P95."""
+def _brute_directed(p, t):
+    """Boundary pixels by their 4-neighbourhood, then every pairwise distance: the distances from
+    p's boundary to t's nearest boundary pixel and back (no distance transform involved)."""
     def edge(m):
         pad = np.pad(m, 1)
         inner = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
         return np.argwhere(m & ~inner)
-    ep, et = edge(p), edge(t)
-    d = cdist(ep, et)
-    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    d = cdist(edge(p), edge(t))
+    return d.min(1), d.min(0)
+
+
+def _brute_hd95(p, t):
+    """MONAI's definition written out: boundary pixels, all pairwise distances, directed P95."""
+    d_pt, d_tp = _brute_directed(p, t)
+    return max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
 
 
 def test_per_image_and_dataset_match_sklearn():
@@ -85,12 +91,16 @@ def test_hd95_matches_brute_force_and_spacing_scales():
 def test_pooled_hd95_is_the_p95_of_all_distances():
     prob, target = _blobs(4, 20, 20, seed=5)
     m = SegmentationMetrics()
-    m.update(prob, target)
-    from lesionkit.metrics import surface_distances
-
-    d = np.concatenate([np.concatenate(surface_distances(pi, ti)) for pi, ti in
-                        zip((prob > 0.5).numpy()[:, 0], (target > 0.5).numpy()[:, 0])])
-    assert m.compute()["dataset"]["hd95"] == pytest.approx(np.percentile(d, 95, method="inverted_cdf"), abs=1e-6)
+    m.update(prob[:1], target[:1])
+    m.update(prob[1:], target[1:])  # pooled across batches
+    p, t = (prob > 0.5).numpy()[:, 0], (target > 0.5).numpy()[:, 0]
+    # The oracle is scipy's brute-force pairwise distances, not lesionkit's distance transform.
+    d = np.concatenate([np.concatenate(_brute_directed(pi, ti)) for pi, ti in zip(p, t)])
+    want = np.percentile(d, 95, method="inverted_cdf")
+    # The pooled value differs from a mean of per-image values and from either direction alone,
+    # so pooling the wrong set of distances cannot pass.
+    assert want != pytest.approx(np.mean([_brute_hd95(pi, ti) for pi, ti in zip(p, t)]))
+    assert m.compute()["dataset"]["hd95"] == pytest.approx(want, abs=1e-6)
 
 
 def test_empty_mask_conventions():

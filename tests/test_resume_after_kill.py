@@ -52,9 +52,12 @@ def resume_and_compare(full: Path, killed: Path) -> None:
     assert a["epoch"] == b["epoch"] == EPOCHS and a["global_step"] == b["global_step"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    for key in ("state",):  # Adam moments too
-        for i, s in a["optimizer"][key].items():
-            assert torch.equal(s["exp_avg"], b["optimizer"][key][i]["exp_avg"])
+    # Adam's state too: both moments and the step count of every parameter.
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, s in a["optimizer"]["state"].items():
+        assert s.keys() == b["optimizer"]["state"][i].keys() >= {"exp_avg", "exp_avg_sq", "step"}
+        for key, value in s.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][key]), (i, key)
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):

@@ -157,16 +157,40 @@ def test_early_stopping(tmp_path):
 
 
 def test_plateau_scheduler_and_sgd(tmp_path):
+    # lr 1e-6 moves the weights too little to change the validation Dice by the scheduler's
+    # relative threshold (1e-4), so every epoch after the first is "bad"; with patience 0 each one
+    # halves the learning rate for the next epoch (an lr of 0 would hide whether the scheduler acted at all, and cuts
+    # below the scheduler's eps of 1e-8 are skipped).
     cfg = make_config(tmp_path, epochs=3, **{"scheduler.name": "plateau", "scheduler.patience": 0,
-                                             "optim.name": "sgd", "optim.lr": 0.0})
+                                             "scheduler.factor": 0.5, "optim.name": "sgd", "optim.lr": 1e-6,
+                                             "scheduler.min_lr": 0.0})
     trainer, _ = fit(cfg)
-    # lr 0 never improves: the plateau rule fires but 0 * factor stays 0; the state is still saved.
-    assert load_checkpoint(tmp_path / "last.pt")["scheduler"]["num_bad_epochs"] >= 0
     assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert [float(r["lr"]) for r in read_log(tmp_path / "log.csv")] == pytest.approx([1e-6, 1e-6, 5e-7])
+    state = load_checkpoint(tmp_path / "last.pt")["scheduler"]
+    assert state["_last_lr"] == pytest.approx([2.5e-7]) and state["num_bad_epochs"] == 0  # reset by each cut
 
 
-def test_bf16_autocast_on_cpu_and_grad_clip(tmp_path):
-    _, summary = fit(make_config(tmp_path, epochs=1, precision="bf16", grad_clip=1.0))
+def test_bf16_autocast_on_cpu_and_grad_clip(tmp_path, monkeypatch):
+    clip = 1e-3  # far below the gradient norm of an untrained model
+    trainer = Trainer(make_config(tmp_path, epochs=1, precision="bf16", grad_clip=clip),
+                      train_data=Discs(16), val_data=Discs(6, seed=1))
+    dtypes, before, after = set(), [], []
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype) if mod.training else None)
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: before.append(float(clip_grad_norm(*a, **k))))
+
+    def record_grad_norm(optimizer, args, kwargs):  # what the optimizer is about to apply
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        after.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+
+    trainer.optimizer.register_step_pre_hook(record_grad_norm)
+    summary = trainer.fit()
+    assert dtypes == {torch.bfloat16}  # the training forward ran under bf16 autocast
+    assert len(before) == len(after) == summary["global_step"] > 0
+    assert min(before) > 10 * clip  # clipping had work to do
+    assert after == pytest.approx([clip] * len(after), rel=1e-3)  # and the optimizer saw clipped gradients
     assert math.isfinite(summary["last_metrics"]["dataset"]["dice"])
 
 

@@ -99,19 +99,33 @@ def test_pretrained_without_cache_says_how_to_get_the_weights(tmp_path, monkeypa
         create_model("transunet_tiny", pretrained=True)
 
 
-def test_cache_lookup_never_downloads(tmp_path, monkeypatch):
+def test_cache_lookup_finds_the_cached_file_and_never_downloads(tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
+    import socket
+
+    from huggingface_hub import constants
+
     import lesionkit.models.transunet as tu
 
-    calls = []
-    import huggingface_hub
+    # huggingface_hub reads HF_HUB_CACHE once, at import: point the constant itself at this cache.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    connections = []
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    # try_to_load_from_cache reads the cache folder; an empty one holds nothing.
-    found = tu.cached_timm_weights()
-    assert found is None or found.is_file()
-    assert calls == []
+    def no_network(sock, address):
+        connections.append(address)
+        raise OSError(f"the cache lookup opened a connection to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert tu.cached_timm_weights() is None  # an empty cache holds nothing
+    # The file as the hub lays it out: refs/main names the snapshot that holds it.
+    repo = tmp_path / ("models--" + tu.TIMM_WEIGHTS.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    assert tu.cached_timm_weights() == snapshot / "model.safetensors"
+    assert connections == []
 
 
 def _timm_style_state(model: TransUNet, grid: int) -> dict:

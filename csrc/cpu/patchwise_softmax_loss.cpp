@@ -183,7 +183,8 @@ at::Tensor patchwise_softmax_loss_backward_cpu(
     const std::optional<at::Tensor>& mask_in, int64_t patch_size, double beta, bool detach_weights) {
   const PatchGrid g = check_patchwise_inputs(pred_in, target_in, patch_size, beta, mask_in);
   const auto acc_type = patchwise_acc_type(pred_in.scalar_type());
-  check_patchwise_backward_inputs(g, grad_loss, patch_loss_in, weights_in, acc_type);
+  check_patchwise_backward_inputs(g, grad_loss, patch_loss_in, weights_in, acc_type,
+                                  pred_in.device());
   auto grad = at::empty(pred_in.sizes(), pred_in.options());
   if (g.batch == 0) return grad;
 

@@ -17,6 +17,7 @@
 
 #include "../patchwise_softmax_loss.h"
 #include "block_reduce.cuh"
+#include "launch.cuh"
 
 namespace lesionkit {
 namespace {
@@ -135,6 +136,8 @@ __global__ void grad_kernel(const scalar_t* __restrict__ pred, const scalar_t* _
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_softmax_loss_cuda(
     const at::Tensor& pred_in, const at::Tensor& target_in, int64_t patch_size, double beta,
     const std::optional<at::Tensor>& mask_in, bool /*detach_weights: backward only*/) {
+  TORCH_CHECK(pred_in.is_cuda(), "pred should be a CUDA tensor for the CUDA kernel, got one on ",
+              pred_in.device());
   const PatchGrid g = check_patchwise_inputs(pred_in, target_in, patch_size, beta, mask_in);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const auto acc = pred_in.options().dtype(patchwise_acc_type(pred_in.scalar_type()));
@@ -151,12 +154,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_softmax_loss_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "patchwise_softmax_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    patch_loss_kernel<scalar_t, acc_t><<<g.batch * g.patches(), kThreads, 0, stream>>>(
+    patch_loss_kernel<scalar_t, acc_t>
+        <<<cuda::grid_x(g.batch * g.patches(), "batch * patches"), kThreads, 0, stream>>>(
         pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
         patch_loss.mutable_data_ptr<acc_t>(), g.channels, g.height, g.width, g.patch, g.cols,
         g.patches());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    softmax_kernel<scalar_t, acc_t><<<g.batch, kThreads, 0, stream>>>(
+    softmax_kernel<scalar_t, acc_t><<<cuda::grid_x(g.batch, "batch"), kThreads, 0, stream>>>(
         patch_loss.const_data_ptr<acc_t>(), mask ? mask->const_data_ptr<bool>() : nullptr,
         weights.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<scalar_t>(), g.patches(),
         static_cast<acc_t>(1.0 / beta));
@@ -169,12 +173,16 @@ at::Tensor patchwise_softmax_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& pred_in, const at::Tensor& target_in,
     const at::Tensor& patch_loss_in, const at::Tensor& weights_in,
     const std::optional<at::Tensor>& mask_in, int64_t patch_size, double beta, bool detach_weights) {
+  TORCH_CHECK(pred_in.is_cuda(), "pred should be a CUDA tensor for the CUDA kernel, got one on ",
+              pred_in.device());
   const PatchGrid g = check_patchwise_inputs(pred_in, target_in, patch_size, beta, mask_in);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const auto acc_type = patchwise_acc_type(pred_in.scalar_type());
-  check_patchwise_backward_inputs(g, grad_loss, patch_loss_in, weights_in, acc_type);
+  check_patchwise_backward_inputs(g, grad_loss, patch_loss_in, weights_in, acc_type,
+                                  pred_in.device());
   auto grad = at::empty(pred_in.sizes(), pred_in.options());
-  if (g.batch == 0) return grad;
+  // C = 0 leaves nothing to write: a zero-block grid would be an invalid launch.
+  if (grad.numel() == 0) return grad;
 
   const auto pred = pred_in.contiguous();
   const auto target = target_in.contiguous();
@@ -190,7 +198,7 @@ at::Tensor patchwise_softmax_loss_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(),
                                   "patchwise_softmax_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    coefficient_kernel<acc_t><<<g.batch, kThreads, 0, stream>>>(
+    coefficient_kernel<acc_t><<<cuda::grid_x(g.batch, "batch"), kThreads, 0, stream>>>(
         gl.const_data_ptr<acc_t>(), patch_loss.const_data_ptr<acc_t>(),
         weights.const_data_ptr<acc_t>(), mask ? mask->const_data_ptr<bool>() : nullptr,
         coef.mutable_data_ptr<acc_t>(), g.patches(), static_cast<acc_t>(1.0 / beta),

@@ -31,6 +31,7 @@
 
 #include "../selective_scan.h"
 #include "block_reduce.cuh"
+#include "launch.cuh"
 
 namespace lesionkit {
 namespace {
@@ -435,14 +436,16 @@ __global__ void __launch_bounds__(kThreads) scan_backward_kernel(ScanArgs<scalar
 template <bool k2D, typename scalar_t, typename acc_t>
 void launch_forward(const ScanArgs<scalar_t, acc_t>& args, int64_t blocks) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  scan_forward_kernel<k2D, scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(args);
+  scan_forward_kernel<k2D, scalar_t, acc_t>
+      <<<cuda::grid_x(blocks, "batch * dim"), kThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool k2D, typename scalar_t, typename acc_t>
 void launch_backward(const ScanArgs<scalar_t, acc_t>& args, int64_t blocks) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  scan_backward_kernel<k2D, scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(args);
+  scan_backward_kernel<k2D, scalar_t, acc_t>
+      <<<cuda::grid_x(blocks, "batch * dim"), kThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -459,6 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cuda(
     const at::Tensor& B_in, const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
     const std::optional<at::Tensor>& z_in, const std::optional<at::Tensor>& bias_in,
     bool delta_softplus, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(u_in.is_cuda(), "u should be a CUDA tensor for the CUDA kernel, got one on ",
+              u_in.device());
   const ScanShape s = check_selective_scan_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in,
                                                   bias_in);
   const c10::cuda::CUDAGuard guard(u_in.device());
@@ -503,6 +508,8 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
                              const std::optional<at::Tensor>& z_in,
                              const std::optional<at::Tensor>& bias_in, bool delta_softplus,
                              const at::Tensor& checkpoints_in) {
+  TORCH_CHECK(u_in.is_cuda(), "u should be a CUDA tensor for the CUDA kernel, got one on ",
+              u_in.device());
   const ScanShape s = check_selective_scan_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in,
                                                   bias_in);
   const c10::cuda::CUDAGuard guard(u_in.device());
@@ -512,6 +519,10 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
               ", got ", grad_out_in.sizes());
   check_grad_out_type(grad_out_in, u_in.scalar_type());
   check_checkpoints(checkpoints_in, {s.batch, s.dim}, s.length, s.state, acc);
+  check_on_device(u_in.device(), "u",
+                  {{"grad_out", &grad_out_in},
+                   {"grad_last_state", grad_last_in.has_value() ? &*grad_last_in : nullptr},
+                   {"checkpoints", &checkpoints_in}});
   if (grad_last_in.has_value()) {
     TORCH_CHECK(grad_last_in->sizes() == at::IntArrayRef({s.batch, s.dim, s.state}),
                 "grad_last_state should have shape (b, d, n) = (", s.batch, ", ", s.dim, ", ",
@@ -566,6 +577,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_2d_cuda(
     const at::Tensor& x_in, const at::Tensor& dt_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& C_in, const at::Tensor& D_in, const at::Tensor& bias_in, bool dt_softplus,
     std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x_in.is_cuda(), "x should be a CUDA tensor for the CUDA kernel, got one on ",
+              x_in.device());
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto out_type = scan_out_type(x_in.scalar_type(), out_dtype);
@@ -598,6 +611,8 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
                                 const at::Tensor& B_in, const at::Tensor& C_in,
                                 const at::Tensor& D_in, const at::Tensor& bias_in,
                                 bool dt_softplus, const at::Tensor& checkpoints_in) {
+  TORCH_CHECK(x_in.is_cuda(), "x should be a CUDA tensor for the CUDA kernel, got one on ",
+              x_in.device());
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto acc = scan_acc_type(x_in.scalar_type());
@@ -607,6 +622,7 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
   check_grad_out_type(grad_out_in, x_in.scalar_type());
   const int64_t L = s.length();
   check_checkpoints(checkpoints_in, {s.batch, kDirections, s.dim}, L, s.state, acc);
+  check_on_device(x_in.device(), "x", {{"grad_out", &grad_out_in}, {"checkpoints", &checkpoints_in}});
   auto dx_acc = at::zeros(x_in.sizes(), acc_opts);
   auto ddt = at::empty(dt_in.sizes(), dt_in.options());
   auto dB_acc = at::zeros(B_in.sizes(), acc_opts);

@@ -73,7 +73,7 @@ def patchwise_softmax_loss_per_image_reference(
     err = (pred.to(acc) - target.to(acc)).square()  # Eq. 5
     # Eq. 6: mean over each P x P patch and all channels, patches in row-major order.
     patch_loss = err.view(batch, channels, height // p, p, width // p, p).mean(dim=(1, 3, 5))
-    patch_loss = patch_loss.reshape(batch, -1)
+    patch_loss = patch_loss.reshape(batch, (height // p) * (width // p))  # -1 is ambiguous for B = 0
     # Eq. 7 with the max subtracted first, so any beta > 0 is safe.
     logits = patch_loss if mask is None else patch_loss.masked_fill(~mask, float("-inf"))
     shifted = (logits - logits.amax(dim=1, keepdim=True).detach()) / beta

@@ -167,6 +167,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
+    if length == 0:  # nothing to scan: an empty output, the state stays at its zero start
+        out = u * 0
+        return (out, dt.new_zeros(batch, dim, n)) if return_last_state else out
     per_group = dim // groups
     T = chunk_size or max(8, int(length ** 0.5))
     chunks = -(-length // T)
