@@ -99,4 +99,15 @@ TORCH_LIBRARY(lesionkit, m) {
   // and its adjoint cross_merge (B, 4, C, H*W) -> (B, C, H, W); each is the other's backward.
   m.def("cross_scan(Tensor x) -> Tensor");
   m.def("cross_merge(Tensor y, int H, int W) -> Tensor");
+  // Patch cross-attention (GRCSF Eq. 6): q, k (B, h, dk, H, W), v (B, h, dv, H, W); softmax
+  // attention among the P*P positions of every non-overlapping P x P window, read and written
+  // in the NCHW layout. Returns the output (B, h, dv, H, W) and the per-query log-sum-exp
+  // (B, h, H, W) in float (double for double), from which the backward recomputes the softmax.
+  m.def(
+      "patch_cross_attention(Tensor q, Tensor k, Tensor v, int patch_size, float scale) -> "
+      "(Tensor, Tensor)");
+  // Gradients (dq, dk, dv).
+  m.def(
+      "patch_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int patch_size, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -12,10 +12,12 @@ from lesionkit.kernels.backend import (
     use_backend,
 )
 from lesionkit.kernels.info import format_info, info
+from lesionkit.kernels.patch_cross_attention import patch_cross_attention
 from lesionkit.kernels.patchwise_softmax_loss import PatchwiseSoftmaxLoss, patchwise_softmax_loss
 from lesionkit.kernels.reference import (
     cross_merge_reference,
     cross_scan_reference,
+    patch_cross_attention_reference,
     patchwise_softmax_loss_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
@@ -37,6 +39,8 @@ __all__ = [
     "cross_scan_reference",
     "format_info",
     "info",
+    "patch_cross_attention",
+    "patch_cross_attention_reference",
     "patchwise_softmax_loss",
     "patchwise_softmax_loss_reference",
     "requested_backend",

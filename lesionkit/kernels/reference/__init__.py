@@ -1,6 +1,9 @@
 """Pure-PyTorch references of every lesionkit op: the test oracle, the benchmark baseline and
 the fallback where no compiled or Triton kernel can run."""
 
+from lesionkit.kernels.reference.patch_cross_attention import (
+    patch_cross_attention_reference,
+)
 from lesionkit.kernels.reference.patchwise_softmax_loss import (
     patchwise_softmax_loss_per_image_reference,
     patchwise_softmax_loss_reference,
@@ -16,6 +19,7 @@ from lesionkit.kernels.reference.selective_scan import (
 __all__ = [
     "cross_merge_reference",
     "cross_scan_reference",
+    "patch_cross_attention_reference",
     "patchwise_softmax_loss_per_image_reference",
     "patchwise_softmax_loss_reference",
     "selective_scan_2d_reference",
