@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -34,37 +35,71 @@ int64_t window_grain(const WindowGrid& g) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
 }
 
+// 64-byte vectors through GCC / Clang vector extensions: one AVX-512 register (two AVX2 or
+// four SSE registers in a portable build), so the block below stays in registers.
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type load_vec(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store_vec(acc_t* p, typename Vec<acc_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // C (M x N, row stride ldc) = A (M x K, element (m, k) at A[m * sam + k * sak]) times
-// B (K x N, row stride ldb). Four rows of C and kCols columns are kept in a local block across
-// the whole K loop, so each B row is loaded once per four FMAs and C is written once.
+// B (K x N, row stride ldb). A 4-row x 2-vector block of C lives in eight registers across the
+// whole K loop: per k, two vector loads of B, four broadcasts of A and eight FMAs.
 constexpr int64_t kRows = 4;
-constexpr int64_t kCols = 32;
 
 template <typename acc_t>
 void matmul(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t sam, int64_t sak,
             const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t kLanes = sizeof(vec) / sizeof(acc_t);
+  constexpr int64_t kCols = 2 * kLanes;
   int64_t m0 = 0;
   for (; m0 + kRows <= M; m0 += kRows) {
     int64_t n0 = 0;
     for (; n0 + kCols <= N; n0 += kCols) {
-      acc_t acc[kRows][kCols] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* b = B + k * ldb + n0;
-        const acc_t* a = A + m0 * sam + k * sak;
+      vec c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      const acc_t* a = A + m0 * sam;
+      for (int64_t k = 0; k < K; ++k, a += sak) {
+        const vec b0 = load_vec(B + k * ldb + n0), b1 = load_vec(B + k * ldb + n0 + kLanes);
         const acc_t a0 = a[0], a1 = a[sam], a2 = a[2 * sam], a3 = a[3 * sam];
-#pragma omp simd
-        for (int64_t n = 0; n < kCols; ++n) {
-          acc[0][n] += a0 * b[n];
-          acc[1][n] += a1 * b[n];
-          acc[2][n] += a2 * b[n];
-          acc[3][n] += a3 * b[n];
-        }
+        c00 += a0 * b0;
+        c01 += a0 * b1;
+        c10 += a1 * b0;
+        c11 += a1 * b1;
+        c20 += a2 * b0;
+        c21 += a2 * b1;
+        c30 += a3 * b0;
+        c31 += a3 * b1;
       }
-      for (int64_t r = 0; r < kRows; ++r) {
-        std::copy(acc[r], acc[r] + kCols, C + (m0 + r) * ldc + n0);
-      }
+      acc_t* c = C + m0 * ldc + n0;
+      store_vec(c, c00);
+      store_vec(c + kLanes, c01);
+      store_vec(c + ldc, c10);
+      store_vec(c + ldc + kLanes, c11);
+      store_vec(c + 2 * ldc, c20);
+      store_vec(c + 2 * ldc + kLanes, c21);
+      store_vec(c + 3 * ldc, c30);
+      store_vec(c + 3 * ldc + kLanes, c31);
     }
-    if (n0 < N) {  // column tail, same blocking with a runtime width
+    if (n0 < N) {  // column tail: the same rows, a runtime width
       const int64_t width = N - n0;
       for (int64_t r = 0; r < kRows; ++r) std::fill_n(C + (m0 + r) * ldc + n0, width, acc_t(0));
       for (int64_t k = 0; k < K; ++k) {
@@ -110,6 +145,59 @@ inline float softmax_exp(float x) {
 }
 
 inline double softmax_exp(double x) { return std::exp(x); }
+
+// softmax_exp on 16 floats at once (floor done as truncation corrected by the sign).
+inline Vec<float>::type softmax_exp(Vec<float>::type x) {
+  using vf = Vec<float>::type;
+  typedef int32_t vi __attribute__((vector_size(64)));
+  const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf t = x * 1.44269504088896341f + 0.5f;
+  vf n = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
+  n += __builtin_convertvector(n > t, vf);  // -1 where truncation rounded a negative t up
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// row[j] = exp(row[j] * scale - shift) for j < n; returns their sum.
+inline float exp_row(float* row, int64_t n, float scale, float shift) {
+  using vf = Vec<float>::type;
+  constexpr int64_t kLanes = sizeof(vf) / sizeof(float);
+  vf acc = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf e = softmax_exp(load_vec(row + j) * scale - shift);
+    store_vec(row + j, e);
+    acc += e;
+  }
+  float sum = 0;
+  for (int64_t i = 0; i < kLanes; ++i) sum += acc[i];
+  for (; j < n; ++j) {
+    row[j] = softmax_exp(row[j] * scale - shift);
+    sum += row[j];
+  }
+  return sum;
+}
+
+inline double exp_row(double* row, int64_t n, double scale, double shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] * scale - shift);
+    sum += row[j];
+  }
+  return sum;
+}
 
 // Where the window of task `unit` starts: (batch * heads) plane index and the offset of its
 // top-left pixel inside an (H, W) plane.
@@ -160,7 +248,9 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
   const acc_t scale = static_cast<acc_t>(scale_in);
   const int64_t units = g.batch * g.heads * g.windows();
 
-  at::parallel_for(0, units, window_grain(g), [&](int64_t begin, int64_t end) {
+  // scale and the sizes are captured by value: through a reference, the float scale could alias
+  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
+  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
     std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), ot(g.dv * T), s(T * T), pt(T * T);
     for (int64_t unit = begin; unit < end; ++unit) {
       const WindowAt at = window_at(g, unit);
@@ -175,12 +265,7 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
         for (int64_t j = 0; j < T; ++j) m = std::max(m, row[j] * scale);
-        acc_t l = 0;
-#pragma omp simd reduction(+ : l)
-        for (int64_t j = 0; j < T; ++j) {
-          row[j] = softmax_exp(row[j] * scale - m);
-          l += row[j];
-        }
+        const acc_t l = exp_row(row, T, scale, m);
         const acc_t inv = acc_t(1) / l;
         for (int64_t j = 0; j < T; ++j) pt[j * T + i] = row[j] * inv;  // P transposed
         lse_plane[(i / P) * g.width + i % P] = m + std::log(l);
@@ -201,7 +286,9 @@ void backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* 
   const acc_t scale = static_cast<acc_t>(scale_in);
   const int64_t units = g.batch * g.heads * g.windows();
 
-  at::parallel_for(0, units, window_grain(g), [&](int64_t begin, int64_t end) {
+  // scale and the sizes are captured by value: through a reference, the float scale could alias
+  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
+  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
     std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), dot(g.dv * T), ot(g.dv * T);
     std::vector<acc_t> p(T * T), dp(T * T), ds(T * T), dst(T * T), rowterm(T);
     std::vector<acc_t> dqt(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
@@ -226,8 +313,7 @@ void backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* 
       for (int64_t i = 0; i < T; ++i) {
         const acc_t l = lse_plane[(i / P) * g.width + i % P];
         acc_t* row = p.data() + i * T;
-#pragma omp simd
-        for (int64_t j = 0; j < T; ++j) row[j] = softmax_exp(row[j] * scale - l);
+        exp_row(row, T, scale, l);
       }
       // dV_j = sum_i P_ij dO_i;  dP_ij = dO_i . v_j
       matmul(g.dv, T, T, dot.data(), T, 1, p.data(), T, dvt.data(), T);
