@@ -18,7 +18,7 @@ from conftest import backend_params
 
 OP = "patch_cross_attention"
 BACKENDS = backend_params(OP)
-WITH_REFERENCE = BACKENDS + [pytest.param("reference", torch.device("cpu"), id="reference")]
+BACKENDS_AND_REFERENCE = BACKENDS + [pytest.param("reference", torch.device("cpu"), id="reference")]
 
 # (B, h, dk, dv, H, W, P): dk != dv, a single window, non-square maps, patch sizes that are not
 # powers of two (T = 9, 25), dk = 1, P = 1 (each query sees only itself) and P = 16 (T = 256).
@@ -117,7 +117,7 @@ def test_low_precision_error_within_reference_error(backend, device, dtype):
     assert got_err <= 2 * ref_err + 4 * torch.finfo(dtype).eps * exact.abs().max().item()
 
 
-@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_REFERENCE)
 def test_gradcheck_float64(backend, device):
     fast = interpreted(backend, device)
     shape = (1, 1, 3, 2, 4, 4, 2) if fast else (2, 2, 3, 4, 6, 4, 2)
@@ -130,7 +130,7 @@ def test_gradcheck_float64(backend, device):
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
-@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("backend,device", BACKENDS_AND_REFERENCE)
 def test_large_logits_stay_finite(backend, device):
     # Softmax with the row max subtracted: logits of order 1e4 must not overflow.
     q, k, v = make_inputs((1, 1, 4, 4, 8, 8, 4), torch.float32, device, seed=6, magnitude=100.0)
@@ -140,7 +140,7 @@ def test_large_logits_stay_finite(backend, device):
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), leaves))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in WITH_REFERENCE if p.values[0] != "triton"])
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS_AND_REFERENCE if p.values[0] != "triton"])
 def test_more_windows_than_a_grid_dimension_holds(backend, device):
     # 66,049 windows of one pixel (> 65,535): P = 1 attention returns v exactly.
     q, k, v = make_inputs((1, 1, 1, 2, 257, 257, 1), torch.float32, device, seed=7)
@@ -286,7 +286,7 @@ def test_opcheck_triton(backend, device):
 
 
 # The Triton interpreter cannot run inside a compiled graph; on a GPU Triton is compiled too.
-COMPILABLE = [p for p in WITH_REFERENCE if p.values[1].type == "cuda" or p.values[0] != "triton"]
+COMPILABLE = [p for p in BACKENDS_AND_REFERENCE if p.values[1].type == "cuda" or p.values[0] != "triton"]
 
 
 @pytest.mark.parametrize("backend,device", COMPILABLE)
