@@ -91,9 +91,10 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 
 def _blocks(patch_size: int, dk: int, dv: int) -> dict:
     # tl.dot wants every dimension >= 16 and a power of two.
-    return dict(P=patch_size, BLOCK_T=max(16, triton.next_power_of_2(patch_size * patch_size)),
-                BLOCK_DK=max(16, triton.next_power_of_2(dk)),
-                BLOCK_DV=max(16, triton.next_power_of_2(dv)))
+    block_t = max(16, triton.next_power_of_2(patch_size * patch_size))
+    # A (T x T) fp32 tile per program: more warps to hold it once T reaches 256 (P = 16).
+    return dict(P=patch_size, BLOCK_T=block_t, BLOCK_DK=max(16, triton.next_power_of_2(dk)),
+                BLOCK_DV=max(16, triton.next_power_of_2(dv)), num_warps=8 if block_t >= 256 else 4)
 
 
 @triton_op("lesionkit::patch_cross_attention_triton", mutates_args=())
