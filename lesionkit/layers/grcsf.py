@@ -99,10 +99,13 @@ class RegionalCompensationUnit(nn.Module):
             maps are resized to U's size.
         num_maps: residual maps fused (2: mask ratios 0.5 and 0.75).
         heads: attention heads; the query/key width is max(1, C // 8) per head.
+        importance: scale the attention by the per-patch score phi (False: phi = 1, the
+            "w/o Importance Score" ablation of GRCSF Table 3).
     """
 
     def __init__(self, channels: int, patch_size: int, residual_channels: int = 1,
-                 num_maps: int = 2, heads: int = 1, score_hidden: int = 64) -> None:
+                 num_maps: int = 2, heads: int = 1, score_hidden: int = 64,
+                 importance: bool = True) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels should be divisible by heads, got channels={channels}, "
@@ -113,7 +116,7 @@ class RegionalCompensationUnit(nn.Module):
         self.keys = nn.ModuleList(nn.Conv2d(residual_channels, self.key_width, 1) for _ in range(num_maps))
         self.value = nn.Conv2d(channels, channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)  # the outer projection of Eq. 6
-        self.importance = PatchImportance(channels, patch_size, score_hidden)
+        self.importance = PatchImportance(channels, patch_size, score_hidden) if importance else None
         self.weights = nn.Parameter(torch.zeros(num_maps))  # W1, W2
 
     def forward(self, feature: torch.Tensor, residual_maps: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -123,14 +126,14 @@ class RegionalCompensationUnit(nn.Module):
         h = self.heads
         query = self.query(feature).reshape(b, h, -1, height, width)
         value = self.value(feature).reshape(b, h, -1, height, width)
-        score = self.importance(feature)
+        score = self.importance(feature) if self.importance is not None else None
         fused = feature
         for weight, key_proj, rm in zip(self.weights, self.keys, residual_maps):
             rm = F.interpolate(rm.to(feature.dtype), size=(height, width), mode="bilinear",
                                align_corners=False)
             key = key_proj(rm).reshape(b, h, -1, height, width)
             attended = patch_cross_attention(query, key, value, self.patch_size).reshape(b, c, height, width)
-            fused = fused + weight * self.out(attended * score)
+            fused = fused + weight * self.out(attended if score is None else attended * score)
         return fused
 
 
