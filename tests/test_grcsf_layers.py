@@ -70,3 +70,19 @@ def test_rcu_trains_every_parameter():
         rcu(u, [torch.rand(1, 3, 8, 8)])
     with pytest.raises(ValueError, match="divisible by heads"):
         RegionalCompensationUnit(channels=8, patch_size=4, heads=3)
+
+
+def test_rcu_without_importance_is_the_rcu_with_phi_one():
+    torch.manual_seed(4)
+    with_score = RegionalCompensationUnit(channels=16, patch_size=4)
+    without = RegionalCompensationUnit(channels=16, patch_size=4, importance=False)
+    assert without.importance is None
+    missing, unexpected = without.load_state_dict(with_score.state_dict(), strict=False)
+    assert not missing and all(k.startswith("importance.") for k in unexpected)
+    with torch.no_grad():
+        with_score.weights.fill_(0.7), without.weights.fill_(0.7)
+    u, maps = torch.randn(2, 16, 8, 12), [torch.rand(2, 1, 8, 12), torch.rand(2, 1, 8, 12)]
+    with_score.importance.forward = lambda x: torch.ones_like(x[:, :1])
+    torch.testing.assert_close(without(u, maps), with_score(u, maps))
+    with_score.importance.forward = lambda x: torch.full_like(x[:, :1], 0.5)
+    assert (without(u, maps) - with_score(u, maps)).abs().max() > 1e-3
