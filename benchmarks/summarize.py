@@ -20,7 +20,10 @@ def load_rows(path: Path, op: str | None = None) -> tuple[str, dict]:
         info = bench.get("extra_info", {})
         if "provider" not in info or (op and info.get("op") != op):
             continue
-        key = (info["op"], info["mode"], tuple(info["shape"]), info.get("min_bytes"))
+        shape = tuple(info["shape"])
+        if "patch_size" in info:  # ops benchmarked at several patch sizes per shape
+            shape += (f"P{info['patch_size']}",)
+        key = (info["op"], info["mode"], shape, info.get("min_bytes"))
         groups[key][info["provider"]] = bench["stats"]["median"]
     return machine, groups
 

@@ -112,4 +112,15 @@ TORCH_LIBRARY(lesionkit, m) {
   // backend. Returns labels (B, N) int64, centroids (B, k, D) and squared distances (B, N, k)
   // in the accumulation dtype, and the updates run n_iter (B,) int64.
   m.def("kmeans(Tensor x, Tensor init, Tensor tol, int iters) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Patch cross-attention (GRCSF Eq. 6): q, k (B, h, dk, H, W), v (B, h, dv, H, W); softmax
+  // attention among the P*P positions of every non-overlapping P x P window, read and written
+  // in the NCHW layout. Returns the output (B, h, dv, H, W) and the per-query log-sum-exp
+  // (B, h, H, W) in float (double for double), from which the backward recomputes the softmax.
+  m.def(
+      "patch_cross_attention(Tensor q, Tensor k, Tensor v, int patch_size, float scale) -> "
+      "(Tensor, Tensor)");
+  // Gradients (dq, dk, dv).
+  m.def(
+      "patch_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int patch_size, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -14,7 +14,8 @@ def test_every_registered_model_forward_backward(name):
     model = create_model(name, **smoke["kwargs"])
     c, h, w = smoke["input_size"]
     x = torch.rand(2, c, h, w, requires_grad=True)
-    output = model(x)
+    inputs = {key: torch.rand(2, *shape) for key, shape in smoke["inputs"].items()}
+    output = model(x, **inputs)
     out = segmentation_logits(output)
     assert out.shape == (2, 1, h, w)
     assert out.dtype == torch.float32

@@ -14,11 +14,13 @@ from lesionkit.kernels.backend import (
 from lesionkit.kernels.cross_scan import cross_merge, cross_scan
 from lesionkit.kernels.info import format_info, info
 from lesionkit.kernels.kmeans import KMeansResult, kmeans
+from lesionkit.kernels.patch_cross_attention import patch_cross_attention
 from lesionkit.kernels.patchwise_softmax_loss import patchwise_softmax_loss
 from lesionkit.kernels.reference import (
     cross_merge_reference,
     cross_scan_reference,
     kmeans_reference,
+    patch_cross_attention_reference,
     patchwise_softmax_loss_reference,
     selective_scan_2d_reference,
     selective_scan_reference,
@@ -37,6 +39,8 @@ __all__ = [
     "info",
     "kmeans",
     "kmeans_reference",
+    "patch_cross_attention",
+    "patch_cross_attention_reference",
     "patchwise_softmax_loss",
     "patchwise_softmax_loss_reference",
     "requested_backend",

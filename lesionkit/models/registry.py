@@ -14,15 +14,17 @@ F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
 _SMOKE_TESTS: dict[str, dict[str, Any]] = {}
-_DEFAULT_SMOKE = {"kwargs": {}, "input_size": (3, 32, 32)}
+_DEFAULT_SMOKE = {"kwargs": {}, "input_size": (3, 32, 32), "inputs": {}}
 
 
 def register_model(fn: F | None = None, *, smoke_test: dict[str, Any] | None = None):
     """Register ``fn`` under its own name; ``fn(**kwargs)`` must return the model.
 
     ``smoke_test``: how the registry-driven test builds it cheaply, ``{"kwargs": {...},
-    "input_size": (C, H, W)}`` (default: no kwargs, 3x32x32) - e.g. fewer layers for a
-    paper-size transformer whose input size is fixed.
+    "input_size": (C, H, W), "inputs": {name: shape}}`` (default: no kwargs, 3x32x32, no
+    inputs) - e.g. fewer layers for a paper-size transformer whose input size is fixed.
+    ``inputs`` names the extra keyword inputs of ``forward`` and their shapes without the batch
+    (e.g. GRCSF's ``{"residual_maps": (2, H, W)}``); the test passes random tensors for them.
     """
 
     def add(fn: F) -> F:
@@ -37,7 +39,7 @@ def register_model(fn: F | None = None, *, smoke_test: dict[str, Any] | None = N
 
 
 def smoke_test_config(name: str) -> dict[str, Any]:
-    """``{"kwargs": ..., "input_size": (C, H, W)}`` for the registry smoke test of ``name``."""
+    """``{"kwargs": ..., "input_size": (C, H, W), "inputs": {...}}`` for the registry smoke test of ``name``."""
     if name not in _ENTRYPOINTS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return _SMOKE_TESTS[name]

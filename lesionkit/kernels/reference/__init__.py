@@ -3,6 +3,9 @@ the fallback where no compiled or Triton kernel can run."""
 
 from lesionkit.kernels.reference.cross_scan import cross_merge_reference, cross_scan_reference
 from lesionkit.kernels.reference.kmeans import kmeans_reference
+from lesionkit.kernels.reference.patch_cross_attention import (
+    patch_cross_attention_reference,
+)
 from lesionkit.kernels.reference.patchwise_softmax_loss import (
     patchwise_softmax_loss_per_image_reference,
     patchwise_softmax_loss_reference,
@@ -17,6 +20,7 @@ __all__ = [
     "cross_merge_reference",
     "cross_scan_reference",
     "kmeans_reference",
+    "patch_cross_attention_reference",
     "patchwise_softmax_loss_per_image_reference",
     "patchwise_softmax_loss_reference",
     "selective_scan_2d_reference",

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.triton.accumulation import acc_types
 from lesionkit.kernels.reference.patchwise_softmax_loss import check_patchwise_inputs
 
 _PER_IMAGE_BLOCK = 1024
@@ -159,12 +159,6 @@ def _grad_kernel(pred_ptr, target_ptr, coef_ptr, grad_ptr, C, H, W, N, cols,
         tl.store(grad_ptr + offs, (k * (p - t)).to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    """The accumulation dtype (docs/ops.md, Precision) as torch and Triton types."""
-    acc = acc_dtype(dtype)
-    return acc, (tl.float64 if acc == torch.float64 else tl.float32)
-
-
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     # bool tensors are read as bytes; without a mask the pointer is never dereferenced.
     return fallback if mask is None else mask.contiguous().view(torch.uint8)
@@ -215,7 +209,7 @@ def patchwise_softmax_loss_triton(
     target = target.contiguous()
     cols = width // patch_size
     n = (height // patch_size) * cols
-    acc_torch, acc_tl = _acc(pred.dtype)
+    acc_torch, acc_tl = acc_types(pred.dtype)
     loss = pred.new_empty((batch,))
     patch_loss = pred.new_empty((batch, n), dtype=acc_torch)
     weights = pred.new_empty((batch, n), dtype=acc_torch)
@@ -241,7 +235,7 @@ def patchwise_softmax_loss_backward_triton(
     batch, channels, height, width = _check_inputs(pred, target, patch_size, beta, mask)
     cols = width // patch_size
     n = (height // patch_size) * cols
-    acc_torch, acc_tl = _acc(pred.dtype)
+    acc_torch, acc_tl = acc_types(pred.dtype)
     _check_backward_inputs(grad_loss, pred, patch_loss, weights, n, acc_torch)
     pred = pred.contiguous()
     target = target.contiguous()

@@ -1,0 +1,391 @@
+// CPU kernels of lesionkit::patch_cross_attention (GRCSF Eq. 6).
+//
+// One task per (batch, head, window). A task copies the window's q, k, v channel-major into
+// small per-thread tiles (each image row of a window is P contiguous values, so the reads are
+// row copies, and nothing the size of the input is ever materialised), does the window's
+// attention in the accumulation type and writes the output (and the per-query log-sum-exp)
+// straight back into the NCHW layout. The backward recomputes the probabilities from the saved
+// log-sum-exp (flash-attention style) instead of storing the (T x T) matrices of every window.
+// All small products go through one register-blocked kernel whose inner loop runs over a
+// contiguous row, so it vectorises over tokens / channels.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../patch_cross_attention.h"
+
+namespace lesionkit {
+namespace {
+
+// ATen's elementwise grain (~32k multiply-adds per task) in units of one window's work.
+int64_t window_grain(const WindowGrid& g) {
+  const int64_t work = g.tokens() * (g.tokens() + 1) * (g.dk + g.dv);
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work));
+}
+
+// 64-byte vectors through GCC / Clang vector extensions: one AVX-512 register (two AVX2 or
+// four SSE registers in a portable build), so the block below stays in registers.
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename acc_t>
+inline typename Vec<acc_t>::type load_vec(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store_vec(acc_t* p, typename Vec<acc_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C (M x N, row stride ldc) = A (M x K, element (m, k) at A[m * sam + k * sak]) times
+// B (K x N, row stride ldb). A 4-row x 2-vector block of C lives in eight registers across the
+// whole K loop: per k, two vector loads of B, four broadcasts of A and eight FMAs.
+constexpr int64_t kRows = 4;
+
+template <typename acc_t>
+void matmul(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t sam, int64_t sak,
+            const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t kLanes = sizeof(vec) / sizeof(acc_t);
+  constexpr int64_t kCols = 2 * kLanes;
+  int64_t m0 = 0;
+  for (; m0 + kRows <= M; m0 += kRows) {
+    int64_t n0 = 0;
+    for (; n0 + kCols <= N; n0 += kCols) {
+      vec c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+      const acc_t* a = A + m0 * sam;
+      for (int64_t k = 0; k < K; ++k, a += sak) {
+        const vec b0 = load_vec(B + k * ldb + n0), b1 = load_vec(B + k * ldb + n0 + kLanes);
+        const acc_t a0 = a[0], a1 = a[sam], a2 = a[2 * sam], a3 = a[3 * sam];
+        c00 += a0 * b0;
+        c01 += a0 * b1;
+        c10 += a1 * b0;
+        c11 += a1 * b1;
+        c20 += a2 * b0;
+        c21 += a2 * b1;
+        c30 += a3 * b0;
+        c31 += a3 * b1;
+      }
+      acc_t* c = C + m0 * ldc + n0;
+      store_vec(c, c00);
+      store_vec(c + kLanes, c01);
+      store_vec(c + ldc, c10);
+      store_vec(c + ldc + kLanes, c11);
+      store_vec(c + 2 * ldc, c20);
+      store_vec(c + 2 * ldc + kLanes, c21);
+      store_vec(c + 3 * ldc, c30);
+      store_vec(c + 3 * ldc + kLanes, c31);
+    }
+    if (n0 < N) {  // column tail: the same rows, a runtime width
+      const int64_t width = N - n0;
+      for (int64_t r = 0; r < kRows; ++r) std::fill_n(C + (m0 + r) * ldc + n0, width, acc_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* b = B + k * ldb + n0;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const acc_t a = A[(m0 + r) * sam + k * sak];
+          acc_t* c = C + (m0 + r) * ldc + n0;
+#pragma omp simd
+          for (int64_t n = 0; n < width; ++n) c[n] += a * b[n];
+        }
+      }
+    }
+  }
+  for (; m0 < M; ++m0) {  // row tail
+    acc_t* c = C + m0 * ldc;
+    std::fill_n(c, N, acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = A[m0 * sam + k * sak];
+      const acc_t* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// exp for the softmax, in a form the compiler vectorises (std::exp is a scalar libm call):
+// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (split in two constants for
+// precision), exp(r) by the Cephes degree-6 polynomial; about 1 ulp on the clamped range.
+// x below -87.3 (including -inf) gives ~1e-38 instead of 0, which the softmax cannot tell.
+inline float softmax_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return p * two_n;
+}
+
+inline double softmax_exp(double x) { return std::exp(x); }
+
+// softmax_exp on 16 floats at once (floor done as truncation corrected by the sign).
+inline Vec<float>::type softmax_exp(Vec<float>::type x) {
+  using vf = Vec<float>::type;
+  typedef int32_t vi __attribute__((vector_size(64)));
+  const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf t = x * 1.44269504088896341f + 0.5f;
+  vf n = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
+  n += __builtin_convertvector(n > t, vf);  // -1 where truncation rounded a negative t up
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// row[j] = exp(row[j] * scale - shift) for j < n; returns their sum.
+inline float exp_row(float* row, int64_t n, float scale, float shift) {
+  using vf = Vec<float>::type;
+  constexpr int64_t kLanes = sizeof(vf) / sizeof(float);
+  vf acc = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf e = softmax_exp(load_vec(row + j) * scale - shift);
+    store_vec(row + j, e);
+    acc += e;
+  }
+  float sum = 0;
+  for (int64_t i = 0; i < kLanes; ++i) sum += acc[i];
+  for (; j < n; ++j) {
+    row[j] = softmax_exp(row[j] * scale - shift);
+    sum += row[j];
+  }
+  return sum;
+}
+
+inline double exp_row(double* row, int64_t n, double scale, double shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] * scale - shift);
+    sum += row[j];
+  }
+  return sum;
+}
+
+// Where the window of task `unit` starts: (batch * heads) plane index and the offset of its
+// top-left pixel inside an (H, W) plane.
+struct WindowAt {
+  int64_t plane, origin;
+};
+
+inline WindowAt window_at(const WindowGrid& g, int64_t unit) {
+  const int64_t plane = unit / g.windows(), w = unit % g.windows();
+  return {plane, (w / g.cols) * g.patch * g.width + (w % g.cols) * g.patch};
+}
+
+// src (planes, C, H, W) -> tile (C, T) for one window.
+template <typename scalar_t, typename acc_t>
+void gather(const scalar_t* src, int64_t channels, const WindowGrid& g, WindowAt at, acc_t* tile) {
+  const int64_t P = g.patch, T = g.tokens(), HW = g.height * g.width;
+  const scalar_t* base = src + at.plane * channels * HW + at.origin;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t y = 0; y < P; ++y) {
+      const scalar_t* row = base + c * HW + y * g.width;
+      acc_t* dst = tile + c * T + y * P;
+#pragma omp simd
+      for (int64_t x = 0; x < P; ++x) dst[x] = static_cast<acc_t>(row[x]);
+    }
+  }
+}
+
+// tile (C, T) -> dst (planes, C, H, W) for one window.
+template <typename scalar_t, typename acc_t>
+void scatter(const acc_t* tile, int64_t channels, const WindowGrid& g, WindowAt at, scalar_t* dst) {
+  const int64_t P = g.patch, T = g.tokens(), HW = g.height * g.width;
+  scalar_t* base = dst + at.plane * channels * HW + at.origin;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t y = 0; y < P; ++y) {
+      scalar_t* row = base + c * HW + y * g.width;
+      const acc_t* src = tile + c * T + y * P;
+#pragma omp simd
+      for (int64_t x = 0; x < P; ++x) row[x] = static_cast<scalar_t>(src[x]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
+                  at::opmath_type<scalar_t>* lse, const WindowGrid& g, double scale_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.tokens(), P = g.patch;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const int64_t units = g.batch * g.heads * g.windows();
+
+  // scale and the sizes are captured by value: through a reference, the float scale could alias
+  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
+  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), ot(g.dv * T), s(T * T), pt(T * T);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const WindowAt at = window_at(g, unit);
+      gather(q, g.dk, g, at, qt.data());
+      gather(k, g.dk, g, at, kt.data());
+      gather(v, g.dv, g, at, vt.data());
+      // S = Q^T K over channels: S[i, j] = q_i . k_j
+      matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, s.data(), T);
+      acc_t* lse_plane = lse + at.plane * g.height * g.width + at.origin;
+      for (int64_t i = 0; i < T; ++i) {
+        acc_t* row = s.data() + i * T;
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < T; ++j) m = std::max(m, row[j] * scale);
+        const acc_t l = exp_row(row, T, scale, m);
+        const acc_t inv = acc_t(1) / l;
+        for (int64_t j = 0; j < T; ++j) pt[j * T + i] = row[j] * inv;  // P transposed
+        lse_plane[(i / P) * g.width + i % P] = m + std::log(l);
+      }
+      // O = V P^T: o_i = sum_j p_ij v_j, channel-major
+      matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
+      scatter(ot.data(), g.dv, g, at, out);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k,
+                   const scalar_t* v, const scalar_t* out, const at::opmath_type<scalar_t>* lse,
+                   scalar_t* dq, scalar_t* dk, scalar_t* dv, const WindowGrid& g, double scale_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.tokens(), P = g.patch;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const int64_t units = g.batch * g.heads * g.windows();
+
+  // scale and the sizes are captured by value: through a reference, the float scale could alias
+  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
+  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), dot(g.dv * T), ot(g.dv * T);
+    std::vector<acc_t> p(T * T), dp(T * T), ds(T * T), dst(T * T), rowterm(T);
+    std::vector<acc_t> dqt(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const WindowAt at = window_at(g, unit);
+      gather(q, g.dk, g, at, qt.data());
+      gather(k, g.dk, g, at, kt.data());
+      gather(v, g.dv, g, at, vt.data());
+      gather(grad_out, g.dv, g, at, dot.data());
+      gather(out, g.dv, g, at, ot.data());
+      // D_i = dO_i . O_i, the softmax backward's row term.
+      std::fill(rowterm.begin(), rowterm.end(), acc_t(0));
+      for (int64_t c = 0; c < g.dv; ++c) {
+        const acc_t* a = dot.data() + c * T;
+        const acc_t* b = ot.data() + c * T;
+#pragma omp simd
+        for (int64_t i = 0; i < T; ++i) rowterm[i] += a[i] * b[i];
+      }
+      // Recompute P_ij = exp(scale q_i . k_j - lse_i).
+      matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, p.data(), T);
+      const acc_t* lse_plane = lse + at.plane * g.height * g.width + at.origin;
+      for (int64_t i = 0; i < T; ++i) {
+        const acc_t l = lse_plane[(i / P) * g.width + i % P];
+        acc_t* row = p.data() + i * T;
+        exp_row(row, T, scale, l);
+      }
+      // dV_j = sum_i P_ij dO_i;  dP_ij = dO_i . v_j
+      matmul(g.dv, T, T, dot.data(), T, 1, p.data(), T, dvt.data(), T);
+      matmul(T, T, g.dv, dot.data(), 1, T, vt.data(), T, dp.data(), T);
+      // dS_ij = scale P_ij (dP_ij - D_i), kept row-major and transposed
+      for (int64_t i = 0; i < T; ++i) {
+        const acc_t d = rowterm[i];
+        for (int64_t j = 0; j < T; ++j) {
+          const acc_t x = scale * p[i * T + j] * (dp[i * T + j] - d);
+          ds[i * T + j] = x;
+          dst[j * T + i] = x;
+        }
+      }
+      // dQ_i = sum_j dS_ij k_j;  dK_j = sum_i dS_ij q_i
+      matmul(g.dk, T, T, kt.data(), T, 1, dst.data(), T, dqt.data(), T);
+      matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
+      scatter(dqt.data(), g.dk, g, at, dq);
+      scatter(dkt.data(), g.dk, g, at, dk);
+      scatter(dvt.data(), g.dv, g, at, dv);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_cross_attention_cpu(const at::Tensor& q_in,
+                                                             const at::Tensor& k_in,
+                                                             const at::Tensor& v_in,
+                                                             int64_t patch_size, double scale) {
+  const WindowGrid g = check_patch_attention_inputs(q_in, k_in, v_in, patch_size);
+  auto out = at::empty({g.batch, g.heads, g.dv, g.height, g.width}, v_in.options());
+  auto lse = at::empty({g.batch, g.heads, g.height, g.width},
+                       q_in.options().dtype(patch_attention_acc_type(q_in.scalar_type())));
+  if (g.batch == 0 || g.heads == 0) return {out, lse};
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "patch_cross_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                           v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                           lse.mutable_data_ptr<acc_t>(), g, scale);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    int64_t patch_size, double scale) {
+  const WindowGrid g = check_patch_attention_inputs(q_in, k_in, v_in, patch_size);
+  check_patch_attention_backward_inputs(g, q_in, grad_out_in, out_in, lse_in);
+  auto dq = at::empty(q_in.sizes(), q_in.options());
+  auto dk = at::empty(k_in.sizes(), k_in.options());
+  auto dv = at::empty(v_in.sizes(), v_in.options());
+  if (g.batch == 0 || g.heads == 0) return {dq, dk, dv};
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  const auto lse = lse_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "patch_cross_attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                            k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                            out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+                            dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                            dv.mutable_data_ptr<scalar_t>(), g, scale);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace lesionkit
+
+TORCH_LIBRARY_IMPL(lesionkit, CPU, m) {
+  m.impl("patch_cross_attention", &lesionkit::patch_cross_attention_cpu);
+  m.impl("patch_cross_attention_backward", &lesionkit::patch_cross_attention_backward_cpu);
+}

@@ -1,0 +1,119 @@
+"""Public API of the patch cross-attention (GRCSF Eq. 6).
+
+``patch_cross_attention`` validates its inputs, picks a backend (see
+:mod:`lesionkit.kernels.backend`) and calls ``torch.ops.lesionkit.patch_cross_attention`` (cpu,
+cuda), ``torch.ops.lesionkit.patch_cross_attention_triton`` (triton) or the pure-PyTorch
+reference. Fake and autograd registrations of the compiled and Triton ops live here. The ops
+return the output and the per-query log-sum-exp; the backward recomputes the softmax from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lesionkit.kernels import _library
+from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.reference.patch_cross_attention import (
+    check_patch_attention_inputs,
+    patch_cross_attention_with_lse_reference,
+    resolve_scale,
+)
+
+OP = register_op(OpSpec("patch_cross_attention", auto_gpu_order=("cuda", "triton", "reference")))
+
+
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, patch_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.patch_size, ctx.scale = patch_size, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.patch_size, ctx.scale)
+        return dq, dk, dv, None, None
+
+    return backward
+
+
+def _fake_outputs(q, k, v, patch_size):
+    batch, heads, _, height, width = q.shape
+    torch._check(height % patch_size == 0 and width % patch_size == 0)
+    out = v.new_empty((batch, heads, v.shape[2], height, width))
+    return out, q.new_empty((batch, heads, height, width), dtype=acc_dtype(q.dtype))
+
+
+if _library.HAS_OPS:
+
+    @torch.library.register_fake("lesionkit::patch_cross_attention")
+    def _(q, k, v, patch_size, scale):
+        return _fake_outputs(q, k, v, patch_size)
+
+    @torch.library.register_fake("lesionkit::patch_cross_attention_backward")
+    def _(grad_out, q, k, v, out, lse, patch_size, scale):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format))
+
+    torch.library.register_autograd(
+        "lesionkit::patch_cross_attention",
+        _make_backward(torch.ops.lesionkit.patch_cross_attention_backward.default),
+        setup_context=_setup_context,
+    )
+
+_triton_registered = False
+
+
+def _triton_forward():
+    """Import the Triton kernels on first use (importing triton is slow)."""
+    global _triton_registered
+    from lesionkit.kernels.triton import patch_cross_attention as triton_impl
+
+    if not _triton_registered:
+        torch.library.register_autograd(
+            "lesionkit::patch_cross_attention_triton",
+            _make_backward(triton_impl.patch_cross_attention_backward_triton),
+            setup_context=_setup_context,
+        )
+        _triton_registered = True
+    return triton_impl.patch_cross_attention_triton
+
+
+def patch_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    patch_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention inside every non-overlapping P x P window (GRCSF Eq. 6).
+
+    Args:
+        q, k: (B, h, dk, H, W) queries and keys; v: (B, h, dv, H, W) values; one device, H and W
+            multiples of `patch_size`. Mixed dtypes are promoted to a common one.
+        patch_size: side P of the windows; the P*P positions of a window are its tokens and
+            each query attends to the P*P keys of its own window only.
+        scale: multiplies q . k before the softmax; None means 1 / sqrt(dk).
+
+    Returns:
+        (B, h, dv, H, W) in the inputs' dtype (accumulation in float32, float64 for float64).
+    """
+    check_patch_attention_inputs(q, k, v, patch_size, scale)
+    if not q.dtype == k.dtype == v.dtype:
+        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = q.to(common), k.to(common), v.to(common)
+    scale = resolve_scale(scale, q.shape[2])
+    backend = select_backend(OP.name, q.device)
+    if backend == "reference":
+        return patch_cross_attention_with_lse_reference(q, k, v, patch_size, scale)[0]
+    if backend == "triton":
+        return _triton_forward()(q, k, v, patch_size, scale)[0]
+    return torch.ops.lesionkit.patch_cross_attention(q, k, v, patch_size, scale)[0]

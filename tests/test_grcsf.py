@@ -1,0 +1,217 @@
+"""The GRCSF model (UNet++ + GCU + RCU): shapes, switches, gradients, bad inputs, size."""
+
+import pytest
+import torch
+
+from lesionkit.models import create_model, segmentation_logits
+from lesionkit.models.grcsf import GRCSF, scaled_patch_sizes
+
+SMALL = {"widths": (8, 16, 32, 64, 128), "img_size": 64}
+
+
+def small(**kwargs) -> GRCSF:
+    torch.manual_seed(0)
+    return create_model("grcsf_tiny", **{**SMALL, **kwargs}).eval()
+
+
+def inputs(batch=2, size=64, maps=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g), torch.rand(batch, maps, size, size, generator=g)
+
+
+def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Apart by far more than float32 rounding (outputs are O(0.1))."""
+    return (a - b).abs().max().item() > 1e-4
+
+
+def open_rcus(model: GRCSF) -> None:
+    """W1, W2 start at 0 (the RCU starts as the identity) and the default init gives almost
+    uniform attention inside a patch; open the weights and sharpen the keys so the maps matter."""
+    with torch.no_grad():
+        for rcu in model.rcus:
+            rcu.weights.fill_(10.0)
+            for key in rcu.keys:
+                key.weight.mul_(50.0)
+
+
+def test_shapes_and_deep_supervision():
+    x, rm = inputs()
+    assert small()(x, rm).shape == (2, 1, 64, 64)
+    assert small(num_classes=3)(x, residual_maps=rm).shape == (2, 3, 64, 64)
+    out = small(deep_supervision=True)(x, rm)
+    assert out.logits.shape == (2, 1, 64, 64) and len(out.extras) == 4
+    # Other sizes work as long as every RCU stage splits into whole patches.
+    x96, rm96 = inputs(batch=1, size=96)
+    assert small()(x96, rm96).shape == (1, 1, 96, 96)
+
+
+def test_patch_sizes_scale_with_the_input_size():
+    assert scaled_patch_sizes((8, 8, 16), 224, 224) == (8, 8, 16)
+    assert scaled_patch_sizes((8, 8, 16), 224, 512) == (16, 16, 32)  # the paper's orCaScore setting
+    assert scaled_patch_sizes((8, 8, 16), 224, 128) == (4, 4, 8)
+    assert create_model("grcsf_tiny").patch_sizes == (4, 4, 8)
+    m = small()
+    assert m.patch_sizes == (2, 2, 4)
+    # The RCUs sit on the last three decoder stages, top stage last, with its patch size.
+    assert m.rcu_levels == (2, 1, 0)
+    assert [r.patch_size for r in m.rcus] == [2, 2, 4]
+    assert [r.value.in_channels for r in m.rcus] == [64, 32, 16]  # U's channels: widths[level + 1]
+
+
+def test_without_gcu_and_rcu_it_is_the_unetpp_backbone():
+    base = create_model("unetpp_tiny", widths=SMALL["widths"]).eval()
+    m = small(use_gcu=False, use_rcu=False)
+    assert m.gcus is None and m.rcus is None
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in base.parameters())
+    m.backbone.load_state_dict(base.state_dict())
+    x, _ = inputs()
+    torch.testing.assert_close(m(x), base(x))
+
+
+def test_rcu_starts_as_identity_and_then_uses_the_maps():
+    x, rm = inputs()
+    m = small(use_gcu=False)
+    base = small(use_gcu=False, use_rcu=False)
+    base.backbone.load_state_dict(m.backbone.state_dict())
+    torch.testing.assert_close(m(x, rm), base(x))  # W1 = W2 = 0 at init
+    open_rcus(m)
+    out = m(x, rm)
+    assert differs(out, base(x))
+    assert differs(out, m(x, rm.flip(-1)))
+    # Each map has its own weight: closing W2 makes the second map irrelevant.
+    with torch.no_grad():
+        for rcu in m.rcus:
+            rcu.weights[1] = 0
+    rm2 = rm.clone()
+    rm2[:, 1] = torch.rand_like(rm2[:, 1])
+    torch.testing.assert_close(m(x, rm), m(x, rm2))
+    assert differs(m(x, rm), m(x, rm.flip(1)))
+
+
+def test_without_rcu_the_maps_are_optional_and_unused():
+    x, rm = inputs()
+    m = small(use_rcu=False)
+    torch.testing.assert_close(m(x), m(x, rm))
+    assert not any("rcus" in n for n, _ in m.named_parameters())
+
+
+def test_gcu_switch_changes_the_output():
+    x, rm = inputs()
+    with_gcu, without = small(), small(use_gcu=False)
+    without.backbone.load_state_dict(with_gcu.backbone.state_dict())
+    without.rcus.load_state_dict(with_gcu.rcus.state_dict())
+    assert differs(with_gcu(x, rm), without(x, rm))
+    # One GCU per decoder node (every skip concatenation): 4 + 3 + 2 + 1 for 5 levels.
+    assert [len(row) for row in with_gcu.gcus] == [4, 3, 2, 1]
+
+
+def test_later_skip_modes_change_only_the_later_skips():
+    x, rm = inputs()
+    outs = {}
+    for mode in ("add", "reweight", "none"):
+        m = small(gcu_later_skips=mode)
+        outs[mode] = m(x, rm)
+        assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in small().parameters())
+    assert differs(outs["add"], outs["none"])
+    assert differs(outs["reweight"], outs["none"])
+    assert differs(outs["add"], outs["reweight"])
+
+
+def test_importance_score_switch():
+    x, rm = inputs()
+    with_score, without = small(), small(use_importance_score=False)
+    assert all(r.importance is not None for r in with_score.rcus)
+    assert all(r.importance is None for r in without.rcus)
+    missing, unexpected = without.load_state_dict(with_score.state_dict(), strict=False)
+    assert not missing and unexpected and all(".importance." in k for k in unexpected)
+    open_rcus(with_score), open_rcus(without)
+    assert differs(with_score(x, rm), without(x, rm))
+
+
+def test_number_of_maps_and_channels_per_map():
+    x, _ = inputs()
+    m = small(num_residual_maps=1)
+    assert m(x, torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match=r"residual_maps should be \(B=2, 1, 64, 64\)"):
+        m(x, torch.rand(2, 2, 64, 64))
+    rgb = small(residual_channels=3)  # RGB residual maps: 2 maps x 3 channels
+    assert rgb(x, torch.rand(2, 6, 64, 64)).shape == (2, 1, 64, 64)
+    assert rgb.rcus[0].keys[0].in_channels == 3
+
+
+def test_fewer_rcu_stages():
+    m = small(patch_sizes=(16,), patch_reference_size=224, img_size=64)
+    assert m.rcu_levels == (0,) and m.patch_sizes == (4,)  # 16 * 64 / 224 = 4.6 -> divisor 4
+    x, rm = inputs()
+    assert m(x, rm).shape == (2, 1, 64, 64)
+
+
+def test_gradients_reach_every_parameter_and_input():
+    # SE reduction 2: at these widths the default 16 leaves SE one hidden ReLU unit, which a
+    # seed can leave dead (zero gradient) - a property of the tiny width, not of the wiring.
+    m = small(se_reduction=2).train()
+    open_rcus(m)
+    x, rm = inputs()
+    x.requires_grad_(True), rm.requires_grad_(True)
+    m(x, rm).square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0 and rm.grad.abs().sum() > 0
+
+
+def test_bad_inputs_name_the_argument():
+    m = small()
+    x, rm = inputs()
+    with pytest.raises(ValueError, match="residual_maps are required when use_rcu=True"):
+        m(x)
+    with pytest.raises(ValueError, match=r"residual_maps should be \(B=2, 2, 64, 64\).*got \(2, 3, 64, 64\)"):
+        m(x, torch.rand(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"residual_maps should be.*got \(2, 2, 32, 32\)"):
+        m(x, torch.rand(2, 2, 32, 32))
+    with pytest.raises(ValueError, match=r"residual_maps should be.*got \(1, 2, 64, 64\)"):
+        m(x, rm[:1])
+    with pytest.raises(ValueError, match="residual_maps should be a tensor"):
+        m(x, [rm[:, :1], rm[:, 1:]])
+    with pytest.raises(ValueError, match=r"image should be \(B, 3, H, W\)"):
+        m(x[:, :1], rm)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        m(x[..., :56, :56], rm[..., :56, :56])
+    # 80 px is a multiple of 16, but its level-2 stage (20 px) does not split into 8 x 8 patches.
+    m8 = small(patch_sizes=(8, 8, 8), patch_reference_size=64)
+    x80, rm80 = inputs(batch=1, size=80)
+    with pytest.raises(ValueError, match=r"does not split into the RCU's 8x8 patches at decoder level 2"):
+        m8(x80, rm80)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("gcu_later_skips", "sum", "gcu_later_skips should be one of"),
+    ("patch_sizes", (8, 8, 8, 8, 8), "patch_sizes should list 1 to 4"),
+    ("num_residual_maps", 0, "num_residual_maps and residual_channels should be >= 1"),
+    ("img_size", 100, "img_size should be a positive multiple of 16"),
+])
+def test_bad_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        small(**{field: value})
+
+
+def test_paper_size_parameter_count():
+    # GRCSF reports 42.85M (Table 1); ours is 39.36M at 1 input channel - see docs/grcsf.md.
+    m = create_model("grcsf_unetpp", in_chans=1)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(m.backbone) == 36_628_481  # unetpp, the paper's 36.63M
+    assert count(m.gcus) == 1_956_560
+    assert count(m.rcus) == 771_836
+    assert count(m) == 39_356_877
+    assert m.patch_sizes == (8, 8, 16)
+
+
+def test_registered_and_smoke_config_passes_maps():
+    from lesionkit.models import smoke_test_config
+    for name in ("grcsf_unetpp", "grcsf_tiny"):
+        smoke = smoke_test_config(name)
+        assert smoke["inputs"] == {"residual_maps": (2, 64, 64)}
+        model = create_model(name, **smoke["kwargs"])
+        x = torch.rand(1, *smoke["input_size"])
+        out = segmentation_logits(model(x, **{k: torch.rand(1, *s) for k, s in smoke["inputs"].items()}))
+        assert out.shape == (1, 1, 64, 64)

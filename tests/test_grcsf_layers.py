@@ -1,0 +1,88 @@
+"""GRCSF's GCU (Eq. 1-2) and RCU (Eq. 6) layers."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import lesionkit.kernels as K
+from lesionkit.layers.grcsf import GlobalCompensationUnit, PatchImportance, RegionalCompensationUnit
+
+
+def test_gcu_matches_eq_1_2_written_out():
+    torch.manual_seed(0)
+    gcu = GlobalCompensationUnit(skip_channels=8, down_channels=16, up_channels=16).eval()
+    skip, down, up = torch.randn(2, 8, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 8, 12)
+    out, residual = gcu(skip, down, up)
+    re_up = F.interpolate(gcu.align_down(down), size=(8, 12), mode="bilinear", align_corners=False)
+    a = re_up * gcu.se_up(gcu.align_up(up))
+    b = gcu.se_skip(skip)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    torch.testing.assert_close(residual.squeeze(1), cos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, cos.unsqueeze(1) * skip + skip)
+    assert residual.abs().max() <= 1 + 1e-6
+    with pytest.raises(ValueError, match="skip feature's size"):
+        gcu(skip, down, torch.randn(2, 16, 4, 6))
+
+
+def test_patch_importance_is_one_score_per_patch():
+    torch.manual_seed(1)
+    phi = PatchImportance(channels=4, patch_size=4, hidden=8)
+    x = torch.randn(2, 4, 8, 12)
+    score = phi(x)
+    assert score.shape == (2, 1, 8, 12) and ((score > 0) & (score < 1)).all()
+    blocks = score.reshape(2, 2, 4, 3, 4)
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+    # A patch's score depends on that patch only.
+    x2 = x.clone()
+    x2[..., :4, :4] += 1.0
+    changed = (phi(x2) != score)
+    assert changed[..., :4, :4].all() and not changed[..., 4:, :].any() and not changed[..., :4, 4:].any()
+
+
+def test_rcu_starts_as_identity_and_matches_eq_6():
+    torch.manual_seed(2)
+    rcu = RegionalCompensationUnit(channels=16, patch_size=4, heads=2)
+    u = torch.randn(2, 16, 8, 8)
+    maps = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)]
+    torch.testing.assert_close(rcu(u, maps), u)  # W1 = W2 = 0 at start (SAGAN's gamma)
+    with torch.no_grad():
+        rcu.weights.copy_(torch.tensor([0.7, -0.3]))
+    got = rcu(u, maps)
+    q = rcu.query(u).reshape(2, 2, -1, 8, 8)
+    v = rcu.value(u).reshape(2, 2, -1, 8, 8)
+    want = u.clone()
+    for w, key_proj, rm in zip(rcu.weights, rcu.keys, maps):
+        k = key_proj(F.interpolate(rm, size=(8, 8), mode="bilinear", align_corners=False)).reshape(2, 2, -1, 8, 8)
+        attn = K.patch_cross_attention_reference(q, k, v, 4).reshape(2, 16, 8, 8)
+        want = want + w * rcu.out(attn * rcu.importance(u))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rcu_trains_every_parameter():
+    torch.manual_seed(3)
+    rcu = RegionalCompensationUnit(channels=8, patch_size=4, residual_channels=3)
+    with torch.no_grad():
+        rcu.weights.fill_(0.5)
+    u = torch.randn(1, 8, 8, 8, requires_grad=True)
+    rcu(u, [torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)]).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rcu.parameters())
+    with pytest.raises(ValueError, match="residual_maps should hold 2 maps, got 1"):
+        rcu(u, [torch.rand(1, 3, 8, 8)])
+    with pytest.raises(ValueError, match="divisible by heads"):
+        RegionalCompensationUnit(channels=8, patch_size=4, heads=3)
+
+
+def test_rcu_without_importance_is_the_rcu_with_phi_one():
+    torch.manual_seed(4)
+    with_score = RegionalCompensationUnit(channels=16, patch_size=4)
+    without = RegionalCompensationUnit(channels=16, patch_size=4, importance=False)
+    assert without.importance is None
+    missing, unexpected = without.load_state_dict(with_score.state_dict(), strict=False)
+    assert not missing and all(k.startswith("importance.") for k in unexpected)
+    with torch.no_grad():
+        with_score.weights.fill_(0.7), without.weights.fill_(0.7)
+    u, maps = torch.randn(2, 16, 8, 12), [torch.rand(2, 1, 8, 12), torch.rand(2, 1, 8, 12)]
+    with_score.importance.forward = lambda x: torch.ones_like(x[:, :1])
+    torch.testing.assert_close(without(u, maps), with_score(u, maps))
+    with_score.importance.forward = lambda x: torch.full_like(x[:, :1], 0.5)
+    assert (without(u, maps) - with_score(u, maps)).abs().max() > 1e-3
