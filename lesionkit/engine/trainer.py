@@ -38,6 +38,7 @@ from lesionkit.engine.checkpoint import capture_rng_state, checkpoint_header, lo
 from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.distributed import DistributedContext
 from lesionkit.engine.evaluation import autocast_context, evaluate
+from lesionkit.engine.param_groups import parameter_groups
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
 from lesionkit.models import create_model, segmentation_logits
 
@@ -298,7 +299,8 @@ class Trainer:
     def configure_optimizers(self):
         """``(optimizer, scheduler or None)`` for the current stage."""
         o = self.cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Parameters marked _no_weight_decay (SS2D's A_logs, Ds) get a group without decay.
+        params = parameter_groups(self.model, o.weight_decay)
         if o.name == "sgd":
             opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
         elif o.name == "adam":
