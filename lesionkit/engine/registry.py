@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 TRAINER_MODULES: dict[str, str] = {
     "segmentation": "lesionkit.engine.trainer",
     "segmae": "lesionkit.engine.segmae_trainer",
+    "cmssm": "lesionkit.engine.cmssm_trainer",
 }
 
 TRAINERS: dict[str, type[Trainer]] = {}

@@ -44,6 +44,7 @@ from lesionkit.engine.checkpoint import capture_rng_state, checkpoint_header, lo
 from lesionkit.engine.config import TrainConfig, load_train_config
 from lesionkit.engine.distributed import DistributedContext
 from lesionkit.engine.evaluation import autocast_context, evaluate, flatten_metrics, monitor_value, plain_metrics
+from lesionkit.engine.param_groups import parameter_groups
 from lesionkit.engine.registry import TRAINERS, get_trainer_class, register_trainer
 from lesionkit.engine.run_log import RunLog
 from lesionkit.engine.runtime import (
@@ -217,7 +218,8 @@ class Trainer:
     def configure_optimizers(self):
         """``(optimizer, scheduler or None)`` for the current stage."""
         o = self.cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Parameters marked _no_weight_decay (SS2D's A_logs, Ds) get a group without decay.
+        params = parameter_groups(self.model, o.weight_decay)
         if o.name == "sgd":
             opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
         elif o.name == "adam":
