@@ -252,6 +252,32 @@ def test_warmup_cosine_and_poly_shapes():
     assert poly[6] == pytest.approx(0.5) and poly[-1] == pytest.approx(0.0)
 
 
+def test_periodic_cosine_follows_torch_cosine_annealing():
+    # scheduler.t_max_epochs reproduces CosineAnnealingLR(T_max, eta_min) stepped once an epoch
+    # (VM-UNet / CM-SSM: T_max 50 over 300 epochs): down, back up, down again.
+    from lesionkit.engine.config import SchedulerConfig
+    from lesionkit.engine.schedulers import build_scheduler
+
+    def run(make, epochs=12, steps_per_epoch=3):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = make(opt)
+        out = []
+        for _ in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            for _ in range(steps_per_epoch if isinstance(sched, WarmupCosineLR) else 1):
+                opt.step()
+                sched.step()
+        return out
+
+    cfg = SchedulerConfig(name="cosine", min_lr=0.01, t_max_epochs=4)
+    ours = run(lambda opt: build_scheduler(cfg, opt, epochs=12, steps_per_epoch=3))
+    want = run(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.01))
+    assert ours == pytest.approx(want, abs=1e-9)
+    assert ours[4] == pytest.approx(0.01) and ours[8] == pytest.approx(1.0)  # bottom, then top again
+    with pytest.raises(ValueError, match="t_max_epochs"):
+        build_scheduler(SchedulerConfig(name="poly", t_max_epochs=4), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 12, 3)
+
+
 def test_recipe_config_class_is_picked_by_the_trainer_key(tmp_path):
     from dataclasses import dataclass, field
 

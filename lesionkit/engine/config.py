@@ -76,6 +76,10 @@ class SchedulerConfig:
     # "time_budget" (the fraction of time_budget used, so a run cut by its budget still ends
     # at min_lr on any machine; not bit-reproducible).
     horizon: str = "epochs"
+    # Cosine only: the half-period in epochs, as torch's CosineAnnealingLR(T_max) stepped once an
+    # epoch - the lr falls to min_lr over t_max_epochs, rises back over the next t_max_epochs, and
+    # so on (VM-UNet / CM-SSM: 50 over 300 epochs). None: one decay over the whole run.
+    t_max_epochs: float | None = None
 
 
 @dataclass

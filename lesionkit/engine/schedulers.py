@@ -17,10 +17,14 @@ from lesionkit.engine.config import SchedulerConfig
 class WarmupCosineLR(LRScheduler):
     """Linear warm-up from ``min_lr`` to the base lr over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
+                 half_period_steps: int | None = None) -> None:
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = max(0, int(warmup_steps))
         self.min_lr = float(min_lr)
+        # Periodic cosine (torch's CosineAnnealingLR closed form): down over half_period_steps,
+        # up over the next, and so on; None = one decay over total_steps.
+        self.half_period_steps = None if half_period_steps is None else max(1, int(half_period_steps))
         # Fraction of the run done, when the trainer measures it by time (scheduler.horizon
         # "time_budget"); None = count steps.
         self.time_progress: float | None = None
@@ -34,6 +38,8 @@ class WarmupCosineLR(LRScheduler):
     def _factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
+        if self.half_period_steps is not None:
+            return 0.5 * (1.0 + math.cos(math.pi * (step - self.warmup_steps) / self.half_period_steps))
         return 0.5 * (1.0 + math.cos(math.pi * self._decay_progress(step)))
 
     def get_lr(self) -> list[float]:
@@ -60,8 +66,12 @@ def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epoc
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.name == "none":
         return None
+    if cfg.t_max_epochs is not None and (cfg.name != "cosine" or cfg.t_max_epochs <= 0):
+        raise ValueError(f"scheduler.t_max_epochs applies to a cosine schedule and must be > 0, got {cfg.t_max_epochs} "
+                         f"with scheduler.name {cfg.name!r}")
     if cfg.name == "cosine":
-        return WarmupCosineLR(optimizer, total, warmup, cfg.min_lr)
+        half_period = None if cfg.t_max_epochs is None else round(cfg.t_max_epochs * steps_per_epoch)
+        return WarmupCosineLR(optimizer, total, warmup, cfg.min_lr, half_period)
     if cfg.name == "poly":
         return WarmupPolyLR(optimizer, total, warmup, cfg.min_lr, cfg.power)
     if cfg.name == "plateau":
