@@ -298,5 +298,114 @@ CROSS_MERGE = OpProperty(
 )
 test_cross_merge_properties = property_test(CROSS_MERGE)
 
+
+
+# --- patch_cross_attention ---------------------------------------------------------------------
+
+@st.composite
+def attention_cases(draw):
+    return dict(b=draw(sizes(1, 2)), heads=draw(sizes(1, 2)), dk=draw(sizes(1, 5)), dv=draw(sizes(1, 5)),
+                p=draw(sizes(1, 4)), rows=draw(sizes(1, 3)), cols=draw(sizes(1, 3)), dtype=draw(dtypes()),
+                layout=draw(layouts()), scale=draw(st.sampled_from([None, 0.5, 3.0])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def attention_build(case, device):
+    g = generator(case)
+    dtype = getattr(torch, case["dtype"])
+    size = (case["rows"] * case["p"], case["cols"] * case["p"])
+    q = _randn(g, case["b"], case["heads"], case["dk"], *size, dtype=dtype, device=device)
+    k = _randn(g, case["b"], case["heads"], case["dk"], *size, dtype=dtype, device=device)
+    v = _randn(g, case["b"], case["heads"], case["dv"], *size, dtype=dtype, device=device)
+    return dict(q=with_layout(q, case["layout"]), k=with_layout(k, case["layout"]), v=v,
+                patch_size=case["p"], scale=case["scale"])
+
+
+def attention_tolerance(dtype, stage):
+    # float32 softmax over at most 16 tokens: a few ulps, amplified by the logit scale (x10 margin).
+    return FLOAT64_TOL if dtype == torch.float64 else (1e-4, 1e-5)
+
+
+def _att(device, **over):
+    kw = dict(q=torch.rand(1, 2, 3, 8, 8, device=device), k=torch.rand(1, 2, 3, 8, 8, device=device),
+              v=torch.rand(1, 2, 4, 8, 8, device=device), patch_size=4)
+    kw.update(over)
+    return kw
+
+
+PATCH_ATTENTION = OpProperty(
+    op="patch_cross_attention", call=K.patch_cross_attention, cases=attention_cases(), build=attention_build,
+    grad_inputs=("q", "k", "v"), tolerance=attention_tolerance,
+    bad_inputs=(
+        BadInput("wrong rank", lambda d: _att(d, q=torch.rand(2, 3, 8, 8, device=d)), r"q should be a"),
+        BadInput("q and k differ", lambda d: _att(d, k=torch.rand(1, 2, 5, 8, 8, device=d)), "same shape"),
+        BadInput("v of another size", lambda d: _att(d, v=torch.rand(1, 2, 4, 4, 8, device=d)), "v should match q"),
+        BadInput("other device", lambda d: _att(d, v=torch.rand(1, 2, 4, 8, 8, device="meta")), "same device"),
+        BadInput("integer dtype", lambda d: _att(d, k=torch.ones(1, 2, 3, 8, 8, dtype=torch.int64, device=d)),
+                 "floating"),
+        BadInput("H not a multiple of P", lambda d: _att(d, patch_size=3), "multiples of patch_size=3"),
+        BadInput("zero patch size", lambda d: _att(d, patch_size=0), "patch_size should be a positive int"),
+        BadInput("NaN scale", lambda d: _att(d, scale=math.nan), "scale should be a finite number"),
+        BadInput("no channels", lambda d: _att(d, q=torch.rand(1, 2, 0, 8, 8, device=d),
+                                               k=torch.rand(1, 2, 0, 8, 8, device=d)), "at least one channel"),
+    ),
+)
+test_patch_cross_attention_properties = property_test(PATCH_ATTENTION)
+
+
+# --- kmeans ------------------------------------------------------------------------------------
+
+@st.composite
+def kmeans_cases(draw):
+    return dict(b=draw(sizes(1, 4)), k=draw(sizes(1, 3)), per_cluster=draw(sizes(1, 6)), d=draw(sizes(1, 9)),
+                dtype=draw(dtypes()), layout=draw(layouts("contiguous", "transposed", "sliced", "expanded")),
+                init=draw(st.sampled_from(["kmeans++", "farthest"])), iters=draw(st.sampled_from([0, 1, 20])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def kmeans_build(case, device):
+    # k well-separated blobs (centres 20 apart, unit noise), so that float32 and float64 runs
+    # agree on every assignment and the comparison tests the arithmetic, not tie-breaking.
+    g = generator(case)
+    b, k, m, d = case["b"], case["k"], case["per_cluster"], case["d"]
+    centres = 20.0 * torch.randn(b, k, d, generator=g, dtype=torch.float64)
+    centres[..., 0] += 20.0 * torch.arange(k, dtype=torch.float64)
+    x = centres.repeat_interleave(m, dim=1) + torch.randn(b, k * m, d, generator=g, dtype=torch.float64)
+    x = x[:, torch.randperm(k * m, generator=g)]
+    x = with_layout(x.to(device, getattr(torch, case["dtype"])), case["layout"])
+    return dict(x=x, k=k, iters=case["iters"], init=case["init"], seed=case["seed"])
+
+
+def kmeans_tolerance(dtype, stage):
+    # Squared distances up to ~1e4 through |x|^2 - 2 x.c + |c|^2 in float32: ~1e-3 absolute.
+    return (1e-9, 1e-8) if dtype == torch.float64 else (1e-5, 2e-3)
+
+
+def _km(device, **over):
+    kw = dict(x=torch.rand(2, 6, 3, device=device), k=2, seed=0)
+    kw.update(over)
+    return kw
+
+
+KMEANS = OpProperty(
+    op="kmeans", call=K.kmeans, cases=kmeans_cases(), build=kmeans_build, grad_inputs=(),
+    tolerance=kmeans_tolerance,
+    bad_inputs=(
+        BadInput("wrong rank", lambda d: _km(d, x=torch.rand(6, 3, device=d)), r"x should be a \(B, N, D\)"),
+        BadInput("integer dtype", lambda d: _km(d, x=torch.ones(2, 6, 3, dtype=torch.int64, device=d)), "floating"),
+        BadInput("no points", lambda d: _km(d, x=torch.rand(2, 0, 3, device=d)), "N >= 1 points"),
+        BadInput("k = 0", lambda d: _km(d, k=0), "k should be an int >= 1"),
+        BadInput("negative iters", lambda d: _km(d, iters=-1), "iters should be an int >= 0"),
+        BadInput("init of the wrong shape", lambda d: _km(d, init=torch.rand(2, 3, 3, device=d)),
+                 r"init should be a \(B, k, D\)"),
+        BadInput("init on another device", lambda d: _km(d, init=torch.rand(2, 2, 3, device="meta")),
+                 "init should be on x's device"),
+        BadInput("unknown init", lambda d: _km(d, init="random"), "init should be one of"),
+        BadInput("NaN input", lambda d: _km(d, x=torch.full((2, 6, 3), math.nan, device=d)), "x should be finite"),
+    ),
+)
+test_kmeans_properties = property_test(KMEANS)
+
 test_bad_inputs = catalogue_test("test_op_properties",
-                                 ["PATCHWISE", "SCAN", "SCAN_2D", "CROSS_SCAN", "CROSS_MERGE"])
+                                 ["PATCHWISE", "SCAN", "SCAN_2D", "CROSS_SCAN", "CROSS_MERGE",
+                                  "PATCH_ATTENTION", "KMEANS"])
