@@ -26,12 +26,9 @@ def _free_gpu_bytes() -> int:
 
 
 def _patchwise_triton():
-    from lesionkit.kernels.patchwise_softmax_loss import _triton_forward
+    from lesionkit.kernels.patchwise_softmax_loss import _triton
 
-    _triton_forward()  # registers the autograd formula
-    from lesionkit.kernels.triton import patchwise_softmax_loss as impl
-
-    return impl
+    return _triton()  # the Triton module, with its autograd formula registered
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -156,3 +157,17 @@ def _warn_fallback(op: str, reason: str | None) -> None:
         f"kernel here) because {reason}. Set {ENV_VAR}=reference to silence this.",
         RuntimeWarning, stacklevel=3,
     )
+
+
+def lazy_triton_module(name: str, register: Callable[[ModuleType], None]) -> Callable[[], ModuleType]:
+    """A loader of ``lesionkit.kernels.triton.<name>``: imported on first call (importing triton is
+    slow), with ``register(module)`` (the Triton ops' autograd) run once, before first use."""
+
+    @functools.cache
+    def load() -> ModuleType:
+        module = importlib.import_module(f"lesionkit.kernels.triton.{name}")
+        register(module)
+        return module
+
+    return load
+

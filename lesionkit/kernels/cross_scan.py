@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lesionkit.kernels import _library
-from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.cross_scan import (
     DIRECTIONS,
     check_cross_merge_inputs,
@@ -52,28 +52,21 @@ if _library.HAS_OPS:
         setup_context=_cross_merge_setup)
 
 
-_triton_registered = False
+def _register_triton_autograd(triton_impl) -> None:
+    def setup(ctx, inputs, output):
+        ctx.height, ctx.width = inputs[0].shape[-2:]
+
+    torch.library.register_autograd(
+        "lesionkit::cross_scan_triton",
+        lambda ctx, grad: triton_impl.cross_merge_triton(grad, ctx.height, ctx.width),
+        setup_context=setup)
+    torch.library.register_autograd(
+        "lesionkit::cross_merge_triton",
+        lambda ctx, grad: (triton_impl.cross_scan_triton(grad), None, None),
+        setup_context=lambda ctx, inputs, output: None)
 
 
-def _triton_ops():
-    """Import the Triton kernels on first use (importing triton is slow)."""
-    global _triton_registered
-    from lesionkit.kernels.triton import cross_scan as triton_impl
-
-    if not _triton_registered:
-        def setup(ctx, inputs, output):
-            ctx.height, ctx.width = inputs[0].shape[-2:]
-
-        torch.library.register_autograd(
-            "lesionkit::cross_scan_triton",
-            lambda ctx, grad: triton_impl.cross_merge_triton(grad, ctx.height, ctx.width),
-            setup_context=setup)
-        torch.library.register_autograd(
-            "lesionkit::cross_merge_triton",
-            lambda ctx, grad: (triton_impl.cross_scan_triton(grad), None, None),
-            setup_context=lambda ctx, inputs, output: None)
-        _triton_registered = True
-    return triton_impl
+_triton_ops = lazy_triton_module("cross_scan", _register_triton_autograd)
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:

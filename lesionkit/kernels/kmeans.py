@@ -13,7 +13,7 @@ import torch
 
 from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
-from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.kmeans import (
     KMeansResult,
     _empty_result,
@@ -49,19 +49,8 @@ if _library.HAS_OPS:
     torch.library.register_autograd("lesionkit::kmeans", _no_gradient,
                                     setup_context=_setup_context)
 
-_triton_registered = False
-
-
-def _triton_lloyd():
-    """Import the Triton kernel on first use (importing triton is slow)."""
-    global _triton_registered
-    from lesionkit.kernels.triton import kmeans as triton_impl
-
-    if not _triton_registered:
-        torch.library.register_autograd("lesionkit::kmeans_triton", _no_gradient,
-                                        setup_context=_setup_context)
-        _triton_registered = True
-    return triton_impl.kmeans_triton
+_triton = lazy_triton_module("kmeans", lambda t: torch.library.register_autograd(
+    "lesionkit::kmeans_triton", _no_gradient, setup_context=_setup_context))
 
 
 def kmeans(
@@ -107,7 +96,7 @@ def kmeans(
         if backend == "reference":
             out = kmeans_lloyd_reference(x.to(acc_dtype(x.dtype)), start, tol_b, iters)
         elif backend == "triton":
-            out = _triton_lloyd()(x, start, tol_b, iters)
+            out = _triton().kmeans_triton(x, start, tol_b, iters)
         else:
             out = torch.ops.lesionkit.kmeans(x, start, tol_b, iters)
     return KMeansResult(*out)

@@ -13,7 +13,7 @@ import torch
 
 from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
-from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.patch_cross_attention import (
     check_patch_attention_inputs,
     patch_cross_attention_with_lse_reference,
@@ -69,22 +69,9 @@ if _library.HAS_OPS:
         setup_context=_setup_context,
     )
 
-_triton_registered = False
-
-
-def _triton_forward():
-    """Import the Triton kernels on first use (importing triton is slow)."""
-    global _triton_registered
-    from lesionkit.kernels.triton import patch_cross_attention as triton_impl
-
-    if not _triton_registered:
-        torch.library.register_autograd(
-            "lesionkit::patch_cross_attention_triton",
-            _make_backward(triton_impl.patch_cross_attention_backward_triton),
-            setup_context=_setup_context,
-        )
-        _triton_registered = True
-    return triton_impl.patch_cross_attention_triton
+_triton = lazy_triton_module("patch_cross_attention", lambda t: torch.library.register_autograd(
+    "lesionkit::patch_cross_attention_triton", _make_backward(t.patch_cross_attention_backward_triton),
+    setup_context=_setup_context))
 
 
 def patch_cross_attention(
@@ -115,5 +102,5 @@ def patch_cross_attention(
     if backend == "reference":
         return patch_cross_attention_with_lse_reference(q, k, v, patch_size, scale)[0]
     if backend == "triton":
-        return _triton_forward()(q, k, v, patch_size, scale)[0]
+        return _triton().patch_cross_attention_triton(q, k, v, patch_size, scale)[0]
     return torch.ops.lesionkit.patch_cross_attention(q, k, v, patch_size, scale)[0]

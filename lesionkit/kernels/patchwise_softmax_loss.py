@@ -12,7 +12,7 @@ import torch
 
 from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
-from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.patchwise_softmax_loss import (
     check_patchwise_inputs,
     patchwise_softmax_loss_per_image_reference,
@@ -65,22 +65,9 @@ if _library.HAS_OPS:
         setup_context=_setup_context,
     )
 
-_triton_registered = False
-
-
-def _triton_forward():
-    """Import the Triton kernels on first use (importing triton is slow)."""
-    global _triton_registered
-    from lesionkit.kernels.triton import patchwise_softmax_loss as triton_impl
-
-    if not _triton_registered:
-        torch.library.register_autograd(
-            "lesionkit::patchwise_softmax_loss_triton",
-            _make_backward(triton_impl.patchwise_softmax_loss_backward_triton),
-            setup_context=_setup_context,
-        )
-        _triton_registered = True
-    return triton_impl.patchwise_softmax_loss_triton
+_triton = lazy_triton_module("patchwise_softmax_loss", lambda t: torch.library.register_autograd(
+    "lesionkit::patchwise_softmax_loss_triton", _make_backward(t.patchwise_softmax_loss_backward_triton),
+    setup_context=_setup_context))
 
 
 def patchwise_softmax_loss(
@@ -113,7 +100,7 @@ def patchwise_softmax_loss(
         loss = patchwise_softmax_loss_per_image_reference(
             pred, target, patch_size, beta, mask, detach_weights)
     elif backend == "triton":
-        loss = _triton_forward()(pred, target, patch_size, float(beta), mask, detach_weights)[0]
+        loss = _triton().patchwise_softmax_loss_triton(pred, target, patch_size, float(beta), mask, detach_weights)[0]
     else:
         loss = torch.ops.lesionkit.patchwise_softmax_loss(
             pred, target, patch_size, float(beta), mask, detach_weights)[0]
