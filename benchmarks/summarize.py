@@ -14,6 +14,9 @@ from pathlib import Path
 
 def load_rows(path: Path, op: str | None = None) -> tuple[str, dict]:
     data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list); the "
+                         "training-throughput and scan-stage files are written by their own scripts")
     machine = data.get("machine_info", {}).get("lesionkit_machine", path.stem)
     groups: dict = defaultdict(dict)
     for bench in data["benchmarks"]:
@@ -23,7 +26,10 @@ def load_rows(path: Path, op: str | None = None) -> tuple[str, dict]:
         shape = tuple(info["shape"])
         if "patch_size" in info:  # ops benchmarked at several patch sizes per shape
             shape += (f"P{info['patch_size']}",)
-        key = (info["op"], info["mode"], shape, info.get("min_bytes"))
+        if "k" in info:  # k-means: clusters and fixed iterations are part of the problem
+            shape += (f"k{info['k']}", f"{info.get('iters', '?')}it")
+        # Ops without a gradient (k-means) record no mode: their only mode is the forward.
+        key = (info["op"], info.get("mode", "forward"), shape, info.get("min_bytes"))
         groups[key][info["provider"]] = bench["stats"]["median"]
     return machine, groups
 
