@@ -99,7 +99,12 @@ class GRCSFTrainer(Trainer):
                                    self.model.residual_settings)
             return ResidualMapDataset(dataset, cache, command)
 
-        return paired(train, data.train), (None if val is None else paired(val, data.val or data.train))
+        train = paired(train, data.train)
+        val = None if val is None else paired(val, data.val or data.train)
+        for dataset in (train, val):  # fail before training when the maps were never made
+            if dataset is not None and len(dataset):
+                dataset[0]
+        return train, val
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         logits = segmentation_logits(self.forward(batch["image"], residual_maps=batch.get("residual_maps")))
