@@ -85,6 +85,9 @@ class GRCSFTrainer(Trainer):
         recipe, data = self.cfg.grcsf, self.cfg.data
         if not recipe.residual_maps or not self.model.cfg.use_rcu:
             return train, val
+        if not recipe.mae_checkpoint:
+            raise ValueError(f"grcsf.residual_maps={recipe.residual_maps!r} needs grcsf.mae_checkpoint, the MAE "
+                             "the maps were made with (their cache is keyed by its hash)")
         from lesionkit.data.transforms import split_transform_options
         from lesionkit.engine.residual_maps import ResidualMapCache, ResidualMapDataset, make_command
 
