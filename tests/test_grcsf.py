@@ -190,6 +190,7 @@ def test_bad_inputs_name_the_argument():
     ("num_residual_maps", 0, "num_residual_maps and residual_channels should be >= 1"),
     ("img_size", 100, "img_size should be a positive multiple of 16"),
     ("mae", "mae_vit_tiny", "mae should be a dict"),
+    ("residual_kind", "gradcam", "kind should be one of"),
 ])
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

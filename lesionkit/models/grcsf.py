@@ -147,13 +147,15 @@ class GRCSF(nn.Module):
             RegionalCompensationUnit(w[level + 1], p, cfg.residual_channels, cfg.num_residual_maps,
                                      cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score)
             for level, p in zip(self.rcu_levels, self.patch_sizes)) if cfg.use_rcu else None
+        from lesionkit.engine.residual_maps import ResidualMapSettings
+
+        # Checked here even without an MAE, so a bad residual_kind fails when the model is built.
+        self.residual_settings = ResidualMapSettings(tuple(cfg.residual_ratios), cfg.residual_repeats,
+                                                     cfg.residual_kind, cfg.residual_seed)
         self.mae = None
         if cfg.mae is not None:
-            from lesionkit.engine.residual_maps import ResidualMapSettings
             from lesionkit.models.registry import create_model
 
-            self.residual_settings = ResidualMapSettings(tuple(cfg.residual_ratios), cfg.residual_repeats,
-                                                         cfg.residual_kind, cfg.residual_seed)
             self.mae = create_model(cfg.mae["name"], **dict(cfg.mae.get("kwargs") or {}))
             self.mae.requires_grad_(False).eval()
 
