@@ -1,4 +1,4 @@
-"""``lesionkit train | evaluate | predict | demo | configs | data synth | info``."""
+"""``lesionkit train | evaluate | predict | residual-maps | demo | configs | data synth | info``."""
 
 from __future__ import annotations
 
@@ -119,6 +119,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_residual_maps(args: argparse.Namespace) -> int:
+    from lesionkit.engine.residual_maps import ResidualMapSettings, summary_line, write_residual_maps
+    from lesionkit.engine.runtime import resolve_device
+
+    settings = ResidualMapSettings(tuple(args.ratios), args.repeats, args.kind, args.seed)
+    run = write_residual_maps(args.checkpoint, args.data, args.out, settings, image_size=args.image_size,
+                              device=resolve_device(args.device), png=args.png, progress=not args.no_progress,
+                              num_workers=args.num_workers)
+    print(summary_line(run))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lesionkit.engine.demo import run_demo
 
@@ -207,7 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionkit", description="Lesion segmentation: train, evaluate, predict.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,demo,export,configs,data,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,residual-maps,demo,export,configs,data,info}")
 
     p = sub.add_parser("train", help="train a model on a dataset")
     p.add_argument("--model", help="registered model name (lesionkit info lists them)")
@@ -246,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("residual-maps", help="GRCSF's MAE residual maps of a dataset, cached (only changed images are computed)")
+    p.add_argument("--checkpoint", required=True, help="a trained MAE (trainer: mae), e.g. runs/grcsf_mae_tiny_isic2018/best.pt")
+    p.add_argument("--data", required=True, help="data spec of the images, as for train")
+    p.add_argument("--out", required=True, help="cache folder (grcsf.residual_maps of the GRCSF recipe)")
+    p.add_argument("--image-size", type=int, help="default: the size the MAE was trained at; use the GRCSF recipe's")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], metavar="R", help="mask ratios, one map each")
+    p.add_argument("--repeats", type=int, default=5, help="reconstructions averaged per ratio")
+    p.add_argument("--kind", choices=["absdiff", "mse", "ssim"], default="absdiff", help="residual of image and mean reconstruction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", action="store_true", help="also write each map as a 16-bit PNG")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_residual_maps)
 
     p = sub.add_parser("demo", help="train and evaluate on synthetic lesions (no download)")
     p.add_argument("--out", default="demo_out")

@@ -148,3 +148,15 @@ def test_nifti_slices_keep_the_patient(tmp_path):
     (tmp_path / "labelsTr" / "case_b.nii.gz").unlink()
     with pytest.raises(ValueError, match="without a label"):
         NiftiSliceDataset(tmp_path)
+
+
+def test_batch_flips_move_extra_keys_with_the_image():
+    from lesionkit.data.transforms import BatchFlips
+
+    torch.manual_seed(0)
+    image = torch.rand(16, 3, 8, 8)
+    batch = {"image": image, "mask": image[:, :1].clone(), "residual_maps": image[:, 1:].clone(), "id": list(range(16))}
+    out = BatchFlips(0.5, 0.5, 0.5, extra_keys=("residual_maps",))(batch)
+    torch.testing.assert_close(out["mask"], out["image"][:, :1])
+    torch.testing.assert_close(out["residual_maps"], out["image"][:, 1:])
+    assert not torch.equal(out["image"], image)  # something was flipped

@@ -189,6 +189,8 @@ def test_bad_inputs_name_the_argument():
     ("patch_sizes", (8, 8, 8, 8, 8), "patch_sizes should list 1 to 4"),
     ("num_residual_maps", 0, "num_residual_maps and residual_channels should be >= 1"),
     ("img_size", 100, "img_size should be a positive multiple of 16"),
+    ("mae", "mae_vit_tiny", "mae should be a dict"),
+    ("residual_kind", "gradcam", "kind should be one of"),
 ])
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -215,3 +217,22 @@ def test_registered_and_smoke_config_passes_maps():
         x = torch.rand(1, *smoke["input_size"])
         out = segmentation_logits(model(x, **{k: torch.rand(1, *s) for k, s in smoke["inputs"].items()}))
         assert out.shape == (1, 1, 64, 64)
+
+
+def test_a_model_with_its_mae_makes_the_maps_and_keeps_the_mae_frozen():
+    torch.manual_seed(0)
+    mae = {"name": "mae_vit_tiny", "kwargs": {"img_size": 64, "depth": 1}}
+    model = small(mae=mae, residual_repeats=2)
+    assert not any(p.requires_grad for p in model.mae.parameters())
+    model.train()
+    assert not model.mae.training  # frozen: never in training mode
+    from lesionkit.engine.residual_maps import residual_maps
+
+    image = torch.rand(2, 3, 64, 64)
+    maps = residual_maps(model.mae, image, model.residual_settings)
+    assert maps.shape == (2, 2, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), model(image, residual_maps=maps), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="num_residual_maps should equal len"):
+        small(mae=mae, residual_ratios=(0.5,))

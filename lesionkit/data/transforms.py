@@ -51,26 +51,30 @@ class BatchFlips:
     trainer's saved random state reproduces them on resume.
     """
 
-    def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rot90: float = 0.0) -> None:
+    def __init__(self, hflip: float = 0.5, vflip: float = 0.5, rot90: float = 0.0,
+                 extra_keys: tuple[str, ...] = ()) -> None:
         self.probabilities = {"hflip": hflip, "vflip": vflip, "rot90": rot90}
+        # Other (B, C, H, W) entries that must move with the image (GRCSF's residual maps).
+        self.extra_keys = tuple(extra_keys)
 
     def __bool__(self) -> bool:
         return any(self.probabilities.values())
 
     def __call__(self, batch: dict) -> dict:
-        image, mask = batch["image"], batch["mask"]
+        keys = ("image", "mask", *(k for k in self.extra_keys if k in batch))
+        out = {k: batch[k] for k in keys}
+        image = out["image"]
         n = image.shape[0]
         for name, dims in (("hflip", (-1,)), ("vflip", (-2,))):
             p = self.probabilities[name]
             if p:
                 m = (torch.rand(n) < p).to(image.device).view(n, 1, 1, 1)
-                image, mask = torch.where(m, image.flip(dims), image), torch.where(m, mask.flip(dims), mask)
+                out = {k: torch.where(m, v.flip(dims), v) for k, v in out.items()}
         p = self.probabilities["rot90"]
         if p and image.shape[-1] == image.shape[-2]:
             m = (torch.rand(n) < p).to(image.device).view(n, 1, 1, 1)
-            image = torch.where(m, image.transpose(-1, -2), image)
-            mask = torch.where(m, mask.transpose(-1, -2), mask)
-        return {**batch, "image": image, "mask": mask}
+            out = {k: torch.where(m, v.transpose(-1, -2), v) for k, v in out.items()}
+        return {**batch, **out}
 
     def __repr__(self) -> str:
         return f"BatchFlips({', '.join(f'{k}={v}' for k, v in self.probabilities.items())})"

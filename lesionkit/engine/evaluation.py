@@ -40,8 +40,12 @@ def per_image_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, threshold: float = 0.5,
-             precision: str = "fp32", progress: bool = False, desc: str = "eval", hd95: bool = True) -> EvaluationResult:
-    """Run ``model`` over ``loader`` in eval mode; restores the model's train/eval mode after."""
+             precision: str = "fp32", progress: bool = False, desc: str = "eval", hd95: bool = True,
+             model_inputs: tuple[str, ...] = ()) -> EvaluationResult:
+    """Run ``model`` over ``loader`` in eval mode; restores the model's train/eval mode after.
+
+    ``model_inputs``: batch keys passed to the model as keyword inputs when a batch has them
+    (GRCSF's cached ``residual_maps``)."""
     from tqdm import tqdm
 
     from lesionkit.engine.runtime import on_terminal
@@ -55,8 +59,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
         for batch in tqdm(loader, desc=desc, disable=not (progress and on_terminal()), leave=False, mininterval=1.0):
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
+            extra = {k: batch[k].to(device, non_blocking=True) for k in model_inputs if k in batch}
             with autocast_context(device, precision):
-                logits = segmentation_logits(model(image))
+                logits = segmentation_logits(model(image, **extra))
             logits = logits.float()
             metrics.update(logits, mask)
             dice = per_image_dice(logits, mask, threshold).tolist()

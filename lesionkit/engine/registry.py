@@ -18,6 +18,8 @@ TRAINER_MODULES: dict[str, str] = {
     "segmentation": "lesionkit.engine.trainer",
     "segmae": "lesionkit.engine.segmae_trainer",
     "cmssm": "lesionkit.engine.cmssm_trainer",
+    "mae": "lesionkit.engine.mae_trainer",
+    "grcsf": "lesionkit.engine.grcsf_trainer",
 }
 
 TRAINERS: dict[str, type[Trainer]] = {}

@@ -95,6 +95,8 @@ class Trainer:
     # set this: each stage starts with a fresh optimiser and schedule from configure_optimizers,
     # built after on_stage_start, and a resume at a stage boundary does the same.
     optimizer_per_stage = False
+    # Batch keys validation passes to the model besides the image (GRCSF: "residual_maps").
+    model_inputs: tuple[str, ...] = ()
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None,
                  train_data: torch.utils.data.Dataset | None = None, val_data: torch.utils.data.Dataset | None = None,
@@ -480,7 +482,8 @@ class Trainer:
         if self.val_loader is None or not self.dist.is_main:
             return None
         result = evaluate(self.model, self.val_loader, self.device, self.cfg.threshold, self.cfg.precision,
-                          progress=self.cfg.progress, desc="validate", hd95=self.cfg.val_hd95)
+                          progress=self.cfg.progress, desc="validate", hd95=self.cfg.val_hd95,
+                          model_inputs=self.model_inputs)
         return result.metrics
 
     def _validate_and_share(self) -> float | None:

@@ -9,6 +9,7 @@ from lesionkit.models import transunet as _transunet  # noqa: E402,F401
 from lesionkit.models import segmae as _segmae  # noqa: E402,F401
 from lesionkit.models import unetpp as _unetpp  # noqa: E402,F401
 from lesionkit.models import grcsf as _grcsf  # noqa: E402,F401
+from lesionkit.models import mae as _mae  # noqa: E402,F401
 from lesionkit.models import vmunet as _vmunet  # noqa: E402,F401
 from lesionkit.models import cmssm as _cmssm  # noqa: E402,F401
 

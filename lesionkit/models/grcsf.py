@@ -16,7 +16,13 @@ The segmentation network of GRCSF (Sec. 3): a UNet++ (:mod:`lesionkit.models.une
 
 ``forward(image, residual_maps)``: residual_maps (B, num_residual_maps * residual_channels, H, W)
 are the MAE residual maps at the image's size (Eq. 3-5; maps at mask ratios 0.5 and 0.75 by
-default), in the order the RCU's W1, W2 weigh them. They are required whenever ``use_rcu``.
+default), in the order the RCU's W1, W2 weigh them. They are required whenever ``use_rcu``,
+unless the model carries its MAE (``mae={"name": ..., "kwargs": ...}``, set by the ``grcsf``
+trainer from ``grcsf.mae_checkpoint``): then a forward without them computes them with
+:func:`lesionkit.engine.residual_maps.residual_maps` and the ``residual_*`` settings - the same
+maps, seeded per image, as ``lesionkit residual-maps`` caches for training - so a GRCSF
+checkpoint evaluates and predicts on its own. The MAE is frozen (no gradients, always in eval
+mode) and its weights are part of the state dict.
 
 Every part is a switch (GRCSF Tables 3 and 7): ``use_gcu=False, use_rcu=False`` is the UNet++
 baseline (same parameters and output); ``use_rcu=False`` is "GRCSF w/o RCU";
@@ -66,6 +72,13 @@ class GRCSFConfig:
     img_size: int = 224
     rcu_heads: int = 1
     score_hidden: int = 64
+    # The frozen MAE that makes the maps when forward gets none: {"name": "mae_vit_tiny", "kwargs": {...}}.
+    mae: dict | None = None
+    # How it makes them (lesionkit.engine.residual_maps; the residual-maps command's flags).
+    residual_ratios: tuple[float, ...] = (0.5, 0.75)
+    residual_repeats: int = 5
+    residual_kind: str = "absdiff"
+    residual_seed: int = 0
 
     def __post_init__(self) -> None:
         depth = len(self.widths) - 1
@@ -77,6 +90,13 @@ class GRCSFConfig:
         if self.num_residual_maps < 1 or self.residual_channels < 1:
             raise ValueError(f"num_residual_maps and residual_channels should be >= 1, got "
                              f"{self.num_residual_maps} and {self.residual_channels}")
+        if self.mae is not None:
+            if not isinstance(self.mae, dict) or not isinstance(self.mae.get("name"), str):
+                raise ValueError(f"mae should be a dict {{'name': MAE model, 'kwargs': {{...}}}}, got {self.mae!r}")
+            if len(self.residual_ratios) != self.num_residual_maps or self.residual_channels != 1:
+                raise ValueError(f"with an mae, num_residual_maps should equal len(residual_ratios) and "
+                                 f"residual_channels be 1 (one map per ratio), got {self.num_residual_maps}, "
+                                 f"{list(self.residual_ratios)} and {self.residual_channels}")
         reduction = 2 ** depth
         if self.img_size < reduction or self.img_size % reduction or self.patch_reference_size < 1:
             raise ValueError(f"img_size should be a positive multiple of {reduction} and "
@@ -127,6 +147,23 @@ class GRCSF(nn.Module):
             RegionalCompensationUnit(w[level + 1], p, cfg.residual_channels, cfg.num_residual_maps,
                                      cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score)
             for level, p in zip(self.rcu_levels, self.patch_sizes)) if cfg.use_rcu else None
+        from lesionkit.engine.residual_maps import ResidualMapSettings
+
+        # Checked here even without an MAE, so a bad residual_kind fails when the model is built.
+        self.residual_settings = ResidualMapSettings(tuple(cfg.residual_ratios), cfg.residual_repeats,
+                                                     cfg.residual_kind, cfg.residual_seed)
+        self.mae = None
+        if cfg.mae is not None:
+            from lesionkit.models.registry import create_model
+
+            self.mae = create_model(cfg.mae["name"], **dict(cfg.mae.get("kwargs") or {}))
+            self.mae.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "GRCSF":
+        super().train(mode)
+        if self.mae is not None:
+            self.mae.eval()  # frozen: the maps never depend on the mode
+        return self
 
     def _up(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=self.cfg.align_corners)
@@ -161,6 +198,10 @@ class GRCSF(nn.Module):
         if h % self.backbone.reduction or w % self.backbone.reduction:
             raise ValueError(f"image height and width should be multiples of {self.backbone.reduction}, "
                              f"got {h}x{w}")
+        if residual_maps is None and self.mae is not None and cfg.use_rcu:
+            from lesionkit.engine.residual_maps import residual_maps as make_maps
+
+            residual_maps = make_maps(self.mae, image.detach(), self.residual_settings).to(image.dtype)
         maps = self._split_maps(residual_maps, image)
         if self.rcus is not None:
             for level, p in zip(self.rcu_levels, self.patch_sizes):

@@ -25,6 +25,8 @@ def register_model(fn: F | None = None, *, smoke_test: dict[str, Any] | None = N
     inputs) - e.g. fewer layers for a paper-size transformer whose input size is fixed.
     ``inputs`` names the extra keyword inputs of ``forward`` and their shapes without the batch
     (e.g. GRCSF's ``{"residual_maps": (2, H, W)}``); the test passes random tensors for them.
+    ``"task": "reconstruction"`` marks a model that reconstructs instead of segmenting (the MAEs
+    of GRCSF's residual maps): the test checks its ``reconstruction`` instead of logits.
     """
 
     def add(fn: F) -> F:

@@ -1,0 +1,154 @@
+"""GRCSF's MAE and residual maps (Eq. 3-5): the MAE trains, the residuals are right on known
+inputs, the maps are seeded per image, and the residual-maps command caches by content."""
+
+import pytest
+import torch
+from PIL import Image
+
+from lesionkit.cli import main
+from lesionkit.engine.residual_maps import (
+    ResidualMapCache,
+    ResidualMapSettings,
+    image_hash,
+    load_mae,
+    residual,
+    residual_maps,
+    ssim_map,
+)
+from lesionkit.models import create_model
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory):
+    """An mae_vit_tiny at 32 px trained one epoch on 8 synthetic images through the CLI."""
+    out = tmp_path_factory.mktemp("mae")
+    rc = main(["train", "--config", "grcsf_mae_tiny_isic2018", "--data", "synthetic:8", "--epochs", "1",
+               "--batch-size", "4", "--image-size", "32", "--precision", "fp32", "--out", str(out), "--no-progress",
+               "--set", "data.num_workers=0", "model.kwargs.img_size=32", "model.kwargs.depth=1", "time_budget=null",
+               "scheduler.horizon=epochs"])
+    assert rc == 0
+    return out / "last.pt"
+
+
+def test_mae_trains_a_step_and_its_loss_falls():
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny", img_size=32, depth=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    from lesionkit.losses.reconstruction import MAEReconstructionLoss
+
+    loss_fn = MAEReconstructionLoss(16)
+    x = torch.rand(4, 3, 32, 32)
+    losses = []
+    for _ in range(5):
+        torch.manual_seed(1)  # the same masks each step: the loss on them must fall
+        out = model(x, mask_ratio=0.5)
+        loss = loss_fn(out.reconstruction, x, out.mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert out.mask.sum(1).tolist() == [2, 2, 2, 2]  # half of the 2x2 patches
+    assert losses[-1] < losses[0]
+
+
+def test_mae_checkpoint_from_the_cli(mae_checkpoint):
+    mae, state, digest = load_mae(mae_checkpoint)
+    assert state["model_name"] == "mae_vit_tiny" and state["config"]["trainer"] == "mae"
+    assert len(digest) == 16 and not mae.training
+
+
+def test_absdiff_and_mse_on_known_values():
+    image = torch.tensor([0.0, 0.5, 1.0, 0.25]).view(1, 1, 2, 2).expand(1, 2, 2, 2).clone()
+    recon = torch.tensor([0.5, 0.5, 0.0, 1.0]).view(1, 1, 2, 2).expand(1, 2, 2, 2).clone()
+    recon[:, 1] = image[:, 1]  # the second channel is exact: channel mean halves the residual
+    expected_abs = torch.tensor([0.5, 0.0, 1.0, 0.75]).view(1, 1, 2, 2) / 2
+    expected_mse = torch.tensor([0.25, 0.0, 1.0, 0.5625]).view(1, 1, 2, 2) / 2
+    torch.testing.assert_close(residual(image, recon, "absdiff"), expected_abs)
+    torch.testing.assert_close(residual(image, recon, "mse"), expected_mse)
+
+
+def test_ssim_on_known_values():
+    x = torch.rand(1, 3, 24, 24)
+    torch.testing.assert_close(residual(x, x, "ssim"), torch.zeros(1, 1, 24, 24), atol=1e-6, rtol=0)
+    # Constant images a and b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b, c1 = 0.2, 0.7, 0.01**2
+    s = ssim_map(torch.full((1, 1, 16, 16), a), torch.full((1, 1, 16, 16), b))
+    torch.testing.assert_close(s, torch.full_like(s, (2 * a * b + c1) / (a * a + b * b + c1)))
+    # x against its negative in [0, 1]: structure reversed, SSIM below 0, residual above 1/2.
+    assert residual(x, 1 - x, "ssim").mean() > 0.5
+    with pytest.raises(ValueError, match="kind should be one of"):
+        residual(x, x, "l1")
+
+
+def test_maps_are_seeded_per_image_not_per_batch():
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    images = torch.rand(3, 3, 32, 32)
+    settings = ResidualMapSettings(repeats=3)
+    together = residual_maps(mae, images, settings)
+    assert together.shape == (3, 2, 32, 32)
+    alone = torch.cat([residual_maps(mae, images[i:i + 1], settings) for i in (2, 0, 1)])
+    torch.testing.assert_close(alone, together[[2, 0, 1]], atol=1e-6, rtol=0)
+    torch.manual_seed(123)  # the global generator plays no part
+    torch.testing.assert_close(residual_maps(mae, images, settings), together, atol=1e-6, rtol=0)
+    other_seed = residual_maps(mae, images, ResidualMapSettings(repeats=3, seed=1))
+    assert (other_seed - together).abs().max() > 1e-3
+    assert together.min() >= 0 and together.max() <= 1
+    # A different size goes through the MAE at its own size and comes back at the image's.
+    assert residual_maps(mae, torch.rand(1, 3, 48, 40), settings).shape == (1, 2, 48, 40)
+
+
+def test_bad_settings_name_the_value():
+    with pytest.raises(ValueError, match=r"ratios.*\[1.0\]"):
+        ResidualMapSettings(ratios=(1.0,))
+    with pytest.raises(ValueError, match="repeats should be >= 1, got 0"):
+        ResidualMapSettings(repeats=0)
+    with pytest.raises(ValueError, match="kind should be one of"):
+        ResidualMapSettings(kind="gradcam")
+
+
+def test_command_caches_by_image_content(mae_checkpoint, tmp_path, capsys):
+    data = tmp_path / "images"
+    assert main(["data", "synth", "--out", str(data), "--n", "3", "--layout", "folder", "--image-size", "32"]) == 0
+    spec = f"folder:{data}:train"
+    out = tmp_path / "maps"
+    args = ["residual-maps", "--checkpoint", str(mae_checkpoint), "--data", spec, "--out", str(out),
+            "--repeats", "2", "--png", "--no-progress"]
+    assert main(args) == 0
+    assert "3 images, 3 computed, 0 cached" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "3 images, 0 computed, 3 cached" in capsys.readouterr().out
+    # Touch one image: only its maps are computed again.
+    files = sorted(p for p in (data / "train" / "images").iterdir())
+    img = Image.open(files[1]).convert("RGB")
+    img.putpixel((3, 3), (255, 0, 0))
+    img.save(files[1])
+    assert main(args) == 0
+    assert "3 images, 1 computed, 2 cached" in capsys.readouterr().out
+    # Other settings are another cache.
+    assert main([*args[:-4], "--repeats", "3", "--no-progress"]) == 0
+    assert "3 images, 3 computed, 0 cached" in capsys.readouterr().out
+    # The cached maps are what residual_maps gives for the same image (the seeding is per image).
+    from lesionkit.data import from_spec
+
+    mae, _, mae_hash = load_mae(mae_checkpoint)
+    settings = ResidualMapSettings(repeats=2)
+    cache = ResidualMapCache(out, mae_hash, settings)
+    item = from_spec(spec, image_size=32)[1]
+    cached = cache.load(image_hash(item["image"]))
+    torch.testing.assert_close(cached, residual_maps(mae, item["image"][None], settings)[0], atol=1e-3, rtol=0)
+    pngs = sorted((cache.dir / "png").glob("*.png"))
+    assert len(pngs) == 6  # 3 images x 2 ratios, named by image id (the touched one rewritten)
+    png = Image.open(pngs[0])
+    assert png.mode in ("I;16", "I") and png.size == (32, 32)
+
+
+def test_command_rejects_a_checkpoint_that_is_no_mae(tmp_path, capsys):
+    ckpt = tmp_path / "seg"
+    assert main(["train", "--model", "unet_tiny", "--data", "synthetic:4", "--epochs", "1", "--batch-size", "2",
+                 "--image-size", "32", "--out", str(ckpt), "--no-progress", "--set", "data.num_workers=0",
+                 "model.kwargs.widths=[4,8,16]", "data.val_fraction=0"]) == 0
+    capsys.readouterr()
+    assert main(["residual-maps", "--checkpoint", str(ckpt / "last.pt"), "--data", "synthetic:2",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "holds model 'unet_tiny', not an MAE" in capsys.readouterr().err
