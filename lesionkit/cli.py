@@ -68,8 +68,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(checkpoint: str, device_name: str):
-    import torch
-
     from lesionkit.engine import load_checkpoint, model_from_checkpoint
     from lesionkit.engine.runtime import resolve_device
 
@@ -79,7 +77,6 @@ def _load_model(checkpoint: str, device_name: str):
     config = state.get("config", {})
     image_size = int(config.get("data", {}).get("image_size", 256))
     threshold = float(config.get("threshold", 0.5))
-    torch.set_grad_enabled(False)
     return model, device, image_size, threshold, config.get("data", {})
 
 

@@ -17,7 +17,8 @@ MODEL = ["model.kwargs.img_size=32", "model.kwargs.widths=[4,8,8,16,16]", "model
 @pytest.fixture(autouse=True)
 def grad_mode():
     yield
-    torch.set_grad_enabled(True)  # lesionkit evaluate / predict switch gradients off for the process
+    # evaluate / predict run under no_grad inside; the CLI must not switch gradients off for the process
+    assert torch.is_grad_enabled()
 
 
 @pytest.fixture(scope="module")
