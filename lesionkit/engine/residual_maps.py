@@ -33,112 +33,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from lesionkit.layers.patch_masking import patch_mask_to_pixels, random_patch_mask
+from lesionkit.layers.residual_maps import (  # noqa: F401  (re-exported: the command's public names)
+    RESIDUAL_KINDS,
+    ResidualMapSettings,
+    image_hash,
+    residual,
+    residual_maps,
+    ssim_map,
+)
 
-RESIDUAL_KINDS = ("absdiff", "mse", "ssim")
 MAE_MODELS = ("mae_vit_base", "mae_vit_tiny")
-
-
-@dataclass(frozen=True)
-class ResidualMapSettings:
-    ratios: tuple[float, ...] = (0.5, 0.75)
-    repeats: int = 5  # reconstructions averaged per ratio (Table 4: 5 is best)
-    kind: str = "absdiff"  # absdiff | mse | ssim (Table 7)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
-        if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
-            raise ValueError(f"residual map ratios should be one or more mask ratios in (0, 1), got {list(self.ratios)}")
-        if int(self.repeats) < 1:
-            raise ValueError(f"residual map repeats should be >= 1, got {self.repeats}")
-        if self.kind not in RESIDUAL_KINDS:
-            raise ValueError(f"residual map kind should be one of {list(RESIDUAL_KINDS)}, got {self.kind!r}")
-
-    def key(self) -> str:
-        ratios = "-".join(f"{r:g}" for r in self.ratios)
-        return f"r{ratios}_n{self.repeats}_{self.kind}_s{self.seed}"
-
-    def cli_flags(self) -> str:
-        """The ``lesionkit residual-maps`` flags for these settings (defaults left out)."""
-        default = ResidualMapSettings()
-        out = []
-        if self.ratios != default.ratios:
-            out.append("--ratios " + " ".join(f"{r:g}" for r in self.ratios))
-        if self.repeats != default.repeats:
-            out.append(f"--repeats {self.repeats}")
-        if self.kind != default.kind:
-            out.append(f"--kind {self.kind}")
-        if self.seed != default.seed:
-            out.append(f"--seed {self.seed}")
-        return " ".join(out)
-
-
-# ----------------------------------------------------------------------------- residuals
-
-
-def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    x = torch.arange(size, device=device, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x.square() / (2 * sigma**2))
-    return (g / g.sum()).to(dtype)
-
-
-def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
-             data_range: float = 1.0) -> torch.Tensor:
-    """Per-pixel SSIM (Wang et al. 2004) of (B, C, H, W) images, per channel, same shape.
-
-    Local means, variances and covariance over a ``window`` x ``window`` Gaussian (reflect-padded
-    at the borders so the map keeps the image's size)."""
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"x and y should be (B, C, H, W) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    c, dtype = x.shape[1], x.dtype
-    # float64: E[x^2] - E[x]^2 in float32 leaves variance noise comparable to C2 on flat regions.
-    x, y = x.double(), y.double()
-    g = _gaussian_window(window, sigma, x.device, x.dtype)
-    pad = window // 2
-    if min(x.shape[-2:]) <= pad:
-        raise ValueError(f"images should be larger than {pad} pixels for an {window}x{window} SSIM window, got "
-                         f"{x.shape[-2]}x{x.shape[-1]}")
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t, (pad, pad, pad, pad), mode="reflect")
-        t = F.conv2d(t, g.view(1, 1, 1, -1).expand(c, 1, 1, window), groups=c)
-        return F.conv2d(t, g.view(1, 1, -1, 1).expand(c, 1, window, 1), groups=c)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
-    ssim = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return ssim.to(dtype)
-
-
-def residual(image: torch.Tensor, reconstruction: torch.Tensor, kind: str = "absdiff") -> torch.Tensor:
-    """(B, C, H, W) image and reconstruction -> (B, 1, H, W) residual map, averaged over channels."""
-    if image.shape != reconstruction.shape or image.ndim != 4:
-        raise ValueError(f"image and reconstruction should be (B, C, H, W) of one shape, got {tuple(image.shape)} "
-                         f"and {tuple(reconstruction.shape)}")
-    if kind == "absdiff":  # Eq. 3
-        out = (image - reconstruction).abs()
-    elif kind == "mse":
-        out = (image - reconstruction).square()
-    elif kind == "ssim":
-        out = (1 - ssim_map(image, reconstruction)) / 2
-    else:
-        raise ValueError(f"kind should be one of {list(RESIDUAL_KINDS)}, got {kind!r}")
-    return out.mean(dim=1, keepdim=True)
-
-
-# ----------------------------------------------------------------------------- maps
-
-
-def image_hash(image: torch.Tensor) -> str:
-    """Hex digest of one (C, H, W) image tensor's float32 values and shape: the cache key of its maps."""
-    data = image.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256(str(tuple(data.shape)).encode())
-    h.update(data.numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def file_hash(path: str | Path) -> str:
@@ -147,59 +52,6 @@ def file_hash(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def _image_generator(digest: str, seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed((int(digest[:15], 16) + 1_000_003 * int(seed)) % (2**63 - 1))
-
-
-@torch.no_grad()
-def residual_maps(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSettings = ResidualMapSettings()) -> torch.Tensor:
-    """RM_r for each image of (B, C, H, W) ``images`` in [0, 1] and each ratio r: (B, len(ratios), H, W).
-
-    Images whose size differs from the MAE's ``img_size`` are resized for it and the maps resized
-    back (GRCSF Fig. 1). Runs in float32 whatever autocast is active, so a map is the same in
-    every caller."""
-    cfg = mae.cfg
-    if images.ndim != 4 or images.shape[1] != cfg.in_chans:
-        raise ValueError(f"images should be (B, {cfg.in_chans}, H, W) for this MAE (in_chans={cfg.in_chans}), "
-                         f"got {tuple(images.shape)}")
-    was_training = mae.training
-    mae.eval()
-    out = []
-    try:
-        with torch.autocast(images.device.type, enabled=False):
-            for image in images.float():
-                out.append(_maps_of_one(mae, image, settings))
-    finally:
-        mae.train(was_training)
-    return torch.stack(out)
-
-
-def _maps_of_one(mae: nn.Module, image: torch.Tensor, settings: ResidualMapSettings) -> torch.Tensor:
-    size = mae.cfg.img_size
-    h, w = image.shape[-2:]
-    x = image[None]
-    if (h, w) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    p = mae.patch_size
-    grid = (size // p, size // p)
-    gen = _image_generator(image_hash(image), settings.seed)
-    n = settings.repeats
-    batch = x.expand(n, -1, -1, -1)
-    maps = []
-    for ratio in settings.ratios:
-        pm = random_patch_mask(n, grid[0] * grid[1], ratio, generator=gen)  # drawn on the CPU: same on any device
-        pm.ids_keep, pm.ids_restore, pm.mask = (t.to(x.device) for t in (pm.ids_keep, pm.ids_restore, pm.mask))
-        recon = mae(batch, mask=pm).reconstruction.float()
-        masked = patch_mask_to_pixels(pm.mask, p, grid).to(recon.dtype)  # (n, 1, H, W)
-        count = masked.sum(0)
-        mean = torch.where(count > 0, (recon * masked).sum(0) / count.clamp_min(1), x[0])
-        maps.append(residual(x, mean[None], settings.kind)[0, 0])
-    rm = torch.stack(maps)[None]
-    if (h, w) != (size, size):
-        rm = F.interpolate(rm, size=(h, w), mode="bilinear", align_corners=False)
-    return rm[0].clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- cache

@@ -19,7 +19,7 @@ are the MAE residual maps at the image's size (Eq. 3-5; maps at mask ratios 0.5 
 default), in the order the RCU's W1, W2 weigh them. They are required whenever ``use_rcu``,
 unless the model carries its MAE (``mae={"name": ..., "kwargs": ...}``, set by the ``grcsf``
 trainer from ``grcsf.mae_checkpoint``): then a forward without them computes them with
-:func:`lesionkit.engine.residual_maps.residual_maps` and the ``residual_*`` settings - the same
+:func:`lesionkit.layers.residual_maps.residual_maps` and the ``residual_*`` settings - the same
 maps, seeded per image, as ``lesionkit residual-maps`` caches for training - so a GRCSF
 checkpoint evaluates and predicts on its own. The MAE is frozen (no gradients, always in eval
 mode) and its weights are part of the state dict.
@@ -74,7 +74,7 @@ class GRCSFConfig:
     score_hidden: int = 64
     # The frozen MAE that makes the maps when forward gets none: {"name": "mae_vit_tiny", "kwargs": {...}}.
     mae: dict | None = None
-    # How it makes them (lesionkit.engine.residual_maps; the residual-maps command's flags).
+    # How it makes them (lesionkit.layers.residual_maps; the residual-maps command's flags).
     residual_ratios: tuple[float, ...] = (0.5, 0.75)
     residual_repeats: int = 5
     residual_kind: str = "absdiff"
@@ -147,7 +147,7 @@ class GRCSF(nn.Module):
             RegionalCompensationUnit(w[level + 1], p, cfg.residual_channels, cfg.num_residual_maps,
                                      cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score)
             for level, p in zip(self.rcu_levels, self.patch_sizes)) if cfg.use_rcu else None
-        from lesionkit.engine.residual_maps import ResidualMapSettings
+        from lesionkit.layers.residual_maps import ResidualMapSettings
 
         # Checked here even without an MAE, so a bad residual_kind fails when the model is built.
         self.residual_settings = ResidualMapSettings(tuple(cfg.residual_ratios), cfg.residual_repeats,
@@ -199,7 +199,7 @@ class GRCSF(nn.Module):
             raise ValueError(f"image height and width should be multiples of {self.backbone.reduction}, "
                              f"got {h}x{w}")
         if residual_maps is None and self.mae is not None and cfg.use_rcu:
-            from lesionkit.engine.residual_maps import residual_maps as make_maps
+            from lesionkit.layers.residual_maps import residual_maps as make_maps
 
             residual_maps = make_maps(self.mae, image.detach(), self.residual_settings).to(image.dtype)
         maps = self._split_maps(residual_maps, image)
