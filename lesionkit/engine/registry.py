@@ -18,6 +18,7 @@ TRAINER_MODULES: dict[str, str] = {
     "segmentation": "lesionkit.engine.trainer",
     "segmae": "lesionkit.engine.segmae_trainer",
     "cmssm": "lesionkit.engine.cmssm_trainer",
+    "amlp": "lesionkit.engine.amlp_trainer",
 }
 
 TRAINERS: dict[str, type[Trainer]] = {}
