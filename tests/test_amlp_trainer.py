@@ -89,6 +89,18 @@ def test_trainer_masks_come_from_the_kernel_and_follow_the_strategy(tmp_path, mo
         assert torch.equal(mask, expected)
 
 
+def test_switches_leave_their_parts_out(tmp_path):
+    trainer = build_trainer(amlp_config(tmp_path, **{"amlp.arl_weight": 0, "amlp.ccl_weight": 0}))
+    assert not any(p.requires_grad for p in trainer.model.fg_head.parameters())
+    batch, _ = lesion_batch()
+    logs = trainer.optimize(trainer.training_step, batch)
+    assert set(logs) == {"loss", "pred", "mask_ratio"} and torch.equal(logs["loss"], logs["pred"])
+    with pytest.raises(ValueError, match="amlp.strategy should be one of"):
+        amlp_config(tmp_path, **{"amlp.strategy": "lesion_first"})
+    with pytest.raises(ValueError, match="pre-trains amlp_unet"):
+        build_trainer(amlp_config(tmp_path, **{"model.name": "unet_tiny", "model.kwargs": "{}"}))
+
+
 def test_amr_ratio_per_epoch_reaches_the_cap_at_the_last_epoch(tmp_path):
     trainer = build_trainer(amlp_config(tmp_path, epochs=3))
     tau = amr_tau(0.25, 0.75, 3)

@@ -119,6 +119,8 @@ class AMLPTrainer(Trainer):
             raise ValueError(f"trainer 'amlp' pre-trains amlp_unet / amlp_unet_tiny models, got model "
                              f"{self.cfg.model.name!r} ({type(model).__name__})")
         model.head.requires_grad_(False)  # segmentation is not trained while pre-training
+        if self.cfg.amlp.ccl_weight == 0:
+            model.fg_head.requires_grad_(False)  # unused without CCL (and DDP wants no idle parameters)
         return model
 
     def build_loss(self) -> nn.Module:
