@@ -1,4 +1,4 @@
-"""``lesionkit train | evaluate | predict | residual-maps | demo | configs | data synth | info``."""
+"""``lesionkit train | pretrain | evaluate | predict | residual-maps | demo | configs | data synth | info``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
         "data.batch_size": args.batch_size, "out_dir": args.out, "device": args.device,
         "precision": args.precision, "seed": args.seed,
     }
+    # Fine-tuning from a pre-trained checkpoint (train only; pretrain has no such options).
+    pairs.update({"init_from": getattr(args, "init_from", None), "init_parts": getattr(args, "init_parts", None),
+                  "data.label_fraction": getattr(args, "label_fraction", None)})
     out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
     if args.no_progress:
         out.append("progress=false")
@@ -59,6 +62,55 @@ def cmd_train(args: argparse.Namespace) -> int:
         if interrupted:
             print(f"stopped by {stop} at step {summary['global_step']}; {cfg.out_dir}/last.pt holds the state. "
                   f"Resume with: lesionkit train --resume {cfg.out_dir}/last.pt", file=sys.stderr, flush=True)
+    trainer.dist.shutdown()
+    if interrupted:
+        import signal
+
+        return 128 + int(getattr(signal, stop))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """``lesionkit pretrain``: self-supervised pre-training (a recipe with a pre-training trainer, e.g. AMLP)."""
+    from lesionkit.engine import build_trainer, load_checkpoint, load_train_config
+    from lesionkit.engine.amlp_trainer import AMLPTrainConfig
+
+    resume_path = None
+    if args.resume:
+        resume_path = Path(args.resume) if isinstance(args.resume, str) else Path(args.out or "runs/pretrain") / "last.pt"
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint {str(resume_path)!r} does not exist")
+    if args.config is not None:
+        cfg = load_train_config(args.config)
+    elif resume_path is not None:
+        cfg = load_train_config(load_checkpoint(resume_path)["config"])
+    else:
+        raise ValueError("give --config NAME (e.g. amlp_pretrain_tiny_isic2018; lesionkit configs lists them) or --resume")
+    if not isinstance(cfg, AMLPTrainConfig):
+        raise ValueError(f"--config {args.config!r} is a {cfg.trainer!r} recipe; pretrain runs pre-training recipes "
+                         "(trainer: amlp), e.g. amlp_pretrain_tiny_isic2018")
+    pairs = {"data.train": args.data, "data.image_size": args.image_size, "epochs": args.epochs,
+             "time_budget": args.time_budget, "data.batch_size": args.batch_size, "out_dir": args.out,
+             "device": args.device, "precision": args.precision, "seed": args.seed}
+    overrides = [f"{k}={v}" for k, v in pairs.items() if v is not None]
+    if args.no_progress:
+        overrides.append("progress=false")
+    cfg = cfg.with_overrides(overrides + list(args.set or []))
+    trainer = build_trainer(cfg)
+    if resume_path is not None:
+        trainer.resume(resume_path)
+    summary = trainer.fit()
+    stop = summary["stop_reason"]
+    interrupted = stop.startswith("SIG")
+    if trainer.dist.is_main:
+        ips = summary["train_images_per_s"]
+        print(f"pre-trained {summary['epochs']} epochs ({stop}) in {summary['elapsed_s']:.1f} s"
+              f"{f'; {ips:.1f} training images/s' if ips else ''}; wrote {cfg.out_dir}/best.pt (the last epoch's "
+              f"weights), last.pt, log.csv, config.yaml. Fine-tune with: lesionkit train --config ... "
+              f"--init-from {cfg.out_dir}/best.pt", flush=True)
+        if interrupted:
+            print(f"stopped by {stop} at step {summary['global_step']}; {cfg.out_dir}/last.pt holds the state. "
+                  f"Resume with: lesionkit pretrain --resume {cfg.out_dir}/last.pt", file=sys.stderr, flush=True)
     trainer.dist.shutdown()
     if interrupted:
         import signal
@@ -216,7 +268,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionkit", description="Lesion segmentation: train, evaluate, predict.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,residual-maps,demo,export,configs,data,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pretrain,evaluate,predict,residual-maps,demo,export,configs,data,info}")
 
     p = sub.add_parser("train", help="train a model on a dataset")
     p.add_argument("--model", help="registered model name (lesionkit info lists them)")
@@ -235,7 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--init-from", metavar="CKPT", help="start from the matching weights of a checkpoint (e.g. pretrain's best.pt)")
+    p.add_argument("--init-parts", choices=["encoder", "encoder+decoder", "all"],
+                   help="which parts --init-from loads (default: the config's init_parts, encoder)")
+    p.add_argument("--label-fraction", type=float, metavar="F",
+                   help="train on a seeded fraction (0, 1] of the labelled training images, e.g. 0.05")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="self-supervised pre-training on images (AMLP); masks are not used")
+    p.add_argument("--config", help="a pre-training recipe's name (e.g. amlp_pretrain_tiny_isic2018) or a YAML file")
+    p.add_argument("--data", help="images: isic:PATH[:split] | folder:PATH[:split] (masks optional) | ph2:PATH | synthetic:N[:seed]")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", help="output folder (default: the recipe's out_dir)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from OUT/last.pt (or the checkpoint given)")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. amlp.strategy=random")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset")
     p.add_argument("--checkpoint", required=True)

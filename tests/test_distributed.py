@@ -81,6 +81,20 @@ def test_torchrun_segmae_alternating_steps(tmp_path):
     assert last["world_size"] == 2 and last["epoch"] == 1 + 2  # one MAE epoch, two hybrid
 
 
+def test_torchrun_amlp_pretrain(tmp_path):
+    # AMLP on DDP: k-means masking per rank's batch, frozen segmentation head, CCL on.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lesionkit", "pretrain", "--config", "amlp_pretrain_tiny_isic2018", "--data", "synthetic:16:0",
+           "--image-size", "32", "--batch-size", "4", "--epochs", "2", "--out", str(out), "--device", "cpu",
+           "--precision", "fp32", "--no-progress", "--set", "model.kwargs.widths=[4,8,16]", "data.num_workers=0",
+           "channels_last=false", "dist_timeout=60"]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = load_checkpoint(out / "last.pt")
+    assert last["world_size"] == 2 and last["epoch"] == 2 and last["global_step"] == 2 * 2
+
+
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_dead_or_hung_peer_ends_the_run_with_an_error(tmp_path, how):
     # killed: its sockets close and the next collective fails at once; hung (SIGSTOP): the

@@ -41,8 +41,15 @@ class DataConfig:
     # Older spelling of the flips: a list of hflip / vflip / rot90, read as
     # transforms {name: 0.5 if listed else 0}. Folded into `transforms` on load.
     augment: list[str] | None = None
+    # Train on a seeded fraction of the labelled training images (after the validation hold-out):
+    # lesionkit.data.labelled_fraction, seed `label_seed` (None: the run's seed). The subset is
+    # recorded in the checkpoints and restored on resume.
+    label_fraction: float = 1.0
+    label_seed: int | None = None
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"data.label_fraction should be in (0, 1], got {self.label_fraction}")
         if self.augment is not None:
             unknown = sorted(set(self.augment) - {"hflip", "vflip", "rot90"})
             if unknown:
@@ -125,6 +132,10 @@ class TrainConfig:
     tensorboard: bool = False
     sync_batchnorm: bool = False  # distributed: BatchNorm statistics over all ranks' batches
     dist_timeout: float = 300.0  # seconds a collective waits for a peer before failing
+    # Start from the weights of another checkpoint (e.g. `lesionkit pretrain`'s best.pt): the
+    # tensors of `init_parts` whose names and shapes match (lesionkit.engine.init_weights).
+    init_from: str | None = None
+    init_parts: str = "encoder"  # encoder | encoder+decoder | all (every matching tensor)
 
     def __post_init__(self) -> None:
         choices = {
@@ -132,6 +143,7 @@ class TrainConfig:
             "optim.name": (self.optim.name, ("sgd", "adam", "adamw")),
             "scheduler.name": (self.scheduler.name, ("none", "cosine", "poly", "plateau")),
             "scheduler.horizon": (self.scheduler.horizon, ("epochs", "time_budget")),
+            "init_parts": (self.init_parts, ("encoder", "encoder+decoder", "all")),
         }
         for key, (value, valid) in choices.items():
             if value not in valid:

@@ -20,6 +20,7 @@ TRAINER_MODULES: dict[str, str] = {
     "cmssm": "lesionkit.engine.cmssm_trainer",
     "mae": "lesionkit.engine.mae_trainer",
     "grcsf": "lesionkit.engine.grcsf_trainer",
+    "amlp": "lesionkit.engine.amlp_trainer",
 }
 
 TRAINERS: dict[str, type[Trainer]] = {}

@@ -113,12 +113,18 @@ class Trainer:
         set_determinism(config.deterministic, self.device)
 
         seed_everything(config.seed)  # same on every rank: identical initial weights
-        self.model = (model if model is not None else self.build_model()).to(self.device)
+        self.model = model if model is not None else self.build_model()
+        self.init_report = self.load_init_weights() if config.init_from else None
+        self.model = self.model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = loss_fn if loss_fn is not None else self.build_loss()
         if train_data is None:
             train_data, val_data = self.build_datasets()
+        self.full_train_data = train_data
+        self.label_subset = self.select_labelled(train_data)
+        if self.label_subset is not None:
+            train_data = torch.utils.data.Subset(train_data, self.label_subset["indices"])
         self.train_data, self.val_data = train_data, val_data
         self.batch_flips = BatchFlips(**split_transform_options(config.data.transforms)[0])
         seed_everything(config.seed + self.dist.rank)  # augmentation differs between ranks
@@ -187,6 +193,27 @@ class Trainer:
         plain = build_dataset(data.train, data.image_size, eval_tf) if train_tf is not None else train
         train_part, val_part = holdout_split(train, data.val_fraction, self.cfg.seed)
         return train_part, torch.utils.data.Subset(plain, val_part.indices)
+
+    def load_init_weights(self):
+        """``init_from``: the matching tensors of ``init_parts`` from another checkpoint; reports the keys."""
+        from lesionkit.engine.init_weights import load_init_weights
+
+        report = load_init_weights(self.model, self.cfg.init_from, self.cfg.init_parts)
+        if self.dist.is_main:
+            print(report.summary(), flush=True)
+        return report
+
+    def select_labelled(self, train_data: torch.utils.data.Dataset) -> dict | None:
+        """``data.label_fraction`` < 1: the seeded labelled subset (indices into ``train_data``), or None."""
+        data = self.cfg.data
+        if data.label_fraction >= 1.0:
+            return None
+        from lesionkit.data.splits import labelled_fraction
+
+        seed = self.cfg.seed if data.label_seed is None else data.label_seed
+        labelled, _ = labelled_fraction(train_data, data.label_fraction, seed)
+        return {"fraction": data.label_fraction, "seed": seed, "of": len(train_data),
+                "indices": [int(i) for i in labelled.indices], "ids": _sample_ids(train_data, labelled.indices)}
 
     def _num_workers(self) -> int:
         return default_num_workers() if self.cfg.data.num_workers < 0 else self.cfg.data.num_workers
@@ -524,6 +551,7 @@ class Trainer:
             "metrics": self.last_metrics,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "label_subset": self.label_subset,
         })
         if full:
             # Inside an epoch: the batches of epoch `epoch + 1` already trained on, and their loss sums.
@@ -562,12 +590,30 @@ class Trainer:
         self.bad_epochs = int(state["bad_epochs"])
         self.elapsed_before = float(state["elapsed"])
         self.last_metrics = state.get("metrics")
+        self._restore_label_subset(state.get("label_subset"), path)
         self._epoch_batches = int(state.get("epoch_batches", 0))
         self._epoch_sums = {k: float(v) for k, v in (state.get("epoch_sums") or {}).items()}
         if self._epoch_batches >= self.steps_per_epoch:
             raise ValueError(f"checkpoint {str(path)!r} is {self._epoch_batches} batches into an epoch, but an epoch "
                              f"of this run has {self.steps_per_epoch}: resume with the data and batch size it was written with")
         self._resume_state = state
+
+    def _restore_label_subset(self, recorded: dict | None, path) -> None:
+        """Train on the labelled subset the checkpoint recorded (``data.label_fraction``)."""
+        if recorded is None:
+            if self.label_subset is not None:
+                raise ValueError(f"checkpoint {str(path)!r} trained on all labelled images, but this run sets "
+                                 f"data.label_fraction={self.cfg.data.label_fraction}")
+            return
+        if recorded["of"] != len(self.full_train_data):
+            raise ValueError(f"checkpoint {str(path)!r} drew its labelled subset from {recorded['of']} training images, "
+                             f"this run's training data has {len(self.full_train_data)}: resume with the same data")
+        if self.label_subset is not None and self.label_subset["indices"] == recorded["indices"]:
+            return
+        self.label_subset = recorded
+        self.train_data = torch.utils.data.Subset(self.full_train_data, recorded["indices"])
+        self.train_loader = self.build_train_loader()
+        self.steps_per_epoch = len(self.train_loader)
 
     def load_resume_state(self, state: dict) -> None:
         """Load a resume checkpoint as :meth:`fit` enters ``self.stage`` (after ``on_stage_start``).
@@ -602,6 +648,16 @@ class Trainer:
     def read_log(self) -> list[dict]:
         """The rows of ``log.csv`` so far (one per epoch)."""
         return RunLog(self.out_dir).read()
+
+
+def _sample_ids(dataset: torch.utils.data.Dataset, indices: list[int]) -> list[str] | None:
+    """Image ids of ``dataset[indices]`` without loading images, where the dataset lists them."""
+    base, mapped = dataset, list(indices)
+    while isinstance(base, torch.utils.data.Subset):
+        mapped = [int(base.indices[i]) for i in mapped]
+        base = base.dataset
+    ids = getattr(base, "ids", None)
+    return [str(ids[i]) for i in mapped] if ids is not None else None
 
 
 def build_trainer(config: TrainConfig, **kwargs) -> Trainer:

@@ -12,6 +12,7 @@ from lesionkit.models import grcsf as _grcsf  # noqa: E402,F401
 from lesionkit.models import mae as _mae  # noqa: E402,F401
 from lesionkit.models import vmunet as _vmunet  # noqa: E402,F401
 from lesionkit.models import cmssm as _cmssm  # noqa: E402,F401
+from lesionkit.models import amlp as _amlp  # noqa: E402,F401
 
 __all__ = ["SegmentationOutput", "create_model", "is_model", "list_models", "register_model", "segmentation_logits",
            "smoke_test_config"]

@@ -76,6 +76,9 @@ class UpBlock(nn.Module):
 class UNet(nn.Module):
     """Encoder-decoder with skip connections; returns logits (B, num_classes, H, W)."""
 
+    # State-dict prefixes of each part, for loading pre-trained parts (`init_from`, `init_parts`).
+    init_parts = {"encoder": ("stem.", "down."), "decoder": ("up.",), "head": ("head.",)}
+
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
