@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -23,16 +24,53 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.set or [])
 
 
+def _resume_path(args: argparse.Namespace, default_out: str) -> Path | None:
+    """``--resume [CKPT]``: the checkpoint to continue from (OUT/last.pt without a path), or None."""
+    if not args.resume:
+        return None
+    path = Path(args.resume) if isinstance(args.resume, str) else Path(args.out or default_out) / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def _fit(cfg, resume_path: Path | None, command: str, done: Callable[[dict], str]) -> int:
+    """Build the recipe's trainer, resume if asked, train; print ``done(summary)`` or how to resume.
+
+    Returns 0, or 128 + the signal number when SIGINT / SIGTERM stopped the run (last.pt holds it).
+    """
+    from lesionkit.engine import build_trainer
+
+    trainer = build_trainer(cfg)
+    if resume_path is not None:
+        trainer.resume(resume_path)
+    summary = trainer.fit()
+    stop = summary["stop_reason"]
+    interrupted = stop.startswith("SIG")
+    if trainer.dist.is_main:
+        print(done(summary), flush=True)
+        if interrupted:
+            print(f"stopped by {stop} at step {summary['global_step']}; {cfg.out_dir}/last.pt holds the state. "
+                  f"Resume with: lesionkit {command} --resume {cfg.out_dir}/last.pt", file=sys.stderr, flush=True)
+    trainer.dist.shutdown()
+    if interrupted:
+        import signal
+
+        return 128 + int(getattr(signal, stop))
+    return 0
+
+
+def _speed(summary: dict) -> str:
+    ips = summary["train_images_per_s"]
+    return f"; {ips:.1f} training images/s" if ips else ""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from lesionkit.engine import TrainConfig, build_trainer, load_checkpoint, load_train_config
+    from lesionkit.engine import TrainConfig, load_checkpoint, load_train_config
 
     if args.model is not None and args.config is not None:
         raise ValueError("give --model or --config, not both (set the model inside the config file)")
-    resume_path = None
-    if args.resume:
-        resume_path = Path(args.resume) if isinstance(args.resume, str) else Path(args.out or "runs/train") / "last.pt"
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint {str(resume_path)!r} does not exist")
+    resume_path = _resume_path(args, "runs/train")
     if args.config is not None:
         cfg = load_train_config(args.config)
     elif resume_path is not None:
@@ -46,49 +84,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not is_model(cfg.model.name):
         raise ValueError(f"unknown model {cfg.model.name!r}; registered models: {', '.join(list_models())}")
-    trainer = build_trainer(cfg)
-    if resume_path is not None:
-        trainer.resume(resume_path)
-    summary = trainer.fit()
-    stop = summary["stop_reason"]
-    interrupted = stop.startswith("SIG")
-    if trainer.dist.is_main:
-        best = summary["best_metric"]
-        ips = summary["train_images_per_s"]
-        print(f"trained {summary['epochs']} epochs ({stop}) in {summary['elapsed_s']:.1f} s"
-              f"{f'; {ips:.1f} training images/s' if ips else ''}; "
-              f"best val {cfg.monitor} = {best if best is None else f'{best:.4f}'} at epoch {summary['best_epoch']}; "
-              f"wrote {cfg.out_dir}/best.pt, last.pt, log.csv, config.yaml")
-        if interrupted:
-            print(f"stopped by {stop} at step {summary['global_step']}; {cfg.out_dir}/last.pt holds the state. "
-                  f"Resume with: lesionkit train --resume {cfg.out_dir}/last.pt", file=sys.stderr, flush=True)
-    trainer.dist.shutdown()
-    if interrupted:
-        import signal
 
-        return 128 + int(getattr(signal, stop))
-    return 0
+    def done(summary: dict) -> str:
+        best = summary["best_metric"]
+        return (f"trained {summary['epochs']} epochs ({summary['stop_reason']}) in {summary['elapsed_s']:.1f} s"
+                f"{_speed(summary)}; best val {cfg.monitor} = {best if best is None else f'{best:.4f}'} "
+                f"at epoch {summary['best_epoch']}; wrote {cfg.out_dir}/best.pt, last.pt, log.csv, config.yaml")
+
+    return _fit(cfg, resume_path, "train", done)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """``lesionkit pretrain``: self-supervised pre-training (a recipe with a pre-training trainer, e.g. AMLP)."""
-    from lesionkit.engine import build_trainer, load_checkpoint, load_train_config
-    from lesionkit.engine.amlp_trainer import AMLPTrainConfig
+    """``lesionkit pretrain``: self-supervised pre-training, the recipes whose trainer sets ``pretraining``
+    (AMLP; GRCSF's MAE)."""
+    from lesionkit.engine import load_checkpoint, load_train_config
+    from lesionkit.engine.registry import get_trainer_class, trainer_names
 
-    resume_path = None
-    if args.resume:
-        resume_path = Path(args.resume) if isinstance(args.resume, str) else Path(args.out or "runs/pretrain") / "last.pt"
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"--resume: checkpoint {str(resume_path)!r} does not exist")
+    resume_path = _resume_path(args, "runs/pretrain")
     if args.config is not None:
         cfg = load_train_config(args.config)
     elif resume_path is not None:
         cfg = load_train_config(load_checkpoint(resume_path)["config"])
     else:
         raise ValueError("give --config NAME (e.g. amlp_pretrain_tiny_isic2018; lesionkit configs lists them) or --resume")
-    if not isinstance(cfg, AMLPTrainConfig):
+    if not get_trainer_class(cfg.trainer).pretraining:
+        names = [n for n in trainer_names() if get_trainer_class(n).pretraining]
         raise ValueError(f"--config {args.config!r} is a {cfg.trainer!r} recipe; pretrain runs pre-training recipes "
-                         "(trainer: amlp), e.g. amlp_pretrain_tiny_isic2018")
+                         f"(trainer: {' | '.join(names)}), e.g. amlp_pretrain_tiny_isic2018; train it with lesionkit train")
     pairs = {"data.train": args.data, "data.image_size": args.image_size, "epochs": args.epochs,
              "time_budget": args.time_budget, "data.batch_size": args.batch_size, "out_dir": args.out,
              "device": args.device, "precision": args.precision, "seed": args.seed}
@@ -96,27 +118,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides.append("progress=false")
     cfg = cfg.with_overrides(overrides + list(args.set or []))
-    trainer = build_trainer(cfg)
-    if resume_path is not None:
-        trainer.resume(resume_path)
-    summary = trainer.fit()
-    stop = summary["stop_reason"]
-    interrupted = stop.startswith("SIG")
-    if trainer.dist.is_main:
-        ips = summary["train_images_per_s"]
-        print(f"pre-trained {summary['epochs']} epochs ({stop}) in {summary['elapsed_s']:.1f} s"
-              f"{f'; {ips:.1f} training images/s' if ips else ''}; wrote {cfg.out_dir}/best.pt (the last epoch's "
-              f"weights), last.pt, log.csv, config.yaml. Fine-tune with: lesionkit train --config ... "
-              f"--init-from {cfg.out_dir}/best.pt", flush=True)
-        if interrupted:
-            print(f"stopped by {stop} at step {summary['global_step']}; {cfg.out_dir}/last.pt holds the state. "
-                  f"Resume with: lesionkit pretrain --resume {cfg.out_dir}/last.pt", file=sys.stderr, flush=True)
-    trainer.dist.shutdown()
-    if interrupted:
-        import signal
 
-        return 128 + int(getattr(signal, stop))
-    return 0
+    def done(summary: dict) -> str:
+        return (f"pre-trained {summary['epochs']} epochs ({summary['stop_reason']}) in {summary['elapsed_s']:.1f} s"
+                f"{_speed(summary)}; wrote {cfg.out_dir}/best.pt, last.pt, log.csv, config.yaml. "
+                f"{get_trainer_class(cfg.trainer).pretraining.format(out=cfg.out_dir)}")
+
+    return _fit(cfg, resume_path, "pretrain", done)
 
 
 def _load_model(checkpoint: str, device_name: str):

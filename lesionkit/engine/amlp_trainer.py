@@ -94,6 +94,7 @@ class AMLPTrainer(Trainer):
     """Masked-patch pre-training of an ``amlp_unet*`` model on images (no labels)."""
 
     config_class = AMLPTrainConfig
+    pretraining = "best.pt holds the last epoch's weights; fine-tune with: lesionkit train --config ... --init-from {out}/best.pt"
 
     def __init__(self, config: AMLPTrainConfig, **kwargs) -> None:
         if not isinstance(config, AMLPTrainConfig):

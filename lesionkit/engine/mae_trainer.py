@@ -44,6 +44,7 @@ class MAETrainConfig(TrainConfig):
 @register_trainer("mae")
 class MAETrainer(Trainer):
     config_class = MAETrainConfig
+    pretraining = "make GRCSF's residual maps with: lesionkit residual-maps --checkpoint {out}/last.pt --data SPEC --out DIR"
 
     def __init__(self, config: MAETrainConfig, **kwargs) -> None:
         if not isinstance(config, MAETrainConfig):

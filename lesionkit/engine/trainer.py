@@ -97,6 +97,9 @@ class Trainer:
     optimizer_per_stage = False
     # Batch keys validation passes to the model besides the image (GRCSF: "residual_maps").
     model_inputs: tuple[str, ...] = ()
+    # Self-supervised pre-training recipes (run by ``lesionkit pretrain``) set this to what to do
+    # with the result, a hint formatted with ``out`` = the run's folder; None: a training recipe.
+    pretraining: str | None = None
 
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None,
                  train_data: torch.utils.data.Dataset | None = None, val_data: torch.utils.data.Dataset | None = None,
