@@ -24,14 +24,29 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.set or [])
 
 
-def _resume_path(args: argparse.Namespace, default_out: str) -> Path | None:
-    """``--resume [CKPT]``: the checkpoint to continue from (OUT/last.pt without a path), or None."""
+def _config_and_resume(args: argparse.Namespace):
+    """``(config or None, checkpoint to resume or None)`` from ``--config`` and ``--resume [CKPT]``.
+
+    ``--resume`` without a path continues from OUT/last.pt, OUT being ``--out``, else the
+    config's ``out_dir``; with neither, the checkpoint's config is the run's config.
+    """
+    from lesionkit.engine import load_checkpoint, load_train_config
+
+    cfg = load_train_config(args.config) if args.config is not None else None
     if not args.resume:
-        return None
-    path = Path(args.resume) if isinstance(args.resume, str) else Path(args.out or default_out) / "last.pt"
+        return cfg, None
+    if isinstance(args.resume, str):
+        path = Path(args.resume)
+    elif args.out or cfg is not None:
+        path = Path(args.out or cfg.out_dir) / "last.pt"
+    else:
+        raise ValueError(f"--resume without a checkpoint needs --out DIR or --config (to find DIR/last.pt); "
+                         f"or give the checkpoint: lesionkit {args.command} --resume DIR/last.pt")
     if not path.is_file():
         raise FileNotFoundError(f"--resume: checkpoint {str(path)!r} does not exist")
-    return path
+    if cfg is None:
+        cfg = load_train_config(load_checkpoint(path)["config"])
+    return cfg, path
 
 
 def _fit(cfg, resume_path: Path | None, command: str, done: Callable[[dict], str]) -> int:
@@ -66,16 +81,12 @@ def _speed(summary: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lesionkit.engine import TrainConfig, load_checkpoint, load_train_config
+    from lesionkit.engine import TrainConfig
 
     if args.model is not None and args.config is not None:
         raise ValueError("give --model or --config, not both (set the model inside the config file)")
-    resume_path = _resume_path(args, "runs/train")
-    if args.config is not None:
-        cfg = load_train_config(args.config)
-    elif resume_path is not None:
-        cfg = load_train_config(load_checkpoint(resume_path)["config"])
-    else:
+    cfg, resume_path = _config_and_resume(args)
+    if cfg is None:
         cfg = TrainConfig()
         if args.model is None:
             raise ValueError("give --model NAME or --config FILE (lesionkit.list_models() lists the models)")
@@ -97,15 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """``lesionkit pretrain``: self-supervised pre-training, the recipes whose trainer sets ``pretraining``
     (AMLP; GRCSF's MAE)."""
-    from lesionkit.engine import load_checkpoint, load_train_config
     from lesionkit.engine.registry import get_trainer_class, trainer_names
 
-    resume_path = _resume_path(args, "runs/pretrain")
-    if args.config is not None:
-        cfg = load_train_config(args.config)
-    elif resume_path is not None:
-        cfg = load_train_config(load_checkpoint(resume_path)["config"])
-    else:
+    cfg, resume_path = _config_and_resume(args)
+    if cfg is None:
         raise ValueError("give --config NAME (e.g. amlp_pretrain_tiny_isic2018; lesionkit configs lists them) or --resume")
     if not get_trainer_class(cfg.trainer).pretraining:
         names = [n for n in trainer_names() if get_trainer_class(n).pretraining]
@@ -274,6 +280,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, out_default: str, set_example: str) -> None:
+    """The options ``train`` and ``pretrain`` share: budgets, output, resume, device, overrides."""
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", help=f"output folder (default: {out_default})")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from OUT/last.pt (or the checkpoint given)")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help=f"config overrides, e.g. {set_example}")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionkit", description="Lesion segmentation: train, evaluate, predict.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pretrain,evaluate,predict,residual-maps,demo,export,configs,data,info}")
@@ -283,18 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a shipped recipe's name (lesionkit configs lists them) or a YAML file")
     p.add_argument("--data", help="training data spec: isic:PATH[:split] | ph2:PATH | folder:PATH[:split] | nifti:PATH | synthetic:N[:seed]")
     p.add_argument("--val-data", help="validation data spec; default: a seeded hold-out of --data")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--time-budget", type=float, metavar="SECONDS")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--out", help="output folder (default runs/train)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="continue from OUT/last.pt (or the checkpoint given)")
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_arguments(p, out_default="the config's out_dir; runs/train without --config", set_example="optim.lr=0.01")
     p.add_argument("--init-from", metavar="CKPT", help="start from the matching weights of a checkpoint (e.g. pretrain's best.pt)")
     p.add_argument("--init-parts", choices=["encoder", "encoder+decoder", "all"],
                    help="which parts --init-from loads (default: the config's init_parts, encoder)")
@@ -305,18 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pre-training on images (AMLP); masks are not used")
     p.add_argument("--config", help="a pre-training recipe's name (e.g. amlp_pretrain_tiny_isic2018) or a YAML file")
     p.add_argument("--data", help="images: isic:PATH[:split] | folder:PATH[:split] (masks optional) | ph2:PATH | synthetic:N[:seed]")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--time-budget", type=float, metavar="SECONDS")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--out", help="output folder (default: the recipe's out_dir)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="continue from OUT/last.pt (or the checkpoint given)")
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. amlp.strategy=random")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_arguments(p, out_default="the recipe's out_dir", set_example="amlp.strategy=random")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset")

@@ -111,6 +111,9 @@ def test_user_error_exits_2_with_one_line():
     (["predict", "--checkpoint", "missing.pt", "nothing.png", "--out", "x"], "input 'nothing.png' does not exist"),
     (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["train", "--model", "unet_tiny", "--out", "nowhere", "--resume"], "checkpoint 'nowhere/last.pt' does not exist"),
+    # Without --out, --resume looks in the recipe's out_dir; with neither it asks for one.
+    (["train", "--config", "unet_tiny_isic2018", "--resume"], "checkpoint 'runs/unet_tiny_isic2018/last.pt' does not exist"),
+    (["pretrain", "--resume"], "--resume without a checkpoint needs --out DIR or --config"),
 ])
 def test_errors_name_what_is_wrong(args, message, capsys, monkeypatch, tmp_path):
     from lesionkit.cli import main
