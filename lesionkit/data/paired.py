@@ -1,4 +1,4 @@
-"""The dataset base class: (id, image file, mask file) samples -> item dicts."""
+"""The file-backed dataset classes: (id, image file[, mask file]) samples -> item dicts."""
 
 from __future__ import annotations
 
@@ -10,15 +10,11 @@ from lesionkit.data.image_io import load_image, load_mask
 from lesionkit.data.sizes import as_hw
 
 
-class PairedImageDataset(Dataset):
-    """Items: ``{"image": (3, H, W) float32 in [0, 1], "mask": (1, H, W) float32 in {0, 1},
-    "id": str, "orig_size": (H, W)}``, then ``transform(item)`` if given.
+class FileSamplesDataset(Dataset):
+    """What the file-backed datasets share: ``samples`` whose first entry is the image id, the
+    size to load at (None keeps the native resolution; an int or (h, w) resizes), a transform."""
 
-    image_size None keeps the native resolution; an int or (h, w) resizes (area-like bilinear for
-    images, nearest for masks; JPEGs are decoded at reduced scale when possible).
-    """
-
-    def __init__(self, samples: list[tuple[str, Path, Path]], image_size=None, transform=None) -> None:
+    def __init__(self, samples: list[tuple], image_size=None, transform=None) -> None:
         self.samples = list(samples)
         self.image_size = None if image_size is None else as_hw(image_size, "image_size")
         self.transform = transform
@@ -30,6 +26,22 @@ class PairedImageDataset(Dataset):
     def ids(self) -> list[str]:
         return [s[0] for s in self.samples]
 
+    def _finish(self, item: dict) -> dict:
+        return self.transform(item) if self.transform is not None else item
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={len(self)}, image_size={self.image_size})"
+
+
+class PairedImageDataset(FileSamplesDataset):
+    """Items: ``{"image": (3, H, W) float32 in [0, 1], "mask": (1, H, W) float32 in {0, 1},
+    "id": str, "orig_size": (H, W)}`` from ``(id, image file, mask file)`` samples, then
+    ``transform(item)`` if given.
+
+    image_size None keeps the native resolution; an int or (h, w) resizes (area-like bilinear for
+    images, nearest for masks; JPEGs are decoded at reduced scale when possible).
+    """
+
     def __getitem__(self, index: int) -> dict:
         sid, image_path, mask_path = self.samples[index]
         image, size = load_image(image_path, self.image_size)
@@ -37,11 +49,7 @@ class PairedImageDataset(Dataset):
         if size != mask_size:
             raise ValueError(f"image and mask sizes differ: {image_path} is {size[0]}x{size[1]} "
                              f"(HxW), {mask_path} is {mask_size[0]}x{mask_size[1]}")
-        item = {"image": image, "mask": mask, "id": sid, "orig_size": size}
-        return self.transform(item) if self.transform is not None else item
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(n={len(self)}, image_size={self.image_size})"
+        return self._finish({"image": image, "mask": mask, "id": sid, "orig_size": size})
 
 
 def missing_masks_error(kind: str, root: Path, missing: list[Path]) -> ValueError:

@@ -13,35 +13,22 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from lesionkit.data.image_io import list_images, load_image
-from lesionkit.data.sizes import as_hw
+from lesionkit.data.paired import FileSamplesDataset
 
 
-class ImageOnlyDataset(Dataset):
+class ImageOnlyDataset(FileSamplesDataset):
     """Items ``{"image": (3, H, W) float32 in [0, 1], "id": str, "orig_size": (H, W)}`` from
     ``(id, image file)`` samples; ``transform(item)`` if given."""
 
     def __init__(self, samples: list[tuple[str, Path]], image_size=None, transform=None) -> None:
         if not samples:
             raise ValueError("ImageOnlyDataset: no images")
-        self.samples = list(samples)
-        self.image_size = None if image_size is None else as_hw(image_size, "image_size")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def ids(self) -> list[str]:
-        return [s[0] for s in self.samples]
+        super().__init__(samples, image_size, transform)
 
     def __getitem__(self, index: int) -> dict:
         sid, path = self.samples[index]
         image, size = load_image(path, self.image_size)
-        item = {"image": image, "id": sid, "orig_size": size}
-        return self.transform(item) if self.transform is not None else item
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(n={len(self)}, image_size={self.image_size})"
+        return self._finish({"image": image, "id": sid, "orig_size": size})
 
 
 class WithoutMasks(Dataset):
