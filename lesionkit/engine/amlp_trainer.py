@@ -97,8 +97,6 @@ class AMLPTrainer(Trainer):
     pretraining = "best.pt holds the last epoch's weights; fine-tune with: lesionkit train --config ... --init-from {out}/best.pt"
 
     def __init__(self, config: AMLPTrainConfig, **kwargs) -> None:
-        if not isinstance(config, AMLPTrainConfig):
-            raise ValueError(f"trainer 'amlp' needs an AMLPTrainConfig (a config with trainer: amlp), got {type(config).__name__}")
         if config.data.label_fraction < 1.0:
             raise ValueError("trainer 'amlp' pre-trains on images without labels; data.label_fraction applies to fine-tuning")
         super().__init__(config, **kwargs)

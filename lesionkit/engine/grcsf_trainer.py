@@ -49,8 +49,6 @@ class GRCSFTrainer(Trainer):
     model_inputs = ("residual_maps",)
 
     def __init__(self, config: GRCSFTrainConfig, **kwargs) -> None:
-        if not isinstance(config, GRCSFTrainConfig):
-            raise ValueError(f"trainer 'grcsf' needs a GRCSFTrainConfig (a config with trainer: grcsf), got {type(config).__name__}")
         self.mae_hash: str | None = None
         super().__init__(config, **kwargs)
         self.batch_flips.extra_keys = ("residual_maps",)

@@ -47,8 +47,6 @@ class MAETrainer(Trainer):
     pretraining = "make GRCSF's residual maps with: lesionkit residual-maps --checkpoint {out}/last.pt --data SPEC --out DIR"
 
     def __init__(self, config: MAETrainConfig, **kwargs) -> None:
-        if not isinstance(config, MAETrainConfig):
-            raise ValueError(f"trainer 'mae' needs an MAETrainConfig (a config with trainer: mae), got {type(config).__name__}")
         super().__init__(config, **kwargs)
         from lesionkit.models.mae import MaskedAutoencoder
 

@@ -100,9 +100,6 @@ class SegMAETrainer(Trainer):
     optimizer_per_stage = True  # stage 'mae' trains without the CUP; 'hybrid' starts a fresh optimiser
 
     def __init__(self, config: SegMAETrainConfig, **kwargs) -> None:
-        if not isinstance(config, SegMAETrainConfig):
-            raise ValueError(f"trainer 'segmae' needs a SegMAETrainConfig (a config with trainer: segmae), "
-                             f"got {type(config).__name__}")
         super().__init__(config, **kwargs)
         from lesionkit.models.segmae import SegMAE
         from lesionkit.models.transunet import TransUNet

@@ -104,6 +104,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, model: nn.Module | None = None,
                  train_data: torch.utils.data.Dataset | None = None, val_data: torch.utils.data.Dataset | None = None,
                  loss_fn: nn.Module | None = None) -> None:
+        recipe = type(self).config_class
+        if not isinstance(config, recipe):
+            raise ValueError(f"trainer {recipe.trainer!r} needs a {recipe.__name__} (a config with trainer: "
+                             f"{recipe.trainer}), got {type(config).__name__}")
         self.cfg = config
         device = resolve_device(config.device)
         self.dist = DistributedContext.from_env(config.dist_timeout, device.type)
