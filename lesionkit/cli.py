@@ -9,15 +9,16 @@ from pathlib import Path
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {
-        "model.name": args.model, "data.train": args.data, "data.val": args.val_data,
-        "data.image_size": args.image_size, "epochs": args.epochs, "time_budget": args.time_budget,
-        "data.batch_size": args.batch_size, "out_dir": args.out, "device": args.device,
-        "precision": args.precision, "seed": args.seed,
+    """Config overrides from the flags ``train`` and ``pretrain`` were given (pretrain has no
+    --model / --val-data nor the fine-tuning flags)."""
+    flags = {
+        "model.name": "model", "data.train": "data", "data.val": "val_data", "data.image_size": "image_size",
+        "epochs": "epochs", "time_budget": "time_budget", "data.batch_size": "batch_size", "out_dir": "out",
+        "device": "device", "precision": "precision", "seed": "seed",
+        # Fine-tuning from a pre-trained checkpoint (train only).
+        "init_from": "init_from", "init_parts": "init_parts", "data.label_fraction": "label_fraction",
     }
-    # Fine-tuning from a pre-trained checkpoint (train only; pretrain has no such options).
-    pairs.update({"init_from": getattr(args, "init_from", None), "init_parts": getattr(args, "init_parts", None),
-                  "data.label_fraction": getattr(args, "label_fraction", None)})
+    pairs = {key: getattr(args, flag, None) for key, flag in flags.items()}
     out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
     if args.no_progress:
         out.append("progress=false")
@@ -117,13 +118,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         names = [n for n in trainer_names() if get_trainer_class(n).pretraining]
         raise ValueError(f"--config {args.config!r} is a {cfg.trainer!r} recipe; pretrain runs pre-training recipes "
                          f"(trainer: {' | '.join(names)}), e.g. amlp_pretrain_tiny_isic2018; train it with lesionkit train")
-    pairs = {"data.train": args.data, "data.image_size": args.image_size, "epochs": args.epochs,
-             "time_budget": args.time_budget, "data.batch_size": args.batch_size, "out_dir": args.out,
-             "device": args.device, "precision": args.precision, "seed": args.seed}
-    overrides = [f"{k}={v}" for k, v in pairs.items() if v is not None]
-    if args.no_progress:
-        overrides.append("progress=false")
-    cfg = cfg.with_overrides(overrides + list(args.set or []))
+    cfg = cfg.with_overrides(_train_overrides(args))
 
     def done(summary: dict) -> str:
         return (f"pre-trained {summary['epochs']} epochs ({summary['stop_reason']}) in {summary['elapsed_s']:.1f} s"
