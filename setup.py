@@ -42,6 +42,15 @@ def _compiler_accepts(flag: str) -> bool:
     return result.returncode == 0
 
 
+# With -march=native, GCC also tunes for the build machine (-mtune=native). GCC 12.2's tunings
+# for Ice Lake / Sapphire Rapids Xeons (icelake-server, sapphirerapids) miscompile
+# selective_scan_2d_cpu: a cmov reads the flags of an unrelated add, so the accumulation dtype of
+# a float64 scan comes out float32 ("expected scalar type Double but found Float"). The
+# instruction set stays native; the scheduling is the portable one. tests/test_cpu_build_targets.py
+# builds the CPU kernels with these flags for several CPU targets and checks their results.
+CPU_ARCH_FLAGS = ["-march=native", "-mtune=generic"]
+
+
 def build_extension():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -65,9 +74,10 @@ def build_extension():
         with_cuda, why = True, f"torch CUDA {torch.version.cuda} and nvcc at {nvcc}"
 
     cxx_flags = ["-O3", "-fopenmp", "-DLESIONKIT_PYTHON_MODULE"]
-    native = os.environ.get("LESIONKIT_CPU_NATIVE", "1") != "0" and _compiler_accepts("-march=native")
+    native = os.environ.get("LESIONKIT_CPU_NATIVE", "1") != "0" and all(
+        _compiler_accepts(flag) for flag in CPU_ARCH_FLAGS)
     if native:
-        cxx_flags.append("-march=native")
+        cxx_flags += CPU_ARCH_FLAGS
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "-DLESIONKIT_PYTHON_MODULE"]
     if with_cuda:
         cxx_flags.append("-DLESIONKIT_WITH_CUDA")
@@ -79,7 +89,7 @@ def build_extension():
 
     print("lesionkit build configuration:")
     print(f"  torch           {torch.__version__}")
-    print(f"  CPU sources     {len(sources)} ({'-march=native' if native else 'portable'}, OpenMP)")
+    print(f"  CPU sources     {len(sources)} ({' '.join(CPU_ARCH_FLAGS) if native else 'portable'}, OpenMP)")
     print(f"  CUDA            {'yes' if with_cuda else 'no'}: {why}")
     if with_cuda:
         print(f"  CUDA_HOME       {CUDA_HOME}")
