@@ -17,7 +17,14 @@ def load_rows(path: Path, op: str | None = None) -> tuple[str, dict]:
     if not isinstance(data, dict) or "benchmarks" not in data:
         raise ValueError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list); the "
                          "training-throughput and scan-stage files are written by their own scripts")
-    machine = data.get("machine_info", {}).get("lesionkit_machine", path.stem)
+    info = data.get("machine_info", {})
+    machine = info.get("lesionkit_machine", path.stem)
+    if not info.get("quotable", False):
+        # Taken with the cores oversubscribed (or before loads were recorded): say so in the table.
+        start = (info.get("load_average_1_5_15_min_at_start") or ["?"])[0]
+        end = (info.get("load_average_1_5_15_min_at_end") or ["?"])[0]
+        machine += (f" - NOT QUOTABLE: 1-minute load {start} at start, {end} at end, on "
+                    f"{info.get('cores', '?')} cores (or not recorded)")
     groups: dict = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
