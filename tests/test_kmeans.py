@@ -246,6 +246,18 @@ def test_each_problem_stops_at_its_own_convergence(backend, device):
     assert fixed.n_iter.tolist() == [7, 7]
 
 
+def test_tolerance_is_the_mean_feature_variance_also_far_from_the_origin():
+    # scikit-learn's criterion: tol * mean over features of the variance over the points. Data
+    # offset by 1000 would lose every digit of a one-pass float32 E|x|^2 - |E x|^2.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 50, 24, generator=gen) * torch.tensor([1.0, 0.1, 5.0]).view(3, 1, 1)
+    for offset in (0.0, 1000.0):
+        data = x + offset
+        want = data.double().var(dim=1, correction=0).mean(dim=1) * 1e-3
+        torch.testing.assert_close(kmeans_tolerance(data, 1e-3).double(), want, rtol=1e-4, atol=0)
+        torch.testing.assert_close(kmeans_tolerance(data.double(), 1e-3), want, rtol=1e-10, atol=0)
+
+
 def test_tolerance_is_relative_to_the_data_scale():
     x = blobs(2, 30, 3)
     tol = kmeans_tolerance(x * 10, 1e-3)

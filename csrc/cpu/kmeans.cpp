@@ -27,14 +27,6 @@ namespace lesionkit {
 namespace {
 
 template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename T>
 inline T squared_distance(const T* __restrict a, const T* __restrict b, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -51,51 +43,105 @@ inline void add_row(T* __restrict acc, const T* __restrict row, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += row[i];
 }
 
+// Rows per block of the assignment: the block's dot products with one vector run as kRows
+// independent chains (no waiting on one accumulator's latency) and read the vector once for
+// all of them.
+constexpr int64_t kRows = 4;
+// Lanes of each partial sum: one AVX-512 register of float, the compiler's vector otherwise.
+constexpr int64_t kLanes = 16;
+
+// out[r] = rows[r] . v for the kRows rows starting at `rows` (stride D).
+template <typename T>
+inline void dot_rows(const T* __restrict rows, const T* __restrict v, int64_t D, T* out) {
+  T acc[kRows][kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T w = v[d + l];
+      for (int64_t r = 0; r < kRows; ++r) acc[r][l] += rows[r * D + d + l] * w;
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    T s = 0;
+    for (int64_t l = 0; l < kLanes; ++l) s += acc[r][l];
+    for (int64_t e = d; e < D; ++e) s += rows[r * D + e] * v[e];
+    out[r] = s;
+  }
+}
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // Per-task scratch, reused across the problems of one task.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> points, sums, direction, norms;
+  std::vector<acc_t> points, sums, direction, norms, scores;
   std::vector<int64_t> counts;
   Scratch(const KMeansShape& s, bool convert)
       : points(convert ? s.points * s.dim : 0), sums(s.clusters * s.dim), direction(s.dim),
-        norms(s.clusters), counts(s.clusters) {}
+        norms(s.clusters), scores(kRows * s.clusters), counts(s.clusters) {}
 };
 
-// One Lloyd iteration of one problem: assign every point, accumulate the cluster sums, move the
-// centroids (an empty cluster keeps its centroid). Returns the summed squared shift.
+// One Lloyd iteration of one problem in one pass over its points: each block of kRows points is
+// assigned and added to its clusters' running sums right away, while its rows are in L1. Then
+// the centroids move (an empty cluster keeps its centroid). Returns the summed squared shift.
 template <typename acc_t>
 acc_t lloyd_step(const acc_t* x, acc_t* c, int64_t* labels, Scratch<acc_t>& w,
                  const KMeansShape& s) {
   const int64_t N = s.points, D = s.dim, k = s.clusters;
   std::fill(w.sums.begin(), w.sums.end(), acc_t(0));
   std::fill(w.counts.begin(), w.counts.end(), int64_t(0));
+  acc_t* scores = w.scores.data();
+  const auto accumulate = [&](int64_t n, int64_t label) {
+    labels[n] = label;
+    ++w.counts[label];
+    add_row(w.sums.data() + label * D, x + n * D, D);
+  };
   if (k == 2) {
+    // Label 1 iff 2 x.(c1 - c0) + |c0|^2 - |c1|^2 > 0: one dot product per point.
     acc_t* dir = w.direction.data();
     for (int64_t d = 0; d < D; ++d) dir[d] = c[D + d] - c[d];
     const acc_t bias = dot(c, c, D) - dot(c + D, c + D, D);
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t* row = x + n * D;
-      const int64_t label = 2 * dot(row, dir, D) + bias > 0 ? 1 : 0;
-      labels[n] = label;
-      ++w.counts[label];
-      add_row(w.sums.data() + label * D, row, D);
+    int64_t n = 0;
+    for (; n + kRows <= N; n += kRows) {
+      dot_rows(x + n * D, dir, D, scores);
+      for (int64_t r = 0; r < kRows; ++r) accumulate(n + r, 2 * scores[r] + bias > 0 ? 1 : 0);
     }
+    for (; n < N; ++n) accumulate(n, 2 * dot(x + n * D, dir, D) + bias > 0 ? 1 : 0);
   } else {
+    // argmin_j |c_j|^2 - 2 x.c_j, ties to the lower j.
     for (int64_t j = 0; j < k; ++j) w.norms[j] = dot(c + j * D, c + j * D, D);
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t* row = x + n * D;
+    const auto nearest = [&](const acc_t* dots) {
       int64_t label = 0;
       acc_t best = std::numeric_limits<acc_t>::infinity();
       for (int64_t j = 0; j < k; ++j) {
-        const acc_t score = w.norms[j] - 2 * dot(row, c + j * D, D);
-        if (score < best) {  // strict: ties go to the lower index
+        const acc_t score = w.norms[j] - 2 * dots[j];
+        if (score < best) {
           best = score;
           label = j;
         }
       }
-      labels[n] = label;
-      ++w.counts[label];
-      add_row(w.sums.data() + label * D, row, D);
+      return label;
+    };
+    int64_t n = 0;
+    std::vector<acc_t> dots(k);
+    for (; n + kRows <= N; n += kRows) {
+      for (int64_t j = 0; j < k; ++j) {
+        acc_t block[kRows];
+        dot_rows(x + n * D, c + j * D, D, block);
+        for (int64_t r = 0; r < kRows; ++r) scores[r * k + j] = block[r];
+      }
+      for (int64_t r = 0; r < kRows; ++r) accumulate(n + r, nearest(scores + r * k));
+    }
+    for (; n < N; ++n) {
+      for (int64_t j = 0; j < k; ++j) dots[j] = dot(x + n * D, c + j * D, D);
+      accumulate(n, nearest(dots.data()));
     }
   }
   acc_t shift = 0;

@@ -76,13 +76,15 @@ def kmeans_tolerance(x: torch.Tensor, tol: float) -> torch.Tensor:
 
     As in scikit-learn, `tol` is relative to the data: tol * mean over features of the variance
     of the problem's points; tol < 0 gives -inf (never converged: exactly `iters` updates).
-    The variance is E|x|^2 - |E x|^2 over D, from two single-pass float64 reductions (a plain
-    ``var`` over the point axis is several times slower on CPU). The same pass is the check that
-    x is finite: NaN and inf make the sum of squares non-finite.
+    Everything is computed in the accumulation dtype (float64 reductions of float32 data cost
+    more than the k-means itself). First the sum of squares of each problem, one vectorised pass
+    that is also the check that x is finite (NaN and inf make it non-finite). The variance is
+    E|y|^2 - |E y|^2 of the points shifted by the problem's first point, y = x - x_0: the shift
+    changes no variance and removes the cancellation that data far from the origin would cause.
     """
     batch, n, d = x.shape
-    flat = x.reshape(batch, n * d)
-    sum_sq = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+    acc = acc_dtype(x.dtype)
+    sum_sq = torch.linalg.vector_norm(x.reshape(batch, n * d), dim=1, dtype=acc).square()
     if not torch.compiler.is_compiling():
         bad = _bad_problems(sum_sq)
         if bad:
@@ -90,13 +92,14 @@ def kmeans_tolerance(x: torch.Tensor, tol: float) -> torch.Tensor:
             if nan:
                 raise ValueError(f"x should be finite, problems {nan[:10]} hold NaN or inf values")
             raise ValueError(f"x is too large for k-means: the sum of squares of problems "
-                             f"{bad[:10]} overflows float64")
-    acc = acc_dtype(x.dtype)
+                             f"{bad[:10]} overflows {acc}")
     if tol < 0:
         return torch.full((batch,), float("-inf"), dtype=acc, device=x.device)
-    mean = x.sum(dim=1, dtype=torch.float64) / n
-    variance = (sum_sq / (n * d) - mean.square().sum(dim=1) / d).clamp_min(0)
-    return (variance * tol).to(acc)
+    shifted = x.to(acc) - x[:, :1].to(acc)
+    shifted_sq = torch.linalg.vector_norm(shifted.reshape(batch, n * d), dim=1).square()
+    mean = shifted.sum(dim=1) / n
+    variance = (shifted_sq / (n * d) - mean.square().sum(dim=1) / d).clamp_min(0)
+    return variance * tol
 
 
 def _sq_dist_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
