@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lesionkit-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,17 @@ $(STAMP): $(SOURCES)
 demo: $(STAMP)
 	$(BIN)/lesionkit demo --out demo_out
 
+# The fast stage: every test not marked slow, one torch thread each (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+
+# The slow stage: builds (wheel, CMake, other CPU targets), DDP, kill / resume, the GPU-check dry
+# run; then the kernel tests again at two threads, so that the parallel paths stay tested.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --durations=15
+	LESIONKIT_TEST_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" -k "not triton" \
+		tests/test_selective_scan.py tests/test_cross_scan.py tests/test_kmeans.py \
+		tests/test_patch_cross_attention.py tests/test_patchwise_softmax_loss.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-json benchmarks/results/latest.json

@@ -41,6 +41,20 @@ def build_meta(name: str, **kwargs) -> torch.nn.Module:
         return create_model(name, **kwargs)
 
 
+# Every test runs with LESIONKIT_TEST_THREADS torch threads (1 unless set), restored afterwards,
+# so a module's speed does not depend on which module ran before it. `.ci/run` runs the kernel
+# tests a second time with 2 so that the parallel paths (at::parallel_for splits) stay tested.
+TEST_THREADS = int(os.environ.get("LESIONKIT_TEST_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True)
+def _test_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: two on a shared 2-core machine oversubscribe and run 10-40x slower."""

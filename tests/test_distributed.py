@@ -17,7 +17,11 @@ from lesionkit.engine import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = [
+    pytest.mark.slow,  # torchrun subprocesses: the slow stage (make test-slow)
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="needs torch.distributed with gloo"),
+]
 
 
 def env(**extra) -> dict:

@@ -12,6 +12,8 @@ import torch
 
 from lesionkit.engine import load_checkpoint
 
+pytestmark = pytest.mark.slow  # builds / subprocess runs: the slow stage (make test-slow)
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 

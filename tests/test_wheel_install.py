@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds / subprocess runs: the slow stage (make test-slow)
+
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "runs",
                               "demo_out", ".pytest_cache", ".benchmarks", ".hypothesis", ".whl")
