@@ -61,9 +61,9 @@ inline void store_vec(acc_t* p, typename Vec<acc_t>::type v) {
 }
 
 // C (M x N, row stride ldc) = A (M x K, element (m, k) at A[m * sam + k * sak]) times
-// B (K x N, row stride ldb). A 4-row x 2-vector block of C lives in eight registers across the
-// whole K loop: per k, two vector loads of B, four broadcasts of A and eight FMAs.
-constexpr int64_t kRows = 4;
+// B (K x N, row stride ldb). An 8-row x 2-vector block of C lives in sixteen registers across
+// the whole K loop: per k, two vector loads of B, eight broadcasts of A and sixteen FMAs.
+constexpr int64_t kRows = 8;
 
 template <typename acc_t>
 void matmul(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t sam, int64_t sak,
@@ -71,36 +71,34 @@ void matmul(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t sam, int64_
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t kLanes = sizeof(vec) / sizeof(acc_t);
   constexpr int64_t kCols = 2 * kLanes;
-  int64_t m0 = 0;
-  for (; m0 + kRows <= M; m0 += kRows) {
-    int64_t n0 = 0;
-    for (; n0 + kCols <= N; n0 += kCols) {
-      vec c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
+  const int64_t m_blocks = M / kRows * kRows, n_blocks = N / kCols * kCols;
+  // Column panels outside, row blocks inside: one panel of B (K x 2 vectors) stays in L1 while
+  // every row block of A passes over it; with the row blocks outside, all of B would stream
+  // from L2 once per row block (4 MB per window at T = 256).
+  for (int64_t n0 = 0; n0 < n_blocks; n0 += kCols) {
+    for (int64_t m0 = 0; m0 < m_blocks; m0 += kRows) {
+      vec c0[kRows] = {}, c1[kRows] = {};
       const acc_t* a = A + m0 * sam;
       for (int64_t k = 0; k < K; ++k, a += sak) {
         const vec b0 = load_vec(B + k * ldb + n0), b1 = load_vec(B + k * ldb + n0 + kLanes);
-        const acc_t a0 = a[0], a1 = a[sam], a2 = a[2 * sam], a3 = a[3 * sam];
-        c00 += a0 * b0;
-        c01 += a0 * b1;
-        c10 += a1 * b0;
-        c11 += a1 * b1;
-        c20 += a2 * b0;
-        c21 += a2 * b1;
-        c30 += a3 * b0;
-        c31 += a3 * b1;
+#pragma GCC unroll 8
+        for (int64_t r = 0; r < kRows; ++r) {
+          const acc_t ar = a[r * sam];
+          c0[r] += ar * b0;
+          c1[r] += ar * b1;
+        }
       }
       acc_t* c = C + m0 * ldc + n0;
-      store_vec(c, c00);
-      store_vec(c + kLanes, c01);
-      store_vec(c + ldc, c10);
-      store_vec(c + ldc + kLanes, c11);
-      store_vec(c + 2 * ldc, c20);
-      store_vec(c + 2 * ldc + kLanes, c21);
-      store_vec(c + 3 * ldc, c30);
-      store_vec(c + 3 * ldc + kLanes, c31);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < kRows; ++r) {
+        store_vec(c + r * ldc, c0[r]);
+        store_vec(c + r * ldc + kLanes, c1[r]);
+      }
     }
-    if (n0 < N) {  // column tail: the same rows, a runtime width
-      const int64_t width = N - n0;
+  }
+  for (int64_t m0 = 0; m0 < m_blocks && n_blocks < N; m0 += kRows) {
+    {  // column tail: the same rows, a runtime width
+      const int64_t n0 = n_blocks, width = N - n0;
       for (int64_t r = 0; r < kRows; ++r) std::fill_n(C + (m0 + r) * ldc + n0, width, acc_t(0));
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* b = B + k * ldb + n0;
@@ -113,7 +111,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t sam, int64_
       }
     }
   }
-  for (; m0 < M; ++m0) {  // row tail
+  for (int64_t m0 = m_blocks; m0 < M; ++m0) {  // row tail
     acc_t* c = C + m0 * ldc;
     std::fill_n(c, N, acc_t(0));
     for (int64_t k = 0; k < K; ++k) {
@@ -199,6 +197,23 @@ inline double exp_row(double* row, int64_t n, double scale, double shift) {
   return sum;
 }
 
+// dst (n x n) = src (n x n) transposed, in 16 x 16 tiles: a tile's 16 source rows and 16
+// destination rows stay in L1, where a row-by-row transposed write would touch a new cache line
+// for every element (T = 256: 65,536 lines per window).
+template <typename acc_t>
+void transpose(const acc_t* __restrict src, acc_t* __restrict dst, int64_t n) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const int64_t i1 = std::min(n, i0 + kTile);
+    for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+      const int64_t j1 = std::min(n, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) dst[j * n + i] = src[i * n + j];
+      }
+    }
+  }
+}
+
 // Where the window of task `unit` starts: (batch * heads) plane index and the offset of its
 // top-left pixel inside an (H, W) plane.
 struct WindowAt {
@@ -267,9 +282,11 @@ void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
         for (int64_t j = 0; j < T; ++j) m = std::max(m, row[j] * scale);
         const acc_t l = exp_row(row, T, scale, m);
         const acc_t inv = acc_t(1) / l;
-        for (int64_t j = 0; j < T; ++j) pt[j * T + i] = row[j] * inv;  // P transposed
+#pragma omp simd
+        for (int64_t j = 0; j < T; ++j) row[j] *= inv;
         lse_plane[(i / P) * g.width + i % P] = m + std::log(l);
       }
+      transpose(s.data(), pt.data(), T);  // P transposed, for the value product
       // O = V P^T: o_i = sum_j p_ij v_j, channel-major
       matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
       scatter(ot.data(), g.dv, g, at, out);
@@ -321,12 +338,10 @@ void backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* 
       // dS_ij = scale P_ij (dP_ij - D_i), kept row-major and transposed
       for (int64_t i = 0; i < T; ++i) {
         const acc_t d = rowterm[i];
-        for (int64_t j = 0; j < T; ++j) {
-          const acc_t x = scale * p[i * T + j] * (dp[i * T + j] - d);
-          ds[i * T + j] = x;
-          dst[j * T + i] = x;
-        }
+#pragma omp simd
+        for (int64_t j = 0; j < T; ++j) ds[i * T + j] = scale * p[i * T + j] * (dp[i * T + j] - d);
       }
+      transpose(ds.data(), dst.data(), T);
       // dQ_i = sum_j dS_ij k_j;  dK_j = sum_i dS_ij q_i
       matmul(g.dk, T, T, kt.data(), T, 1, dst.data(), T, dqt.data(), T);
       matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
