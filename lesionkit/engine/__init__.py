@@ -14,11 +14,17 @@ from lesionkit.engine.config import (
     OptimConfig,
     SchedulerConfig,
     TrainConfig,
-    load_train_config,
 )
 from lesionkit.engine.evaluation import EvaluationResult, evaluate
-from lesionkit.engine.registry import TRAINER_MODULES, TRAINERS, get_trainer_class, register_trainer
-from lesionkit.engine.trainer import Stage, Trainer, build_trainer
+from lesionkit.engine.registry import (
+    TRAINER_MODULES,
+    TRAINERS,
+    build_trainer,
+    get_trainer_class,
+    load_train_config,
+    register_trainer,
+)
+from lesionkit.engine.trainer import Stage, Trainer
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "EvaluationResult", "LossConfig", "ModelConfig", "OptimConfig", "SchedulerConfig",

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from lesionkit.engine.config import TrainConfig
-from lesionkit.engine.registry import register_trainer
 from lesionkit.engine.trainer import Stage, Trainer
 from lesionkit.layers.masked_patch_selection import STRATEGIES, amr_mask_ratio, amr_tau, select_masked_patches
 from lesionkit.losses.amlp import attention_reconstruction_loss, category_consistency_loss, relative_reconstruction_loss, update_patch_labels
@@ -89,7 +88,6 @@ class AMLPTrainConfig(TrainConfig):
     amlp: AMLPRecipe = field(default_factory=AMLPRecipe)
 
 
-@register_trainer("amlp")
 class AMLPTrainer(Trainer):
     """Masked-patch pre-training of an ``amlp_unet*`` model on images (no labels)."""
 
