@@ -17,8 +17,8 @@ from lesionkit.engine.registry import build_trainer, load_train_config
 from lesionkit.engine.trainer import Trainer
 from lesionkit.engine.trainers.amlp import AMLPTrainer
 from lesionkit.layers.masked_patch_selection import amr_mask_ratio, amr_tau, select_masked_patches
+from lesionkit.layers.patch_masking import patchify
 from lesionkit.models import create_model
-from lesionkit.models.amlp import patchify
 
 WIDTHS = "[4, 8, 16]"  # 2 poolings: 32-px inputs, 8-px patches -> a 4x4 grid of 16 patches
 
