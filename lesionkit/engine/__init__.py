@@ -1,8 +1,10 @@
 """Training, evaluation and checkpointing.
 
-``config`` (what to train) -> ``registry`` (which trainer) -> ``trainer`` (the loop and its
-hooks), with ``runtime`` (seeds, devices), ``run_log`` (log.csv, curves.png), ``checkpoint``
-(files) and ``evaluation`` beside it.
+``config`` (what to train; knows no trainer) -> ``registry`` (which trainer: resolves the name,
+loads the recipe's config class, builds the trainer) -> ``trainer`` (the generic loop and its
+hooks) or a method trainer in ``trainers/``, with ``resume`` (checkpoint state), ``loaders``
+(the epoch order), ``runtime`` (seeds, devices), ``run_log`` (log.csv, curves.png),
+``checkpoint`` (files) and ``evaluation`` beside it. The layout: docs/engine.md.
 """
 
 from lesionkit.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
