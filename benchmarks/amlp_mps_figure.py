@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from lesionkit.data import from_spec  # noqa: E402
 from lesionkit.layers.masked_patch_selection import amr_mask_ratio, amr_tau, select_masked_patches  # noqa: E402
-from lesionkit.models.amlp import patch_mask_to_pixels, patchify  # noqa: E402
+from lesionkit.layers.patch_masking import patch_mask_to_pixels, patchify  # noqa: E402
 
 EPOCHS, SIZE, PATCH = 4, 128, 8
 
@@ -40,8 +40,8 @@ def main(spec: str, out: str, picks=(0, 40, 80, 120, 160)) -> None:
             shown, title = None, "image + lesion"
         else:
             ratio = amr_mask_ratio(col, 0.25, tau, 0.75)
-            sel = select_masked_patches(patchify(images, PATCH), ratio, "hard_to_easy")
-            shown = patch_mask_to_pixels(sel.mask, grid, PATCH)[:, 0].numpy()
+            sel = select_masked_patches(patchify(images, PATCH, layout="cpq"), ratio, "hard_to_easy")
+            shown = patch_mask_to_pixels(sel.mask, PATCH, grid)[:, 0].numpy()
             title = f"epoch {col}: sigma {ratio:.2f}"
         for row in range(len(items)):
             ax = axes[row, col]

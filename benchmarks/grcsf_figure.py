@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from lesionkit.data import from_spec
 from lesionkit.engine import load_checkpoint, model_from_checkpoint
-from lesionkit.engine.residual_maps import residual_maps
+from lesionkit.engine.trainers.residual_maps import residual_maps
 from lesionkit.models import segmentation_logits
 
 

@@ -178,8 +178,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_residual_maps(args: argparse.Namespace) -> int:
-    from lesionkit.engine.residual_maps import ResidualMapSettings, summary_line, write_residual_maps
     from lesionkit.engine.runtime import resolve_device
+    from lesionkit.engine.trainers.residual_maps import ResidualMapSettings, summary_line, write_residual_maps
 
     settings = ResidualMapSettings(tuple(args.ratios), args.repeats, args.kind, args.seed)
     run = write_residual_maps(args.checkpoint, args.data, args.out, settings, image_size=args.image_size,

@@ -11,6 +11,7 @@ from lesionkit.layers.masked_patch_selection import (
     num_masked_patches,
     select_masked_patches,
 )
+from lesionkit.layers.patch_masking import patch_mask_to_pixels, patchify, unpatchify
 from lesionkit.losses.amlp import (
     attention_reconstruction_loss,
     category_consistency_loss,
@@ -29,6 +30,31 @@ def lesion_images(batch=3, size=32, patch=8, seed=0):
     lesion = torch.zeros(16, dtype=torch.bool)
     lesion[[5, 6, 9, 10]] = True
     return vectors, lesion
+
+
+@pytest.mark.parametrize("layout", ["pqc", "cpq"])
+def test_patchify_layouts_against_slicing_and_round_trip(layout):
+    """AMLP's pixel vectors are channel-major ("cpq"), MAE's channel-last ("pqc"); one patchify serves both."""
+    x = torch.randn(2, 3, 8, 12)
+    p = 4
+    got = patchify(x, p, layout=layout)
+    assert got.shape == (2, 6, p * p * 3)
+    for i in range(2):
+        for j in range(3):
+            patch = x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p]  # (B, C, P, P)
+            want = patch.flatten(1) if layout == "cpq" else patch.permute(0, 2, 3, 1).flatten(1)
+            assert torch.equal(got[:, i * 3 + j], want)
+    assert torch.equal(unpatchify(got, p, (2, 3), 3, layout=layout), x)
+    with pytest.raises(ValueError, match="layout"):
+        patchify(x, p, layout="qpc")
+
+
+def test_patch_mask_to_pixels_covers_each_masked_patch():
+    mask = torch.tensor([[True, False, False, True, False, True]])
+    pixels = patch_mask_to_pixels(mask, 4, (2, 3))
+    assert pixels.shape == (1, 1, 8, 12)
+    want = mask.view(1, 1, 2, 3).repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+    assert torch.equal(pixels, want)
 
 
 def test_mps_finds_the_lesion_and_masks_it_first():

@@ -12,13 +12,13 @@ import lesionkit.layers.masked_patch_selection as mps
 from lesionkit.cli import main
 from lesionkit.data.splits import labelled_fraction
 from lesionkit.engine import load_checkpoint
-from lesionkit.engine.amlp_trainer import AMLPTrainer
 from lesionkit.engine.checkpoint import checkpoint_header, save_checkpoint
-from lesionkit.engine.config import load_train_config
-from lesionkit.engine.trainer import Trainer, build_trainer
+from lesionkit.engine.registry import build_trainer, load_train_config
+from lesionkit.engine.trainer import Trainer
+from lesionkit.engine.trainers.amlp import AMLPTrainer
 from lesionkit.layers.masked_patch_selection import amr_mask_ratio, amr_tau, select_masked_patches
+from lesionkit.layers.patch_masking import patchify
 from lesionkit.models import create_model
-from lesionkit.models.amlp import patchify
 
 WIDTHS = "[4, 8, 16]"  # 2 poolings: 32-px inputs, 8-px patches -> a 4x4 grid of 16 patches
 

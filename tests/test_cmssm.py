@@ -149,7 +149,7 @@ def test_fd_bad_inputs():
 # ------------------------------------------------------------------------------ trainer
 
 def test_cmssm_trainer_adds_the_fd_terms(tmp_path):
-    from lesionkit.engine.trainer import build_trainer, load_train_config
+    from lesionkit.engine.registry import build_trainer, load_train_config
 
     cfg = load_train_config({
         "trainer": "cmssm", "model": {"name": "cmssm_tiny", "kwargs": SMALL},

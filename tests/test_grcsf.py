@@ -226,7 +226,7 @@ def test_a_model_with_its_mae_makes_the_maps_and_keeps_the_mae_frozen():
     assert not any(p.requires_grad for p in model.mae.parameters())
     model.train()
     assert not model.mae.training  # frozen: never in training mode
-    from lesionkit.engine.residual_maps import residual_maps
+    from lesionkit.engine.trainers.residual_maps import residual_maps
 
     image = torch.rand(2, 3, 64, 64)
     maps = residual_maps(model.mae, image, model.residual_settings)

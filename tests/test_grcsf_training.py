@@ -70,17 +70,17 @@ def test_train_evaluate_predict(trained, tmp_path, capsys):
 
 def test_on_the_fly_maps_equal_the_cached_ones(pipeline, trained):
     from lesionkit.data import from_spec
-    from lesionkit.engine.residual_maps import ResidualMapCache, image_hash
+    from lesionkit.engine.trainers.residual_maps import ResidualMapCache, image_hash
 
     root, mae, maps = pipeline
     model = model_from_checkpoint(load_checkpoint(trained)).eval()
-    from lesionkit.engine.residual_maps import file_hash
+    from lesionkit.engine.trainers.residual_maps import file_hash
 
     cache = ResidualMapCache(maps, file_hash(mae), model.residual_settings)
     items = [from_spec(VAL, image_size=32)[i] for i in range(2)]
     image = torch.stack([it["image"] for it in items])
     cached = torch.stack([cache.load(image_hash(it["image"])) for it in items])
-    from lesionkit.engine.residual_maps import residual_maps
+    from lesionkit.engine.trainers.residual_maps import residual_maps
 
     with torch.no_grad():
         # The MAE restored from the GRCSF checkpoint makes the cached maps (stored in float16) ...
@@ -128,7 +128,7 @@ def test_reloaded_checkpoint_reproduces_predictions(pipeline, trained):
     """The validation metrics stored in best.pt come back from the reloaded model on the same maps."""
     from lesionkit.data import from_spec
     from lesionkit.engine.evaluation import evaluate
-    from lesionkit.engine.residual_maps import ResidualMapCache, ResidualMapDataset, file_hash
+    from lesionkit.engine.trainers.residual_maps import ResidualMapCache, ResidualMapDataset, file_hash
 
     root, mae, maps = pipeline
     state = load_checkpoint(trained)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from lesionkit.cli import main
-from lesionkit.engine.residual_maps import (
+from lesionkit.engine.trainers.residual_maps import (
     ResidualMapCache,
     ResidualMapSettings,
     image_hash,

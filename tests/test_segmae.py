@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lesionkit.engine import load_train_config
-from lesionkit.engine.segmae_trainer import (
+from lesionkit.engine.trainers.segmae import (
     SegMAERecipe,
     SegMAETrainConfig,
     SegMAETrainer,

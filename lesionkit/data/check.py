@@ -156,7 +156,7 @@ def check_dataset(dataset, workers: int | None = None, progress: bool = True) ->
     """Decode every image and mask once (``workers`` threads) and report every problem found."""
     from tqdm import tqdm
 
-    from lesionkit.engine.runtime import available_cpus, on_terminal
+    from lesionkit.host import available_cpus, on_terminal
 
     samples = _samples(dataset)
     report = CheckReport(checked=len(samples))

@@ -17,7 +17,11 @@ def _path_and_split(rest: str) -> tuple[str, str | None]:
 def from_spec(spec: str, image_size=None, transform=None):
     """A dataset from a spec string, one of SPEC_FORMS, e.g. "isic:data/isic2018:val" or
     "synthetic:1000:3". image_size None keeps native resolution (synthetic: 256)."""
-    from lesionkit.data import FolderDataset, ISICDataset, NiftiSliceDataset, PH2Dataset, SyntheticLesions
+    from lesionkit.data.folder import FolderDataset
+    from lesionkit.data.isic import ISICDataset
+    from lesionkit.data.nifti import NiftiSliceDataset
+    from lesionkit.data.ph2 import PH2Dataset
+    from lesionkit.data.synthetic import SyntheticLesions
 
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"data spec should look like one of {list(SPEC_FORMS)}, got {spec!r}")

@@ -69,6 +69,58 @@ def labelled_fraction(data: Dataset | int, fraction: float, seed: int = 0):
     return _subsets(data, [np.sort(perm[:m]), np.sort(perm[m:])])
 
 
+class LabelledSubset:
+    """``data.label_fraction``: the seeded part of the labelled training images a run trains on.
+
+    A checkpointed component: :meth:`state_dict` is what every checkpoint records under
+    ``label_subset`` (fraction, seed, size of the full set, indices, image ids; ``None`` when
+    every image is labelled) and :meth:`load_state_dict` makes a resumed run train on the
+    recorded subset. Draws with :func:`labelled_fraction`, so 5 % lies inside 10 % for one seed.
+    """
+
+    def __init__(self, dataset: Dataset, fraction: float = 1.0, seed: int = 0) -> None:
+        self.dataset = dataset  # all labelled training images
+        self.fraction = fraction
+        self.record: dict | None = None
+        if fraction < 1.0:
+            labelled, _ = labelled_fraction(dataset, fraction, seed)
+            self.record = {"fraction": fraction, "seed": seed, "of": len(dataset),
+                           "indices": [int(i) for i in labelled.indices], "ids": sample_ids(dataset, labelled.indices)}
+
+    @property
+    def data(self) -> Dataset:
+        """The images to train on: the subset, or the whole dataset."""
+        return self.dataset if self.record is None else Subset(self.dataset, self.record["indices"])
+
+    def state_dict(self) -> dict | None:
+        return self.record
+
+    def load_state_dict(self, recorded: dict | None, where: str = "checkpoint") -> bool:
+        """Take the subset ``recorded`` by a checkpoint (``where`` names it in errors); True if it changed."""
+        if recorded is None:
+            if self.record is not None:
+                raise ValueError(f"{where} trained on all labelled images, but this run sets "
+                                 f"data.label_fraction={self.fraction}")
+            return False
+        if recorded["of"] != len(self.dataset):
+            raise ValueError(f"{where} drew its labelled subset from {recorded['of']} training images, "
+                             f"this run's training data has {len(self.dataset)}: resume with the same data")
+        if self.record is not None and self.record["indices"] == recorded["indices"]:
+            return False
+        self.record = recorded
+        return True
+
+
+def sample_ids(dataset: Dataset, indices: Sequence[int]) -> list[str] | None:
+    """Image ids of ``dataset[indices]`` without loading images, where the dataset lists them."""
+    base, mapped = dataset, list(indices)
+    while isinstance(base, Subset):
+        mapped = [int(base.indices[i]) for i in mapped]
+        base = base.dataset
+    ids = getattr(base, "ids", None)
+    return [str(ids[i]) for i in mapped] if ids is not None else None
+
+
 def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """Seeded (train, val) subsets with ``round(fraction * n)`` (at least 1) images held out.
 

@@ -1,6 +1,6 @@
-"""Datasets, transforms, metrics and losses the engine builds from config values.
+"""Datasets, transforms, metrics, losses and optimisers the engine builds from config values.
 
-They come from :mod:`lesionkit.data`, :mod:`lesionkit.metrics` and :mod:`lesionkit.losses`.
+They come from :mod:`lesionkit.data`, :mod:`lesionkit.metrics`, :mod:`lesionkit.losses` and torch.optim.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lesionkit.engine.config import DataConfig, LossConfig
+from lesionkit.engine.config import DataConfig, LossConfig, OptimConfig
 
 
 def build_dataset(spec: str, image_size: int | None, transform=None) -> torch.utils.data.Dataset:
@@ -52,3 +52,39 @@ def build_loss(cfg: LossConfig) -> nn.Module:
     from lesionkit.losses import create_loss
 
     return create_loss(cfg.name, **cfg.kwargs)
+
+
+def build_train_val_datasets(data: DataConfig, seed: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """The training and validation datasets of ``data``: ``data.val``, or a seeded ``data.val_fraction``
+    held out of ``data.train`` (without the training augmentation), or no validation when that is 0."""
+    from lesionkit.data.check import check_files
+    from lesionkit.data.splits import holdout_split
+
+    if not data.train:
+        raise ValueError("data.train is not set: give a data spec such as 'synthetic:200' or 'isic:PATH:train'")
+    train_tf, eval_tf = build_train_transform(data), build_eval_transform(data)
+    train = build_dataset(data.train, data.image_size, train_tf)
+    check_files(train, data.train)
+    if data.val:
+        val = build_dataset(data.val, data.image_size, eval_tf)
+        check_files(val, data.val)
+        return train, val
+    if data.val_fraction == 0:
+        return train, None
+    # The held-out part must not see the training augmentation: same indices, own dataset.
+    plain = build_dataset(data.train, data.image_size, eval_tf) if train_tf is not None else train
+    train_part, val_part = holdout_split(train, data.val_fraction, seed)
+    return train_part, torch.utils.data.Subset(plain, val_part.indices)
+
+
+def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``optim.name`` over the model's parameter groups (SS2D's ``_no_weight_decay`` ones without decay)."""
+    from lesionkit.engine.param_groups import parameter_groups
+
+    params = parameter_groups(model, optim.weight_decay)
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                               nesterov=optim.nesterov)
+    if optim.name == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)

@@ -2,7 +2,8 @@
 
 ``TrainConfig.from_dict`` rejects unknown keys and wrong types with the dotted key name, so a
 typo in a YAML file or a ``--set`` override fails loudly instead of being ignored. Method
-recipes subclass :class:`TrainConfig` to add their own fields.
+recipes subclass :class:`TrainConfig` to add their own fields. Which subclass a YAML file
+needs is the trainer's business: :func:`lesionkit.engine.registry.load_train_config`.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    trainer: str = "segmentation"  # a name in lesionkit.engine.registry.TRAINER_MODULES
+    trainer: str = "segmentation"  # a name in lesionkit.engine.registry.TRAINER_MODULES (resolved there)
     epochs: int = 50
     time_budget: float | None = None  # seconds of training; stops after the step that crosses it
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 on GPU only)
@@ -219,28 +220,6 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} should hold a mapping, got {type(data).__name__}")
     return data
-
-
-def load_train_config(source: str | Path | dict) -> TrainConfig:
-    """A config (YAML file, recipe name or dict) as the dataclass of the trainer its ``trainer:`` key names.
-
-    A string that names no file but a recipe shipped in ``lesionkit/configs/`` (``"segmae_isic2018"``)
-    loads that recipe; :func:`lesionkit.configs.list_recipes` lists them.
-    """
-    from lesionkit.engine.registry import get_trainer_class
-
-    if isinstance(source, dict):
-        data, where = source, None
-    else:
-        from lesionkit.configs import resolve_recipe
-
-        where = resolve_recipe(source)
-        data = read_yaml_mapping(where)
-    name = data.get("trainer", TrainConfig.trainer)
-    try:
-        return get_trainer_class(name).config_class.from_dict(data)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 def _from_dict(cls: type[T], data: Any, prefix: str) -> T:

@@ -15,10 +15,10 @@ import torch
 import lesionkit
 from lesionkit.engine.builders import build_dataset
 from lesionkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from lesionkit.engine.config import TrainConfig, load_train_config
+from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.evaluation import evaluate
+from lesionkit.engine.registry import build_trainer, load_train_config
 from lesionkit.engine.reporting import best_worst_grid, metrics_table, write_metrics_json
-from lesionkit.engine.trainer import build_trainer
 
 # Held-out synthetic images are drawn with a seed the training and validation data never use.
 TEST_SPEC = "synthetic:200:2"

@@ -73,6 +73,35 @@ class DistributedContext:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def mean_floats(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over the ranks (the logged losses of an epoch)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world_size).tolist()))
+
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+        DDP broadcasts them before each forward, so after the last step of an epoch each rank
+        still holds its own; copying rank 0's keeps every rank equal to the checkpoint.
+        """
+        if self.enabled:
+            for buffer in model.buffers():
+                dist.broadcast(buffer.data, src=0)
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, sync_batchnorm: bool,
+             find_unused_parameters: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """``(model, train_model)``: the model (with SyncBatchNorm if asked) and its DDP wrapper, or the model twice."""
+        if not self.enabled:
+            return model, model
+        if sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                                find_unused_parameters=find_unused_parameters)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lesionkit.host import available_cpus, on_terminal  # noqa: F401  (engine modules import them from here)
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators."""
@@ -54,15 +56,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
-
-
-def on_terminal() -> bool:
-    """Whether progress bars should be drawn: stderr is a terminal, not a log file."""
-    return sys.stderr.isatty()
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_num_workers() -> int:

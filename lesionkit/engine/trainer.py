@@ -14,12 +14,10 @@ Methods plug in by subclassing :class:`Trainer` and overriding hooks, never by c
 - ``augment(batch)``, ``on_epoch_start`` / ``on_epoch_end``, ``on_train_end``,
   ``load_resume_state(state)``
 
-Register a subclass with ``@register_trainer("name")``, add its module to
-:data:`lesionkit.engine.registry.TRAINER_MODULES` and select it with ``trainer: name``.
-Where the rest lives: config loading in :mod:`~lesionkit.engine.config`, seeding, devices and
-stop signals in :mod:`~lesionkit.engine.runtime`, the log files in :mod:`~lesionkit.engine.run_log`,
-checkpoint files in :mod:`~lesionkit.engine.checkpoint`, validation in
-:mod:`~lesionkit.engine.evaluation`; data splits, augmentation and checks in :mod:`lesionkit.data`.
+Method trainers live in :mod:`lesionkit.engine.trainers`, named in
+:data:`lesionkit.engine.registry.TRAINER_MODULES` (or ``@register_trainer("name")``) and selected
+with ``trainer: name``. Checkpoint state and resume: :mod:`~lesionkit.engine.resume`; the epoch
+order: :mod:`~lesionkit.engine.loaders`; the rest: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -27,35 +25,24 @@ from __future__ import annotations
 import math
 import signal
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from lesionkit.data.check import check_files
-from lesionkit.data.splits import holdout_split
+from lesionkit.data.splits import LabelledSubset
 from lesionkit.data.transforms import BatchFlips, split_transform_options
-from lesionkit.engine.builders import build_dataset, build_eval_transform, build_loss, build_train_transform
-from lesionkit.engine.checkpoint import capture_rng_state, checkpoint_header, load_checkpoint, restore_rng_state, save_checkpoint
-from lesionkit.engine.config import TrainConfig, load_train_config
+from lesionkit.engine import init_weights
+from lesionkit.engine.builders import build_loss, build_optimizer, build_train_val_datasets
+from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.distributed import DistributedContext
 from lesionkit.engine.evaluation import autocast_context, evaluate, flatten_metrics, monitor_value, plain_metrics
-from lesionkit.engine.param_groups import parameter_groups
-from lesionkit.engine.registry import TRAINERS, get_trainer_class, register_trainer
+from lesionkit.engine.loaders import EpochOrder
+from lesionkit.engine.resume import ResumableRun
 from lesionkit.engine.run_log import RunLog
-from lesionkit.engine.runtime import (
-    StopRequests,
-    default_num_workers,
-    init_worker,
-    on_terminal,
-    resolve_device,
-    seed_everything,
-    set_determinism,
-)
+from lesionkit.engine.runtime import StopRequests, default_num_workers, on_terminal, resolve_device, seed_everything, set_determinism
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
 from lesionkit.models import create_model, segmentation_logits
 
@@ -66,26 +53,8 @@ class Stage:
     epochs: int
 
 
-class SkipSampler(torch.utils.data.Sampler):
-    """A sampler's order without its first ``skip`` indices: a resumed epoch starts at the batch it stopped at."""
-
-    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
-        self.sampler = sampler
-        self.skip = 0
-
-    def __iter__(self):
-        it = iter(self.sampler)
-        for _ in range(self.skip):
-            next(it, None)
-        yield from it
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
-@register_trainer("segmentation")
-class Trainer:
-    """Supervised segmentation training driven by a :class:`TrainConfig`."""
+class Trainer(ResumableRun):
+    """Supervised segmentation training driven by a :class:`TrainConfig` (``trainer: segmentation``)."""
 
     config_class = TrainConfig
     # Recipes whose steps leave part of the model unused (SegMAE's alternating segmentation and
@@ -128,11 +97,9 @@ class Trainer:
         self.loss_fn = loss_fn if loss_fn is not None else self.build_loss()
         if train_data is None:
             train_data, val_data = self.build_datasets()
-        self.full_train_data = train_data
-        self.label_subset = self.select_labelled(train_data)
-        if self.label_subset is not None:
-            train_data = torch.utils.data.Subset(train_data, self.label_subset["indices"])
-        self.train_data, self.val_data = train_data, val_data
+        label_seed = config.seed if config.data.label_seed is None else config.data.label_seed
+        self.labelled = LabelledSubset(train_data, config.data.label_fraction, label_seed)
+        self.train_data, self.val_data = self.labelled.data, val_data
         self.batch_flips = BatchFlips(**split_transform_options(config.data.transforms)[0])
         seed_everything(config.seed + self.dist.rank)  # augmentation differs between ranks
 
@@ -147,13 +114,8 @@ class Trainer:
         self.stage: Stage = stages[0]
         self.optimizer, self.scheduler = self.configure_optimizers()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
-        self.train_model: nn.Module = self.model
-        if self.dist.enabled:
-            if config.sync_batchnorm:
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids, find_unused_parameters=self.ddp_find_unused_parameters)
+        self.model, self.train_model = self.dist.wrap(self.model, self.device, config.sync_batchnorm,
+                                                      self.ddp_find_unused_parameters)
 
         self.epoch = 0  # completed epochs, over all stages
         self.global_step = 0
@@ -183,66 +145,29 @@ class Trainer:
     def build_loss(self) -> nn.Module:
         return build_loss(self.cfg.loss)
 
+    @property
+    def label_subset(self) -> dict | None:
+        """The labelled subset this run trains on (``data.label_fraction``), as checkpoints record it."""
+        return self.labelled.state_dict()
+
     def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
-        data = self.cfg.data
-        if not data.train:
-            raise ValueError("data.train is not set: give a data spec such as 'synthetic:200' or 'isic:PATH:train'")
-        train_tf, eval_tf = build_train_transform(data), build_eval_transform(data)
-        train = build_dataset(data.train, data.image_size, train_tf)
-        check_files(train, data.train)
-        if data.val:
-            val = build_dataset(data.val, data.image_size, eval_tf)
-            check_files(val, data.val)
-            return train, val
-        if data.val_fraction == 0:
-            return train, None
-        # The held-out part must not see the training augmentation: same indices, own dataset.
-        plain = build_dataset(data.train, data.image_size, eval_tf) if train_tf is not None else train
-        train_part, val_part = holdout_split(train, data.val_fraction, self.cfg.seed)
-        return train_part, torch.utils.data.Subset(plain, val_part.indices)
+        return build_train_val_datasets(self.cfg.data, self.cfg.seed)
 
     def load_init_weights(self):
         """``init_from``: the matching tensors of ``init_parts`` from another checkpoint; reports the keys."""
-        from lesionkit.engine.init_weights import load_init_weights
-
-        report = load_init_weights(self.model, self.cfg.init_from, self.cfg.init_parts)
+        report = init_weights.load_init_weights(self.model, self.cfg.init_from, self.cfg.init_parts)
         if self.dist.is_main:
             print(report.summary(), flush=True)
         return report
-
-    def select_labelled(self, train_data: torch.utils.data.Dataset) -> dict | None:
-        """``data.label_fraction`` < 1: the seeded labelled subset (indices into ``train_data``), or None."""
-        data = self.cfg.data
-        if data.label_fraction >= 1.0:
-            return None
-        from lesionkit.data.splits import labelled_fraction
-
-        seed = self.cfg.seed if data.label_seed is None else data.label_seed
-        labelled, _ = labelled_fraction(train_data, data.label_fraction, seed)
-        return {"fraction": data.label_fraction, "seed": seed, "of": len(train_data),
-                "indices": [int(i) for i in labelled.indices], "ids": _sample_ids(train_data, labelled.indices)}
 
     def _num_workers(self) -> int:
         return default_num_workers() if self.cfg.data.num_workers < 0 else self.cfg.data.num_workers
 
     def build_train_loader(self) -> torch.utils.data.DataLoader:
-        data = self.train_data
-        # Per-epoch generators (reseeded in train_epoch) make the order independent of the
-        # global RNG, so a resumed run sees the same batches as an uninterrupted one.
-        self._order_generator = torch.Generator()
-        self._loader_generator = torch.Generator()
-        if self.dist.enabled:
-            sampler = torch.utils.data.DistributedSampler(data, num_replicas=self.dist.world_size, rank=self.dist.rank,
-                                                          shuffle=True, seed=self.cfg.seed)
-        else:
-            sampler = torch.utils.data.RandomSampler(data, generator=self._order_generator)
-        self._skip_sampler = SkipSampler(sampler)
-        per_rank = math.ceil(len(data) / self.dist.world_size)
-        bs = self.cfg.data.batch_size
-        return torch.utils.data.DataLoader(
-            data, batch_size=bs, sampler=self._skip_sampler, num_workers=self._num_workers(),
-            pin_memory=self.device.type == "cuda", drop_last=per_rank >= 2 * bs,
-            generator=self._loader_generator, worker_init_fn=init_worker)
+        # Reseeded per epoch (train_epoch), so a resumed run sees the same batches as an uninterrupted one.
+        self._order = EpochOrder(self.train_data, self.cfg.seed, self.dist)
+        return self._order.loader(self.train_data, self.cfg.data.batch_size, self._num_workers(),
+                                  pin_memory=self.device.type == "cuda")
 
     def build_val_loader(self) -> torch.utils.data.DataLoader | None:
         if self.val_data is None:
@@ -253,15 +178,7 @@ class Trainer:
 
     def configure_optimizers(self):
         """``(optimizer, scheduler or None)`` for the current stage."""
-        o = self.cfg.optim
-        # Parameters marked _no_weight_decay (SS2D's A_logs, Ds) get a group without decay.
-        params = parameter_groups(self.model, o.weight_decay)
-        if o.name == "sgd":
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-        elif o.name == "adam":
-            opt = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        opt = build_optimizer(self.cfg.optim, self.model)
         return opt, build_scheduler(self.cfg.scheduler, opt, self.stage.epochs, self.steps_per_epoch)
 
     # ----------------------------------------------------------------------------- hooks
@@ -429,14 +346,8 @@ class Trainer:
         from tqdm import tqdm
 
         self.train_model.train()
-        epoch_seed = self.cfg.seed * 100_003 + self.epoch
-        self._order_generator.manual_seed(epoch_seed)
-        self._loader_generator.manual_seed(epoch_seed + 1)
-        sampler = self._skip_sampler.sampler
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
-            sampler.set_epoch(self.epoch)
         # A mid-epoch resume: the same order, without the batches already trained on.
-        self._skip_sampler.skip = self._epoch_batches * self.cfg.data.batch_size
+        self._order.start_epoch(self.epoch, skip=self._epoch_batches * self.cfg.data.batch_size)
         # Loss sums stay on the device (no sync per step); a mid-epoch checkpoint carries them over.
         sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in self._epoch_sums.items()}
         self._running_sums = sums
@@ -466,19 +377,12 @@ class Trainer:
         finally:
             self._train_seconds += time.monotonic() - start
             bar.close()
-        self._skip_sampler.skip = 0
-        means = {k: (v / max(1, count)).item() for k, v in sums.items()}
-        if self.dist.enabled:  # average the logged losses over ranks
-            vals = torch.tensor(list(means.values()), dtype=torch.float64)
-            torch.distributed.all_reduce(vals)
-            means = dict(zip(means, (vals / self.dist.world_size).tolist()))
-        return means, stop
+        self._order.end_epoch()
+        return self.dist.mean_floats({k: (v / max(1, count)).item() for k, v in sums.items()}), stop
 
     def _after_step(self, batches_done: int) -> str | None:
         """Mid-epoch checkpoints and the reasons to stop inside an epoch (agreed by every rank)."""
-        ck = self.cfg.checkpoint
-        due = (ck.every_steps is not None and self.global_step % ck.every_steps == 0) or (
-            ck.every_minutes is not None and time.monotonic() - self._last_save >= 60 * ck.every_minutes)
+        due = self.checkpoint_due()
         budget = self.cfg.time_budget is not None and self.elapsed() >= self.cfg.time_budget
         # One collective for all three keeps every rank at the same step (a no-op on one process).
         due, budget, signalled = self.dist.any_rank([due, budget, self._stop.received is not None], self.device)
@@ -496,14 +400,8 @@ class Trainer:
         return signal.Signals(self._stop.received).name if self._stop.received else "SIGTERM"
 
     def sync_buffers(self) -> None:
-        """Rank 0's buffers (BatchNorm running statistics) on every rank.
-
-        DDP broadcasts them before each forward, so after the last step of an epoch each rank
-        still holds its own; copying rank 0's keeps every rank equal to the checkpoint.
-        """
-        if self.dist.enabled:
-            for buffer in self.model.buffers():
-                torch.distributed.broadcast(buffer.data, src=0)
+        """Rank 0's BatchNorm statistics on every rank, as the checkpoint holds them."""
+        self.dist.broadcast_buffers(self.model)
 
     def to_device(self, batch: dict) -> dict:
         out = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -544,133 +442,9 @@ class Trainer:
             start += stage.epochs
         return len(stages) - 1, stages[-1]
 
-    # ----------------------------------------------------------------------------- state
-
-    def state_dict(self, full: bool = True) -> dict[str, Any]:
-        """Checkpoint content; collective when distributed (every rank must call it)."""
-        rng = self.dist.gather_objects(capture_rng_state()) if full else None
-        state = checkpoint_header(self.cfg.model.name, self.cfg.model.kwargs, self.cfg.to_dict())
-        state.update({
-            "model": self.model.state_dict(),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "stage": self.stage.name,
-            "metrics": self.last_metrics,
-            "best_metric": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "label_subset": self.label_subset,
-        })
-        if full:
-            # Inside an epoch: the batches of epoch `epoch + 1` already trained on, and their loss sums.
-            sums = {k: float(v) for k, v in self._running_sums.items()} if self._epoch_batches else {}
-            state.update({"epoch_batches": self._epoch_batches, "epoch_sums": sums})
-            state.update({
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "bad_epochs": self.bad_epochs,
-                "elapsed": self.elapsed(),
-                "world_size": self.dist.world_size,
-            })
-        return state
-
-    def save(self, path: str | Path, full: bool = True) -> None:
-        state = self.state_dict(full)
-        if self.dist.is_main:
-            save_checkpoint(state, path)
-        if full:
-            self._last_save = time.monotonic()
-
-    def resume(self, path: str | Path) -> None:
-        """Continue from a ``last.pt`` (written at the end of an epoch or inside one); the state
-        loads when :meth:`fit` enters its stage, through :meth:`load_resume_state`."""
-        state = load_checkpoint(path, map_location=self.device)
-        if "optimizer" not in state:
-            raise ValueError(f"checkpoint {str(path)!r} holds weights only (a best.pt?); resume from last.pt")
-        if state["model_name"] != self.cfg.model.name:
-            raise ValueError(f"checkpoint {str(path)!r} holds model {state['model_name']!r}, but this run trains {self.cfg.model.name!r}")
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.best_metric = float(state["best_metric"])
-        self.best_epoch = state["best_epoch"]
-        self.bad_epochs = int(state["bad_epochs"])
-        self.elapsed_before = float(state["elapsed"])
-        self.last_metrics = state.get("metrics")
-        self._restore_label_subset(state.get("label_subset"), path)
-        self._epoch_batches = int(state.get("epoch_batches", 0))
-        self._epoch_sums = {k: float(v) for k, v in (state.get("epoch_sums") or {}).items()}
-        if self._epoch_batches >= self.steps_per_epoch:
-            raise ValueError(f"checkpoint {str(path)!r} is {self._epoch_batches} batches into an epoch, but an epoch "
-                             f"of this run has {self.steps_per_epoch}: resume with the data and batch size it was written with")
-        self._resume_state = state
-
-    def _restore_label_subset(self, recorded: dict | None, path) -> None:
-        """Train on the labelled subset the checkpoint recorded (``data.label_fraction``)."""
-        if recorded is None:
-            if self.label_subset is not None:
-                raise ValueError(f"checkpoint {str(path)!r} trained on all labelled images, but this run sets "
-                                 f"data.label_fraction={self.cfg.data.label_fraction}")
-            return
-        if recorded["of"] != len(self.full_train_data):
-            raise ValueError(f"checkpoint {str(path)!r} drew its labelled subset from {recorded['of']} training images, "
-                             f"this run's training data has {len(self.full_train_data)}: resume with the same data")
-        if self.label_subset is not None and self.label_subset["indices"] == recorded["indices"]:
-            return
-        self.label_subset = recorded
-        self.train_data = torch.utils.data.Subset(self.full_train_data, recorded["indices"])
-        self.train_loader = self.build_train_loader()
-        self.steps_per_epoch = len(self.train_loader)
-
-    def load_resume_state(self, state: dict) -> None:
-        """Load a resume checkpoint as :meth:`fit` enters ``self.stage`` (after ``on_stage_start``).
-
-        Weights, random streams and the loop counters always come from ``state``. The optimiser,
-        schedule and gradient scaler do too, except when the checkpoint was written at the end of
-        another stage and ``optimizer_per_stage`` is set: then this stage starts with the fresh
-        ones, as in an uninterrupted run. Override to restore recipe state of your own (call super).
-        """
-        self.model.load_state_dict(state["model"])
-        if state.get("stage") != self.stage.name and self.optimizer_per_stage:
-            self._restore_rng(state)
-            return
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            horizon = getattr(self.scheduler, "total_steps", None)
-            self.scheduler.load_state_dict(state["scheduler"])
-            if horizon is not None:  # a resume with more epochs stretches the schedule to them
-                self.scheduler.total_steps = horizon
-        self.scaler.load_state_dict(state["scaler"])
-        self._restore_rng(state)
-
-    def _restore_rng(self, state: dict) -> None:
-        rng = state.get("rng")
-        if rng and len(rng) == self.dist.world_size:
-            restore_rng_state(rng[self.dist.rank])
-        else:
-            warnings.warn(f"checkpoint was written by {len(rng or [])} process(es), this run has {self.dist.world_size}: "
-                          "random streams restart from the seed, so the run will not match an uninterrupted one", stacklevel=2)
-            seed_everything(self.cfg.seed + self.dist.rank + self.epoch)
-
     def read_log(self) -> list[dict]:
         """The rows of ``log.csv`` so far (one per epoch)."""
         return RunLog(self.out_dir).read()
 
 
-def _sample_ids(dataset: torch.utils.data.Dataset, indices: list[int]) -> list[str] | None:
-    """Image ids of ``dataset[indices]`` without loading images, where the dataset lists them."""
-    base, mapped = dataset, list(indices)
-    while isinstance(base, torch.utils.data.Subset):
-        mapped = [int(base.indices[i]) for i in mapped]
-        base = base.dataset
-    ids = getattr(base, "ids", None)
-    return [str(ids[i]) for i in mapped] if ids is not None else None
-
-
-def build_trainer(config: TrainConfig, **kwargs) -> Trainer:
-    """The trainer class named by ``config.trainer``, constructed on ``config``."""
-    return get_trainer_class(config.trainer)(config, **kwargs)
-
-
-__all__ = ["Stage", "TRAINERS", "Trainer", "build_trainer", "get_trainer_class", "load_train_config", "monitor_value",
-           "register_trainer"]
+__all__ = ["Stage", "Trainer"]

@@ -55,26 +55,45 @@ def random_patch_mask(batch: int, num_patches: int, mask_ratio: float, device: t
     return PatchMask(ids_keep=ids_keep, ids_restore=ids_restore, mask=mask)
 
 
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, P * P * C), patches row-major, pixels (p, q, c) within a patch."""
+# The order of a patch's values in its vector: "pqc" pixel row, column, then channel (MAE's, the
+# order its decoder predicts and unpatchify inverts); "cpq" channel first (AMLP's k-means pixel
+# vectors and per-patch errors, kept so that its selections stay what they were).
+PATCH_LAYOUTS = ("pqc", "cpq")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in PATCH_LAYOUTS:
+        raise ValueError(f"layout should be one of {list(PATCH_LAYOUTS)}, got {layout!r}")
+
+
+def patchify(images: torch.Tensor, patch_size: int, layout: str = "pqc") -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, P * P * C), patches row-major over the grid; ``layout`` orders each
+    patch's values: "pqc" (p, q, c) or "cpq" (c, p, q)."""
+    _check_layout(layout)
+    if images.ndim != 4:
+        raise ValueError(f"images should be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
     b, c, h, w = images.shape
     p = patch_size
     if h % p or w % p:
         raise ValueError(f"image height and width should be multiples of patch_size={p}, got {h}x{w}")
     x = images.reshape(b, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+    order = (0, 2, 4, 3, 5, 1) if layout == "pqc" else (0, 2, 4, 1, 3, 5)
+    return x.permute(*order).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int) -> torch.Tensor:
+def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int,
+               layout: str = "pqc") -> torch.Tensor:
     """Inverse of :func:`patchify`: (B, N, P * P * C) -> (B, C, gh * P, gw * P)."""
+    _check_layout(layout)
     b, n, d = patches.shape
     gh, gw = grid_size
     p = patch_size
     if n != gh * gw or d != p * p * channels:
         raise ValueError(f"patches should be (B, {gh * gw}, {p * p * channels}) for a {gh}x{gw} grid of "
                          f"{p}x{p}x{channels} patches, got {tuple(patches.shape)}")
-    x = patches.reshape(b, gh, gw, p, p, channels)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * p, gw * p)
+    if layout == "pqc":
+        return patches.reshape(b, gh, gw, p, p, channels).permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * p, gw * p)
+    return patches.reshape(b, gh, gw, channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, gh * p, gw * p)
 
 
 def patch_mask_to_pixels(mask: torch.Tensor, patch_size: int, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -85,4 +104,4 @@ def patch_mask_to_pixels(mask: torch.Tensor, patch_size: int, grid_size: tuple[i
     return m.reshape(b, 1, gh * patch_size, gw * patch_size)
 
 
-__all__ = ["PatchMask", "patch_mask_to_pixels", "patchify", "random_patch_mask", "unpatchify"]
+__all__ = ["PATCH_LAYOUTS", "PatchMask", "patch_mask_to_pixels", "patchify", "random_patch_mask", "unpatchify"]

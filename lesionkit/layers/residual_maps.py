@@ -2,7 +2,7 @@
 reconstructions at mask ratio r), seeded per image.
 
 The model (:class:`lesionkit.models.grcsf.GRCSF` with its frozen MAE) and the
-``lesionkit residual-maps`` command (:mod:`lesionkit.engine.residual_maps`, which adds the cache,
+``lesionkit residual-maps`` command (:mod:`lesionkit.engine.trainers.residual_maps`, which adds the cache,
 files and the data pairing) both call :func:`residual_maps`, so they give the same maps. The
 choices where the paper is silent are listed in that module's docstring and in docs/grcsf.md.
 """

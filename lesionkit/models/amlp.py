@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lesionkit.layers.patch_masking import patch_mask_to_pixels
 from lesionkit.models.output import SegmentationOutput
 from lesionkit.models.registry import build_config, register_model
 from lesionkit.models.unet import UNet, UNetConfig
@@ -39,23 +40,6 @@ class AMLPUNetConfig(UNetConfig):
         super().__post_init__()
         if self.patch_size < 1:
             raise ValueError(f"patch_size should be >= 1, got {self.patch_size}")
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, C * p * p), patches in row-major order of the (H/p, W/p) grid."""
-    b, c, h, w = images.shape
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"image height and width should be multiples of patch_size {patch_size}, got {h}x{w}")
-    gh, gw = h // patch_size, w // patch_size
-    x = images.reshape(b, c, gh, patch_size, gw, patch_size)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * patch_size * patch_size)
-
-
-def patch_mask_to_pixels(patch_mask: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """(B, N) bool -> (B, 1, H, W) bool with every masked patch's pixels set."""
-    b = patch_mask.shape[0]
-    m = patch_mask.view(b, 1, grid[0], grid[1])
-    return m.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
 class AMLPUNet(UNet):
@@ -107,7 +91,7 @@ class AMLPUNet(UNet):
         if patch_mask.shape != (x.shape[0], grid[0] * grid[1]) or patch_mask.dtype != torch.bool:
             raise ValueError(f"patch_mask should be a bool (B, N) = ({x.shape[0]}, {grid[0] * grid[1]}) tensor, "
                              f"got {patch_mask.dtype} {tuple(patch_mask.shape)}")
-        pixels = patch_mask_to_pixels(patch_mask, grid, self.cfg.patch_size)
+        pixels = patch_mask_to_pixels(patch_mask, self.cfg.patch_size, grid)
         return x.masked_fill(pixels, 0)
 
     def forward(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None) -> SegmentationOutput:
@@ -141,4 +125,4 @@ def amlp_unet_tiny(**kwargs) -> AMLPUNet:
     return _amlp_unet("amlp_unet_tiny", {"widths": (16, 32, 64, 128, 256), "patch_size": 8}, kwargs)
 
 
-__all__ = ["AMLPUNet", "AMLPUNetConfig", "amlp_unet", "amlp_unet_tiny", "patch_mask_to_pixels", "patchify"]
+__all__ = ["AMLPUNet", "AMLPUNetConfig", "amlp_unet", "amlp_unet_tiny"]

@@ -1,7 +1,7 @@
 """A plain ViT masked autoencoder (He et al. 2022) for GRCSF's residual maps (GRCSF Sec. 3.3.1).
 
 GRCSF reconstructs each image with an MAE at mask ratios 0.5 and 0.75 and takes the pixel-wise
-difference to the image (Eq. 3-5, :mod:`lesionkit.engine.residual_maps`). The MAE here is the
+difference to the image (Eq. 3-5, :mod:`lesionkit.engine.trainers.residual_maps`). The MAE here is the
 original recipe: a ViT encoder sees only the visible patches (so nothing of a masked patch
 leaks into its reconstruction), the MAE decoder of SegMAE (:class:`~lesionkit.layers.mae_decoder.MAEDecoder`)
 restores the pixels of every patch from them, and training minimises the MSE over the masked

@@ -13,7 +13,7 @@ Choices the paper leaves open are config fields (docs/models.md):
 - ``mask_ratio``: "a high masking ratio"; 0.75 is MAE's (our choice).
 - When a masked forward also segments, the CUP gets the token grid with zeros at the masked
   positions (ours; the SegMAE trainer segments unmasked images by default, see
-  :mod:`lesionkit.engine.segmae_trainer`).
+  :mod:`lesionkit.engine.trainers.segmae`).
 """
 
 from __future__ import annotations

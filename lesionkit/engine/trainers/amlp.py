@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from lesionkit.engine.config import TrainConfig
-from lesionkit.engine.registry import register_trainer
 from lesionkit.engine.trainer import Stage, Trainer
 from lesionkit.layers.masked_patch_selection import STRATEGIES, amr_mask_ratio, amr_tau, select_masked_patches
+from lesionkit.layers.patch_masking import patchify
 from lesionkit.losses.amlp import attention_reconstruction_loss, category_consistency_loss, relative_reconstruction_loss, update_patch_labels
 
 FEATURES = ("pixels", "encoder")
@@ -89,7 +89,6 @@ class AMLPTrainConfig(TrainConfig):
     amlp: AMLPRecipe = field(default_factory=AMLPRecipe)
 
 
-@register_trainer("amlp")
 class AMLPTrainer(Trainer):
     """Masked-patch pre-training of an ``amlp_unet*`` model on images (no labels)."""
 
@@ -161,13 +160,11 @@ class AMLPTrainer(Trainer):
 
     def select(self, images: torch.Tensor):
         """MPS for a batch: the :class:`~lesionkit.layers.masked_patch_selection.PatchSelection` of this step."""
-        from lesionkit.models.amlp import patchify
-
         recipe = self.cfg.amlp
         model = self.model
         with torch.no_grad():
             if recipe.features == "pixels":
-                vectors = patchify(images.float(), model.cfg.patch_size)
+                vectors = patchify(images.float(), model.cfg.patch_size, layout="cpq")
             else:
                 was_training = model.training
                 model.eval()  # no BatchNorm statistics from this extra pass
@@ -181,8 +178,6 @@ class AMLPTrainer(Trainer):
                                      iters=recipe.kmeans_iters, generator=self._generator)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        from lesionkit.models.amlp import patchify
-
         recipe = self.cfg.amlp
         images = batch["image"]
         selection = self.select(images)
@@ -192,7 +187,7 @@ class AMLPTrainer(Trainer):
                              "or amlp.mask_ratio")
         out = self.forward(images, patch_mask=mask)
         p = self.model.cfg.patch_size
-        error = patchify((out.extras["reconstruction"].float() - images.float()).square(), p)
+        error = patchify((out.extras["reconstruction"].float() - images.float()).square(), p, layout="cpq")
         patch_loss = error.mean(dim=2)  # (B, N): L_pred^i, the mean squared error of patch i
         n_m = mask.sum(dim=1).to(patch_loss.dtype)
         pred = ((patch_loss * mask).sum(dim=1) / n_m).mean()

@@ -5,7 +5,7 @@ The pipeline (Sec. 3.4): an MAE (``trainer: mae``) -> its residual maps
 
 - builds the GRCSF model with the MAE of ``grcsf.mae_checkpoint`` inside it, frozen: its weights
   are saved in every GRCSF checkpoint, so ``lesionkit evaluate`` / ``predict`` compute the maps
-  of new images themselves (the same seeded maps, :mod:`lesionkit.engine.residual_maps`);
+  of new images themselves (the same seeded maps, :mod:`lesionkit.engine.trainers.residual_maps`);
 - pairs each training and validation image with its cached maps from ``grcsf.residual_maps``
   (batch key ``residual_maps``; the flips of ``data.transforms`` move them with the image). A
   missing map stops the run with the image's name and the command that makes it. Without
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from lesionkit.engine.config import TrainConfig
-from lesionkit.engine.registry import register_trainer
 from lesionkit.engine.trainer import Trainer
 from lesionkit.models import segmentation_logits
 
@@ -43,7 +42,6 @@ class GRCSFTrainConfig(TrainConfig):
     grcsf: GRCSFRecipe = field(default_factory=GRCSFRecipe)
 
 
-@register_trainer("grcsf")
 class GRCSFTrainer(Trainer):
     config_class = GRCSFTrainConfig
     model_inputs = ("residual_maps",)
@@ -54,7 +52,7 @@ class GRCSFTrainer(Trainer):
         self.batch_flips.extra_keys = ("residual_maps",)
 
     def build_model(self) -> nn.Module:
-        from lesionkit.engine.residual_maps import load_mae
+        from lesionkit.engine.trainers.residual_maps import load_mae
         from lesionkit.models import create_model
         from lesionkit.models.grcsf import GRCSF
 
@@ -87,7 +85,7 @@ class GRCSFTrainer(Trainer):
             raise ValueError(f"grcsf.residual_maps={recipe.residual_maps!r} needs grcsf.mae_checkpoint, the MAE "
                              "the maps were made with (their cache is keyed by its hash)")
         from lesionkit.data.transforms import split_transform_options
-        from lesionkit.engine.residual_maps import ResidualMapCache, ResidualMapDataset, make_command
+        from lesionkit.engine.trainers.residual_maps import ResidualMapCache, ResidualMapDataset, make_command
 
         per_image = {k: v for k, v in split_transform_options(data.transforms)[1].items() if k != "gray_world" and v}
         if per_image:

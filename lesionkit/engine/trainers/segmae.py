@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from lesionkit.engine.config import TrainConfig
-from lesionkit.engine.registry import register_trainer
 from lesionkit.engine.schedulers import build_scheduler, steps_per_batch
 from lesionkit.engine.trainer import Stage, Trainer
 from lesionkit.losses.segmae import PATCHWISE_SCALES, SegMAEReconstructionLoss, SegMAESegmentationLoss
@@ -91,7 +90,6 @@ def build_reconstruction_loss(recipe: SegMAERecipe, patch_size: int) -> SegMAERe
                                     norm_pix=recipe.norm_pix_loss, scale=recipe.patchwise_scale)
 
 
-@register_trainer("segmae")
 class SegMAETrainer(Trainer):
     """Two-stage SegMAE training of a SegMAE model; a TransUNet trains with the same losses, one stage."""
 

@@ -18,7 +18,6 @@ import torch
 
 from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.evaluation import autocast_context
-from lesionkit.engine.registry import register_trainer
 from lesionkit.engine.trainer import Trainer
 from lesionkit.layers.patch_masking import random_patch_mask
 from lesionkit.losses.reconstruction import MAEReconstructionLoss
@@ -41,7 +40,6 @@ class MAETrainConfig(TrainConfig):
     mae: MAERecipe = field(default_factory=MAERecipe)
 
 
-@register_trainer("mae")
 class MAETrainer(Trainer):
     config_class = MAETrainConfig
     pretraining = "make GRCSF's residual maps with: lesionkit residual-maps --checkpoint {out}/last.pt --data SPEC --out DIR"

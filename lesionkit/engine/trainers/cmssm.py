@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from lesionkit.engine.trainer import Trainer, register_trainer
+from lesionkit.engine.trainer import Trainer
 from lesionkit.models import SegmentationOutput, segmentation_logits
 
 FD_TERMS = ("cfd_loss", "ifd_loss")
 
 
-@register_trainer("cmssm")
 class CMSSMTrainer(Trainer):
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         output = self.forward(batch["image"])
