@@ -1,7 +1,6 @@
 """patch_cross_attention on every backend against its reference (STYLE rule 6)."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -177,7 +176,7 @@ def test_reference_matches_a_direct_transcription():
     torch.testing.assert_close(K.patch_cross_attention_reference(q, k, v, 2), want)
 
 
-@settings(max_examples=30, deadline=None, derandomize=bool(os.environ.get("CI")))
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 2), heads=st.integers(1, 2), dk=st.integers(1, 9), dv=st.integers(1, 9),
     patch=st.integers(1, 6), rows=st.integers(1, 3), cols=st.integers(1, 3),
