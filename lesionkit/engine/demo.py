@@ -37,7 +37,7 @@ TARGET_DICE = 0.85  # held-out dataset-level Dice the demo is sized to pass
 DEMO_THREADS = 2
 # Training images/s of the fixed-step demo on an idle 2-core Intel Xeon (docs/engine.md); a run
 # under half of it is reported as slow.
-REFERENCE_IMAGES_PER_S = 30.0
+REFERENCE_IMAGES_PER_S = 38.0
 # The epoch cap of the time-budgeted mode (`minutes`): the clock stops it long before.
 TIME_MODE_MAX_EPOCHS = 100
 
@@ -80,6 +80,9 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
     try:
         trainer = build_trainer(cfg)
         summary = trainer.fit()
+        if not (out / "best.pt").is_file():  # stopped by a signal before the first epoch ended
+            raise ValueError(f"training stopped ({summary['stop_reason']}) after {summary['global_step']} steps, "
+                             f"before the first epoch ended: there is no {out / 'best.pt'} to evaluate")
 
         state = load_checkpoint(out / "best.pt", map_location=trainer.device)
         model = model_from_checkpoint(state, out / "best.pt").to(trainer.device)
@@ -103,6 +106,17 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
 def is_slow(images_per_s: float | None) -> bool:
     """Whether a run trained at under half the reference machine's images/s (``REFERENCE_IMAGES_PER_S``)."""
     return images_per_s is not None and images_per_s < 0.5 * REFERENCE_IMAGES_PER_S
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load_average() -> float | None:
@@ -131,7 +145,8 @@ def _report(cfg: TrainConfig, run: dict, test_spec: str) -> str:
                     f"{cfg.data.batch_size} (stopped by {summary['stop_reason']})")
     cores = os.cpu_count()
     load = "-" if run["load_start"] is None else (
-        f"{run['load_start']:.1f} at the start, {run['load_end']:.1f} at the end, on {cores} cores")
+        f"{run['load_start']:.1f} at the start, {run['load_end']:.1f} at the end (counting the demo's own "
+        f"{run['threads']} threads), on {cores} cores")
     if run["slow"]:
         speed = (f"- **slow run**: {ips:.1f} training images/s, under half of the ~{REFERENCE_IMAGES_PER_S:.0f} of an "
                  f"idle 2-core Xeon (other work on the machine? see the load above). "
@@ -153,7 +168,7 @@ def _report(cfg: TrainConfig, run: dict, test_spec: str) -> str:
         f"- wall time (train + evaluate): {run['wall_s']:.0f} s",
         f"- 1-minute load average: {load}",
         *([speed] if speed else []),
-        f"- machine: {platform.processor() or platform.machine()}, {run['threads']} threads, {device}, "
+        f"- machine: {_cpu_name()}, {run['threads']} threads, {device}, "
         f"{cfg.precision}, kernels {torch.backends.cpu.get_cpu_capability()}; "
         f"torch {torch.__version__}, lesionkit {lesionkit.__version__}, seed {cfg.seed}",
         "",
