@@ -192,18 +192,23 @@ def cmd_residual_maps(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lesionkit.engine.demo import run_demo
 
+    if args.minutes is not None and args.time_budget is not None:
+        raise ValueError("give --minutes or --time-budget (seconds), not both")
+    minutes = args.time_budget / 60.0 if args.time_budget is not None else args.minutes
     overrides = list(args.set or [])
-    if args.time_budget is not None:
-        overrides.append(f"time_budget={args.time_budget}")
     if args.epochs is not None:
         overrides.append(f"epochs={args.epochs}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
     kwargs = {"test_spec": args.test_data} if args.test_data else {}
-    result = run_demo(args.out, overrides, progress=not args.no_progress, **kwargs)
+    if args.threads is not None:
+        kwargs["threads"] = args.threads
+    result = run_demo(args.out, overrides, progress=not args.no_progress, minutes=minutes, **kwargs)
     dice = result["metrics"]["dataset"]["dice"]
-    print(f"demo: held-out Dice {dice:.4f} after {result['summary']['epochs']} epochs, "
-          f"{result['wall_s']:.0f} s in all; report in {Path(args.out) / 'report.md'}")
+    summary = result["summary"]
+    slow = " (a slow run: see the report)" if result["slow"] else ""
+    print(f"demo: held-out Dice {dice:.4f} after {summary['global_step']} steps ({summary['epochs']} epochs), "
+          f"{result['wall_s']:.0f} s in all{slow}; report in {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -350,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and evaluate on synthetic lesions (no download)")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="training time cap (default: the recipe's)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--minutes", type=float, help="train against the clock for this long instead of the fixed "
+                   "number of steps (the result then depends on the machine's speed and load)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="--minutes, in seconds")
+    p.add_argument("--epochs", type=int, help="epochs of 200 steps (default: the recipe's)")
+    p.add_argument("--threads", type=int, help="torch threads (default 2 on any machine: another count rounds "
+                   "differently, so the Dice may differ in the last digits)")
     p.add_argument("--test-data", help="held-out data spec (default: synthetic:200:2)")
     p.add_argument("--device")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
