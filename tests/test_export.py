@@ -7,7 +7,14 @@ import torch
 
 import lesionkit.kernels as K
 from lesionkit.kernels import _library
-from lesionkit.engine.export import ExportError, LogitsOnly, _export_onnx, export_checkpoint, lesionkit_ops_in
+from lesionkit.engine.export import (
+    ExportError,
+    LogitsOnly,
+    _export_onnx,
+    check_onnx_lowerable,
+    export_checkpoint,
+    lesionkit_ops_in,
+)
 
 from test_trainer import Discs, make_config
 
@@ -43,22 +50,51 @@ def test_onnx_round_trip_through_the_cli(checkpoint, tmp_path, capsys):
 
 
 class CrossScanModel(torch.nn.Module):
-    """A model whose forward calls a lesionkit operator."""
+    """A model whose forward calls lesionkit's cross-scan ops (lowered to plain ops for ONNX)."""
 
     def forward(self, x):
         return K.cross_merge(K.cross_scan(x), x.shape[-2], x.shape[-1])[:, :1]
 
 
+class PatchAttentionModel(torch.nn.Module):
+    """A model whose forward calls patch cross-attention, which has no ONNX lowering."""
+
+    def forward(self, x):
+        q = x[:, None]
+        return K.cross_merge(K.cross_scan(K.patch_cross_attention(q, q, q, 4)[:, 0]), x.shape[-2], x.shape[-1])[:, :1]
+
+
 @pytest.mark.skipif(not _library.HAS_OPS, reason="compiled library not built: the reference runs, no lesionkit op")
-def test_onnx_refuses_a_model_with_lesionkit_ops(tmp_path):
-    model = LogitsOnly(CrossScanModel()).eval()
+def test_onnx_refuses_a_model_with_an_op_it_cannot_lower():
+    model = LogitsOnly(PatchAttentionModel()).eval()
     sample = torch.rand(1, 3, 8, 8)
     with K.use_backend("cpu"):
         program = torch.export.export(model, (sample,))
-        ops = lesionkit_ops_in(program)
-        assert ops and all(op.startswith("lesionkit::cross_") for op in ops)
-        with pytest.raises(ExportError, match=r"ONNX cannot hold xs: its forward calls lesionkit operators.*exported-program"):
-            _export_onnx(program, model, sample, tmp_path / "x.onnx", "xs")
+    ops = lesionkit_ops_in(program)
+    assert any(op.startswith("lesionkit::patch_cross_attention") for op in ops), ops
+    # Only the op without a lowering is named; the cross-scan ops it also calls are not.
+    with pytest.raises(ExportError, match=r"ONNX cannot hold xs: its forward calls lesionkit operators "
+                                          r"\['lesionkit::patch_cross_attention[^,]*'\].*exported-program"):
+        check_onnx_lowerable(program, "xs")
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="the onnx extra (onnx, onnxscript, onnxruntime) is not installed")
+def test_onnx_lowers_the_cross_scan_ops(tmp_path):
+    model = LogitsOnly(CrossScanModel()).eval()
+    sample = torch.rand(1, 3, 8, 8)
+    with K.use_backend("cpu"), torch.no_grad():
+        program = torch.export.export(model, (sample,))
+        check_onnx_lowerable(program, "xs")  # cross_scan / cross_merge have a lowering
+        got, details = _export_onnx(model, sample, tmp_path / "x.onnx", "xs", optimize=False)
+        torch.testing.assert_close(got, model(sample), rtol=1e-6, atol=1e-6)
+    assert details["batches_checked"] == [1, 2] and details["opset"] >= 18
+
+
+def test_scan_chunk_is_checked(checkpoint):
+    with pytest.raises(ExportError, match=r"--scan-chunk applies to --format onnx only"):
+        export_checkpoint(checkpoint, "torchscript", scan_chunk=8)
+    with pytest.raises(ExportError, match=r"--scan-chunk should be a positive int, got 0"):
+        export_checkpoint(checkpoint, "onnx", scan_chunk=0)
 
 
 def test_unknown_format_is_named(checkpoint):

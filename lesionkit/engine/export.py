@@ -10,14 +10,20 @@ logits (N, classes, H, W) - multi-head models are reduced to their logits.
 - ``torchscript`` (``.ts``) holds models that trace, at the traced input shape; lesionkit ops
   need lesionkit at load time. (PyTorch deprecates TorchScript in favour of ``torch.export``.)
 - ``onnx`` (``.onnx``) holds models whose forward uses no lesionkit op (U-Net, TransUNet,
-  SegMAE at inference); needs the ``onnx`` extra (``pip install lesionkit[onnx]``), and
-  ``onnxruntime`` (in that extra) for the check.
+  SegMAE at inference) and the SS2D models (VM-UNet, CM-SSM U-Net): their ``selective_scan`` /
+  ``selective_scan_2d`` / ``cross_scan`` / ``cross_merge`` calls are traced inside
+  :func:`lesionkit.kernels.export_mode` as plain tensor ops (the scan as a two-level parallel
+  prefix scan, :mod:`lesionkit.kernels.reference.export_scan`), so the file runs in plain ONNX
+  Runtime without lesionkit. The batch size is dynamic, the image size fixed at export. Other
+  lesionkit ops (patch cross-attention, k-means, the patch-wise loss) have no lowering and are
+  refused by name. Needs the ``onnx`` extra (``pip install lesionkit[onnx]``: onnx, onnxscript,
+  and onnxruntime for the check, which runs the file in ONNX Runtime on the CPU).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +35,8 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
 # How close the exported model's logits must be to the checkpoint's (float32 on CPU; kernels
 # may reorder sums, nothing else changes).
 RTOL, ATOL = 1e-4, 1e-4
+# lesionkit ops that export_mode turns into plain tensor ops (their _triton twins included).
+ONNX_LOWERED_OPS = ("selective_scan", "selective_scan_2d", "cross_scan", "cross_merge")
 
 
 class ExportError(ValueError):
@@ -52,6 +60,9 @@ class ExportResult:
     format: str
     max_abs_diff: float
     input_shape: tuple[int, ...]
+    # Format-specific facts for the report: for onnx the opset, file size, ONNX Runtime version,
+    # the batch sizes checked, the probabilities' max |difference| and the scan chunk size.
+    details: dict = field(default_factory=dict)
 
 
 def lesionkit_ops_in(program: torch.export.ExportedProgram) -> list[str]:
@@ -65,18 +76,35 @@ def lesionkit_ops_in(program: torch.export.ExportedProgram) -> list[str]:
     return sorted(names)
 
 
+def _op_base_name(name: str) -> str:
+    """``lesionkit::cross_scan_triton.default`` -> ``cross_scan``."""
+    base = name.split("::", 1)[-1].split(".", 1)[0]
+    return base.removesuffix("_triton")
+
+
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None = None,
-                      image_size: int | None = None, batch: int = 1) -> ExportResult:
-    """Export ``checkpoint``'s model to ``fmt`` (one of :data:`FORMATS`) and check it reproduces the model."""
+                      image_size: int | None = None, batch: int = 1, scan_chunk: int | None = None,
+                      optimize: bool = True) -> ExportResult:
+    """Export ``checkpoint``'s model to ``fmt`` (one of :data:`FORMATS`) and check it reproduces the model.
+
+    `scan_chunk` (onnx only): steps per chunk of the exported selective scan (default
+    :data:`lesionkit.kernels.reference.export_scan.DEFAULT_CHUNK`). `optimize` (onnx only): run
+    onnxscript's graph optimizer on the file (slower export, faster inference).
+    """
     from lesionkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     if fmt not in FORMATS:
         raise ExportError(f"--format should be one of {list(FORMATS)}, got {fmt!r}")
+    if scan_chunk is not None and fmt != "onnx":
+        raise ExportError(f"--scan-chunk applies to --format onnx only, got --format {fmt}")
+    if scan_chunk is not None and (isinstance(scan_chunk, bool) or not isinstance(scan_chunk, int) or scan_chunk < 1):
+        raise ExportError(f"--scan-chunk should be a positive int, got {scan_chunk!r}")
     state = load_checkpoint(checkpoint)
     model = LogitsOnly(model_from_checkpoint(state, checkpoint)).eval()
     size = image_size or int(state.get("config", {}).get("data", {}).get("image_size", 224))
     out = Path(out) if out is not None else Path(checkpoint).with_suffix(FORMATS[fmt])
     sample = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    details: dict = {}
     with torch.no_grad():
         want = model(sample)
         program = torch.export.export(model, (sample,))
@@ -97,34 +125,82 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
                 scripted.save(str(out))
                 got = torch.jit.load(str(out))(sample)
         else:
-            got = _export_onnx(program, model, sample, out, state["model_name"])
+            check_onnx_lowerable(program, state["model_name"])
+            got, details = _export_onnx(model, sample, out, state["model_name"], scan_chunk, optimize)
     diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("inf")
     if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=RTOL, atol=ATOL):
         out.unlink(missing_ok=True)
         raise ExportError(f"the {fmt} export of {state['model_name']} does not reproduce the checkpoint: output "
                           f"{tuple(got.shape)} vs {tuple(want.shape)}, max |difference| {diff:.3g} "
                           f"(allowed rtol {RTOL}, atol {ATOL}); nothing written")
-    return ExportResult(out, fmt, diff, tuple(sample.shape))
+    return ExportResult(out, fmt, diff, tuple(sample.shape), details)
 
 
-def _export_onnx(program, model: nn.Module, sample: torch.Tensor, out: Path, name: str) -> torch.Tensor:
-    ops = lesionkit_ops_in(program)
-    if ops:
-        raise ExportError(f"ONNX cannot hold {name}: its forward calls lesionkit operators {ops}, which no ONNX "
-                          "runtime implements; use --format exported-program (or torchscript)")
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel probabilities from (N, classes, H, W) logits: sigmoid for one class, else softmax."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def check_onnx_lowerable(program: torch.export.ExportedProgram, name: str) -> None:
+    """Raise :class:`ExportError` naming every lesionkit op in ``program`` that ONNX cannot hold."""
+    unlowered = [op for op in lesionkit_ops_in(program) if _op_base_name(op) not in ONNX_LOWERED_OPS]
+    if unlowered:
+        raise ExportError(f"ONNX cannot hold {name}: its forward calls lesionkit operators {unlowered}, which have "
+                          f"no ONNX lowering (only {', '.join(ONNX_LOWERED_OPS)} do); use --format "
+                          "exported-program (or torchscript)")
+
+
+def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
+                 scan_chunk: int | None = None, optimize: bool = True) -> tuple[torch.Tensor, dict]:
+    """Write ``model`` as ONNX (batch dynamic) and run it in ONNX Runtime on ``sample``.
+
+    Call :func:`check_onnx_lowerable` first. Returns ONNX Runtime's logits for ``sample`` and
+    the report's details; the export is also checked on a batch of two images against PyTorch,
+    so the dynamic batch is proven too. Call it under ``torch.no_grad()``.
+    """
+    from lesionkit.kernels import export_mode
+    from lesionkit.kernels.reference.export_scan import DEFAULT_CHUNK
+
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter translates with it)
     except ImportError as err:
         raise ExportError(f"--format onnx needs the onnx extra ({err}); install it with: pip install 'lesionkit[onnx]'") from err
+    chunk = DEFAULT_CHUNK if scan_chunk is None else scan_chunk
+    # Traced on a batch of two, not `sample`: a batch of one would be specialised to 1. ONNX
+    # Runtime then runs `sample` and this pair, so the dynamic batch is checked at two sizes.
+    pair = torch.rand(2, *sample.shape[1:], generator=torch.Generator().manual_seed(1))
+    batch = torch.export.Dim("batch", min=1)
     try:
-        torch.onnx.export(model, (sample,), str(out), input_names=["images"], output_names=["logits"],
-                          dynamo=True, external_data=False)
+        with export_mode(chunk), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (pair,), str(out), input_names=["images"], output_names=["logits"],
+                              dynamo=True, external_data=False, optimize=optimize, verbose=False,
+                              dynamic_shapes={"images": {0: batch}})
     except Exception as err:
+        out.unlink(missing_ok=True)
         raise ExportError(f"ONNX export of {name} failed: {err}") from err
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"images": sample.numpy()})
-    return torch.from_numpy(got)
+    got = torch.from_numpy(got)
+    (got_pair,) = session.run(None, {"images": pair.numpy()})
+    got_pair = torch.from_numpy(got_pair)
+    want_pair = model(pair)
+    prob_diff = max((probabilities(got) - probabilities(model(sample))).abs().max().item(),
+                    (probabilities(got_pair) - probabilities(want_pair)).abs().max().item())
+    if got_pair.shape != want_pair.shape or not torch.allclose(got_pair, want_pair, rtol=RTOL, atol=ATOL):
+        diff = (got_pair - want_pair).abs().max().item() if got_pair.shape == want_pair.shape else float("inf")
+        out.unlink(missing_ok=True)
+        raise ExportError(f"the onnx export of {name} does not reproduce the checkpoint on a batch of 2: output "
+                          f"{tuple(got_pair.shape)} vs {tuple(want_pair.shape)}, max |difference| {diff:.3g} "
+                          f"(allowed rtol {RTOL}, atol {ATOL}); nothing written")
+    opset = next(o.version for o in onnx.load(str(out), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    details = {"opset": opset, "size_bytes": out.stat().st_size, "onnxruntime": onnxruntime.__version__,
+               "batches_checked": [sample.shape[0], 2], "max_abs_diff_batch_2": (got_pair - want_pair).abs().max().item(),
+               "probabilities_max_abs_diff": prob_diff, "scan_chunk": chunk, "optimized": optimize}
+    return got, details
 
 
-__all__ = ["ATOL", "FORMATS", "RTOL", "ExportError", "ExportResult", "LogitsOnly", "export_checkpoint", "lesionkit_ops_in"]
+__all__ = ["ATOL", "FORMATS", "ONNX_LOWERED_OPS", "RTOL", "ExportError", "ExportResult", "LogitsOnly",
+           "check_onnx_lowerable", "export_checkpoint", "lesionkit_ops_in", "probabilities"]

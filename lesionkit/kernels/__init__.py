@@ -1,12 +1,14 @@
 """lesionkit's hot-path operators: typed functions over ``torch.ops.lesionkit.*``.
 
 Each op runs on one of the backends ``reference`` (pure PyTorch), ``cpu`` / ``cuda`` (the
-compiled ``lesionkit._C``) or ``triton``; see :mod:`lesionkit.kernels.backend`.
+compiled ``lesionkit._C``) or ``triton``; see :mod:`lesionkit.kernels.backend`. Inside
+:func:`export_mode` they run as plain tensor ops that export to ONNX.
 """
 
 from lesionkit.kernels.backend import (
     BACKENDS,
     BackendUnavailableError,
+    export_mode,
     requested_backend,
     select_backend,
     use_backend,
@@ -22,7 +24,9 @@ from lesionkit.kernels.reference import (
     kmeans_reference,
     patch_cross_attention_reference,
     patchwise_softmax_loss_reference,
+    selective_scan_2d_export,
     selective_scan_2d_reference,
+    selective_scan_export,
     selective_scan_reference,
 )
 from lesionkit.kernels.selective_scan import selective_scan, selective_scan_2d
@@ -35,6 +39,7 @@ __all__ = [
     "cross_merge_reference",
     "cross_scan",
     "cross_scan_reference",
+    "export_mode",
     "format_info",
     "info",
     "kmeans",
@@ -47,7 +52,9 @@ __all__ = [
     "select_backend",
     "selective_scan",
     "selective_scan_2d",
+    "selective_scan_2d_export",
     "selective_scan_2d_reference",
+    "selective_scan_export",
     "selective_scan_reference",
     "use_backend",
 ]

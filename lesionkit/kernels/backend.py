@@ -45,6 +45,8 @@ _OPS: dict[str, OpSpec] = {}
 # A stack rather than a ContextVar: torch.compile traces reads of module globals (and guards
 # on them), so the chosen backend is baked into the compiled graph correctly.
 _forced: list[str] = []
+# Chunk sizes of the active export_mode blocks (innermost last); empty outside export_mode.
+_export_chunks: list[int] = []
 _warned_fallback = False
 
 
@@ -72,6 +74,32 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+@contextlib.contextmanager
+def export_mode(chunk_size: int | None = None) -> Iterator[None]:
+    """Run lesionkit ops inside the block as plain tensor ops that export to ONNX.
+
+    Every op takes its pure-PyTorch reference, except ``selective_scan`` and ``selective_scan_2d``,
+    which take the two-level parallel prefix scan of
+    :mod:`lesionkit.kernels.reference.export_scan` with `chunk_size` steps per chunk (default
+    :data:`~lesionkit.kernels.reference.export_scan.DEFAULT_CHUNK`): a graph without a loop over
+    the sequence length. ``lesionkit export --format onnx`` traces the model inside this block.
+    """
+    from lesionkit.kernels.reference.export_scan import DEFAULT_CHUNK, check_chunk_size
+
+    _export_chunks.append(DEFAULT_CHUNK if chunk_size is None else check_chunk_size(chunk_size))
+    _forced.append("reference")
+    try:
+        yield
+    finally:
+        _forced.pop()
+        _export_chunks.pop()
+
+
+def export_chunk_size() -> int | None:
+    """The scan chunk size of the innermost :func:`export_mode` block, or None outside one."""
+    return _export_chunks[-1] if _export_chunks else None
 
 
 def requested_backend() -> str:

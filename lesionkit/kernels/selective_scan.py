@@ -12,8 +12,9 @@ import torch
 
 from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
-from lesionkit.kernels.backend import OpSpec, register_op, select_backend
+from lesionkit.kernels.backend import OpSpec, export_chunk_size, register_op, select_backend
 from lesionkit.kernels.cross_scan import DIRECTIONS, cross_merge, cross_scan  # noqa: F401
+from lesionkit.kernels.reference.export_scan import selective_scan_2d_export, selective_scan_export
 from lesionkit.kernels.reference.selective_scan import (
     check_out_dtype,
     check_selective_scan_2d_inputs,
@@ -143,6 +144,10 @@ def selective_scan(
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     out_dtype = check_out_dtype(out_dtype, u.dtype)
     backend = select_backend(SCAN.name, u.device)
+    if backend == "reference" and export_chunk_size() is not None:
+        return selective_scan_export(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                     return_last_state, chunk_size=export_chunk_size(),
+                                     out_dtype=out_dtype)
     if backend == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                         return_last_state, out_dtype=out_dtype)
@@ -179,6 +184,9 @@ def selective_scan_2d(
     check_selective_scan_2d_inputs(x, dt, A, B, C, D, dt_bias)
     out_dtype = check_out_dtype(out_dtype, x.dtype)
     backend = select_backend(SCAN_2D.name, x.device)
+    if backend == "reference" and export_chunk_size() is not None:
+        return selective_scan_2d_export(x, dt, A, B, C, D, dt_bias, bool(dt_softplus),
+                                        chunk_size=export_chunk_size(), out_dtype=out_dtype)
     if backend == "reference":
         return selective_scan_2d_reference(x, dt, A, B, C, D, dt_bias, bool(dt_softplus),
                                            out_dtype=out_dtype)

@@ -2,6 +2,7 @@
 the fallback where no compiled or Triton kernel can run."""
 
 from lesionkit.kernels.reference.cross_scan import cross_merge_reference, cross_scan_reference
+from lesionkit.kernels.reference.export_scan import selective_scan_2d_export, selective_scan_export
 from lesionkit.kernels.reference.kmeans import kmeans_reference
 from lesionkit.kernels.reference.patch_cross_attention import (
     patch_cross_attention_reference,
@@ -23,7 +24,9 @@ __all__ = [
     "patch_cross_attention_reference",
     "patchwise_softmax_loss_per_image_reference",
     "patchwise_softmax_loss_reference",
+    "selective_scan_2d_export",
     "selective_scan_2d_reference",
+    "selective_scan_export",
     "selective_scan_reference",
     "selective_scan_sequential_reference",
 ]

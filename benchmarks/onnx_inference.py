@@ -1,0 +1,127 @@
+"""CPU inference of an exported SS2D model: ONNX Runtime vs PyTorch with the cpu scan kernel
+(docs/ops.md, "Export to ONNX"; README, "Deploy").
+
+The model (``vmunet_tiny`` by default, seeded random weights: the time does not depend on their
+values) is exported as ``lesionkit export --format onnx`` does (batch dynamic, onnxscript's
+optimizer on) once per scan chunk size, then timed as the median of ``--repeats`` forward
+passes after one warm-up, at each batch size and thread count: PyTorch (eval, no_grad,
+``torch.set_num_threads``) with the compiled cpu scan kernel, and ONNX Runtime's CPU provider
+(``intra_op_num_threads``, one inter-op thread). The first chunk size is the one timed across
+batches and threads; the others are timed at the first batch and thread count only, for the
+choice of the default chunk.
+
+Exporting is slow and not timed, so ``--build DIR`` writes the files first and a second call
+with the same ``--build DIR`` times them (under the quiet protocol's lock):
+
+    python benchmarks/onnx_inference.py --build /tmp/onnx-bench --export-only
+    python benchmarks/onnx_inference.py --build /tmp/onnx-bench --out benchmarks/results/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lesionkit.kernels as K
+from lesionkit.engine.export import LogitsOnly, _export_onnx
+from lesionkit.models import create_model
+
+
+def build(name: str, size: int, chunks: list[int], folder: Path) -> tuple[torch.nn.Module, dict[int, Path]]:
+    torch.manual_seed(0)
+    model = LogitsOnly(create_model(name)).eval()
+    files = {}
+    for chunk in chunks:
+        path = folder / f"{name}-{size}px-chunk{chunk}.onnx"
+        if not path.is_file():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                _export_onnx(model, torch.rand(1, 3, size, size), path, name, scan_chunk=chunk, optimize=True)
+            print(f"exported {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        files[chunk] = path
+    return model, files
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vmunet_tiny")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[16, 8, 32, 64],
+                        help="scan chunk sizes; the first is timed everywhere, the rest at the first batch / threads")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--build", required=True, help="folder for the exported files (kept between calls)")
+    parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args()
+    import onnxruntime
+
+    folder = Path(args.build)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, files = build(args.model, args.size, args.chunks, folder)
+    if args.export_only:
+        return
+    if K.select_backend("selective_scan_2d", torch.device("cpu")) != "cpu":
+        raise SystemExit("the compiled cpu scan kernel is not available here; build lesionkit._C first")
+    machine = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+               "load_average_before": os.getloadavg()}
+    rows = []
+
+    def write():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"machine": machine, "model": args.model, "image_size": args.size, "repeats": args.repeats,
+                           "results": rows}, f, indent=1)
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write()
+
+    def time_onnx(path, batch, threads):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).random((batch, 3, args.size, args.size), dtype=np.float32)
+        return median_seconds(lambda: session.run(None, {"images": x}), args.repeats)
+
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            x = torch.rand(batch, 3, args.size, args.size)
+            with torch.no_grad():
+                med, all_s = median_seconds(lambda: model(x), args.repeats)
+            record({"runtime": "pytorch-cpu-kernel", "batch": batch, "threads": threads, "s_median": med,
+                    "s_all": all_s, "images_per_s": batch / med})
+            chunks = args.chunks if (threads, batch) == (args.threads[0], args.batches[0]) else args.chunks[:1]
+            for chunk in chunks:
+                med, all_s = time_onnx(files[chunk], batch, threads)
+                record({"runtime": "onnxruntime-cpu", "scan_chunk": chunk, "batch": batch, "threads": threads,
+                        "s_median": med, "s_all": all_s, "images_per_s": batch / med,
+                        "file_mib": files[chunk].stat().st_size / 2**20})
+    machine["load_average_after"] = os.getloadavg()
+    write()
+
+
+if __name__ == "__main__":
+    main()
