@@ -536,3 +536,50 @@ def test_kmeans_lloyd_step_orders_every_read_before_its_overwrite():
                     for buf in set().union(*(alias.get(n, {n}) for n in _names(call.args[0]))):
                         read_at.setdefault(buf, i)
     assert checked >= 2  # the sums and the centroids of the update loop
+
+
+# --- determinism (docs/ops.md) ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _deterministic(warn_only=False):
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def _scan_grads(device):
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(2, 8, 300, generator=g), torch.rand(2, 8, 300, generator=g)
+    A, B, C = -torch.rand(8, 4, generator=g), torch.randn(2, 2, 4, 300, generator=g), torch.randn(2, 2, 4, 300, generator=g)
+    leaves = [t.to(device).requires_grad_() for t in (u, delta, A, B, C)]
+    out = K.selective_scan(*leaves, delta_softplus=True)
+    return torch.autograd.grad(out.square().sum(), leaves)
+
+
+@pytest.mark.skipif(not _library.has_kernel("selective_scan_backward", "CPU"), reason="no CPU kernel")
+def test_scan_cpu_backward_is_reproducible_and_allowed_in_deterministic_mode():
+    with _deterministic(), K.use_backend("cpu"):
+        first, second = _scan_grads("cpu"), _scan_grads("cpu")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@cuda
+@pytest.mark.skipif(not _library.has_kernel("selective_scan_backward", "CUDA"), reason="no CUDA kernel")
+def test_scan_cuda_backward_alerts_in_deterministic_mode():
+    # dB, dC and dA are summed with atomics: PyTorch's rule for such ops is an error under
+    # use_deterministic_algorithms(True) and a warning with warn_only=True.
+    with K.use_backend("cuda"):
+        with _deterministic(), pytest.raises(RuntimeError, match="selective_scan_backward.*deterministic"):
+            _scan_grads("cuda")
+        with _deterministic(warn_only=True), pytest.warns(UserWarning, match="selective_scan_backward"):
+            _scan_grads("cuda")
+        out = K.selective_scan_2d(*(t.cuda().requires_grad_() for t in (
+            torch.randn(1, 2, 3, 4), torch.rand(1, 4, 2, 3, 4), -torch.rand(4, 2, 5), torch.randn(1, 4, 5, 3, 4),
+            torch.randn(1, 4, 5, 3, 4))), torch.rand(4, 2).cuda(), torch.rand(4, 2).cuda())
+        with _deterministic(), pytest.raises(RuntimeError, match="selective_scan_2d_backward.*deterministic"):
+            out.sum().backward()
