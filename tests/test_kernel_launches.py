@@ -583,3 +583,42 @@ def test_scan_cuda_backward_alerts_in_deterministic_mode():
             torch.randn(1, 4, 5, 3, 4))), torch.rand(4, 2).cuda(), torch.rand(4, 2).cuda())
         with _deterministic(), pytest.raises(RuntimeError, match="selective_scan_2d_backward.*deterministic"):
             out.sum().backward()
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("patch", [16, 32])
+def test_patch_attention_large_windows_launch_on_the_gpu(backend, patch):
+    # P = 16 is GRCSF's last stage; whole-window Triton tiles needed ~320 KB of shared memory there.
+    if backend == "cuda" and not _library.has_kernel("patch_cross_attention", "CUDA"):
+        pytest.skip("no CUDA kernel")
+    from lesionkit.kernels.reference.patch_cross_attention import patch_cross_attention_with_lse_reference
+
+    g = torch.Generator().manual_seed(patch)
+    q, k = (torch.randn(2, 1, 8, 2 * patch, 2 * patch, generator=g).cuda().requires_grad_() for _ in range(2))
+    v = torch.randn(2, 1, 64, 2 * patch, 2 * patch, generator=g).cuda().requires_grad_()
+    with K.use_backend(backend):
+        got = K.patch_cross_attention(q, k, v, patch)
+    got_grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    want = patch_cross_attention_with_lse_reference(q.double(), k.double(), v.double(), patch, 8 ** -0.5)[0]
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        scale = b.abs().max()
+        torch.testing.assert_close(a.double() / scale, b.double() / scale, rtol=1e-4, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kmeans_assignment_past_grid_axis_1(backend):
+    # 1,048,561 points: 65,536 blocks of 16, one more than grid axis 1 takes.
+    if backend == "cuda" and not _library.has_kernel("kmeans", "CUDA"):
+        pytest.skip("no CUDA kernel")
+    n = 1_048_561
+    x = torch.zeros(1, n, 1, device="cuda")
+    x[0, -1, 0] = 10.0  # the last point alone in the far cluster
+    init = torch.tensor([[[0.0], [10.0]]], device="cuda")
+    with K.use_backend(backend):
+        got = K.kmeans(x, k=2, iters=2, init=init)
+    assert got.labels[0, -1].item() == 1 and got.labels[0, :-1].eq(0).all()
+    assert got.distances[0, -1, 1].item() == 0.0
