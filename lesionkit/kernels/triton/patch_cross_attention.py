@@ -97,7 +97,7 @@ def _split(pid, n_windows, blocks):
 @triton.jit
 def _load(ptr, plane, C, HW, pix, valid, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """(tokens, BLOCK_D) tile of channel plane `plane` of a (planes, C, H, W) tensor."""
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)  # d * HW passes 2**31 on large maps
     offs = plane * C * HW + d[None, :] * HW + pix[:, None]
     mask = valid[:, None] & (d[None, :] < C)
     return tl.load(ptr + offs, mask=mask, other=0).to(ACC), offs, mask
@@ -132,7 +132,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, scale_ptr, DK, DV, HW
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee", out_dtype=ACC)
         m_i = m_new
-    dv = tl.arange(0, BLOCK_DV)
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     out_offs = plane * DV * HW + dv[None, :] * HW + rpix[:, None]
     out_mask = rvalid[:, None] & (dv[None, :] < DV)
     tl.store(out_ptr + out_offs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
