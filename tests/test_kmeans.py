@@ -375,6 +375,8 @@ try:  # the dev extra has it; without it only the property test below is skipped
 except ImportError:
     hypothesis = None
 
+if hypothesis is not None:
+    st = hypothesis.strategies
 
 def _property_test(test):
     if hypothesis is None:

@@ -4,8 +4,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+try:  # a bare GPU image may lack hypothesis: then only the property test skips, not the file
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    given = None
 
 import lesionkit.kernels as K
 from lesionkit.kernels import _library
@@ -88,8 +91,7 @@ def test_compiled_op_returns_the_log_sum_exp(dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("scale", [None, 0.7])
 def test_gradients_match_reference(backend, device, shape, scale):
-    if interpreted(backend, device) and shape[-1] == 16:
-        pytest.skip("T = 256 is slow in the Triton interpreter; covered on the GPU")
+    # P = 16 (T = 256) runs the tiled Triton kernels over several query and key blocks.
     q, k, v = make_inputs(shape, torch.float32, device, seed=2, noncontiguous=True)
     weight = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(device)
     grads = []
@@ -176,23 +178,30 @@ def test_reference_matches_a_direct_transcription():
     torch.testing.assert_close(K.patch_cross_attention_reference(q, k, v, 2), want)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
-@given(
-    batch=st.integers(1, 2), heads=st.integers(1, 2), dk=st.integers(1, 9), dv=st.integers(1, 9),
-    patch=st.integers(1, 6), rows=st.integers(1, 3), cols=st.integers(1, 3),
-    scale=st.one_of(st.none(), st.floats(0.05, 2.0)), seed=st.integers(0, 2**16),
-)
-def test_property_matches_reference(batch, heads, dk, dv, patch, rows, cols, scale, seed):
-    # Forward and gradients of the auto-selected backend equal the reference on random shapes.
-    shape = (batch, heads, dk, dv, rows * patch, cols * patch, patch)
-    q, k, v = make_inputs(shape, torch.float64, "cpu", seed=seed)
-    results = []
-    for name in ("auto", "reference"):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = run(name, *leaves, patch, scale=scale)
-        results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+if given is not None:
+
+    @settings(max_examples=30, deadline=None, derandomize=True)
+    @given(
+        batch=st.integers(1, 2), heads=st.integers(1, 2), dk=st.integers(1, 9), dv=st.integers(1, 9),
+        patch=st.integers(1, 6), rows=st.integers(1, 3), cols=st.integers(1, 3),
+        scale=st.one_of(st.none(), st.floats(0.05, 2.0)), seed=st.integers(0, 2**16),
+    )
+    def test_property_matches_reference(batch, heads, dk, dv, patch, rows, cols, scale, seed):
+        # Forward and gradients of the auto-selected backend equal the reference on random shapes.
+        shape = (batch, heads, dk, dv, rows * patch, cols * patch, patch)
+        q, k, v = make_inputs(shape, torch.float64, "cpu", seed=seed)
+        results = []
+        for name in ("auto", "reference"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = run(name, *leaves, patch, scale=scale)
+            results.append((out, *torch.autograd.grad(out.square().sum(), leaves)))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+else:
+
+    @pytest.mark.skip(reason="needs hypothesis")
+    def test_property_matches_reference():
+        pass
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

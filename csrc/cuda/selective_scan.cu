@@ -19,7 +19,13 @@
 // The fused 2D kernel runs the same scan for the four directions of a (batch, channel), reading
 // x, dt, B and C in spatial layout through each direction's index map and summing the four
 // outputs into one float row (the block owns the row, so no atomics).
+//
+// Determinism: the forward is bitwise reproducible; the backward is not (the atomics sum dB,
+// dC and dA in whatever order the warps arrive), so both backward entry points call
+// alertNotDeterministic, like PyTorch's own atomics-based CUDA ops: an error under
+// torch.use_deterministic_algorithms(True), a warning with warn_only=True (docs/ss2d.md).
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -510,6 +516,7 @@ selective_scan_backward_cuda(const at::Tensor& grad_out_in,
                              const at::Tensor& checkpoints_in) {
   TORCH_CHECK(u_in.is_cuda(), "u should be a CUDA tensor for the CUDA kernel, got one on ",
               u_in.device());
+  at::globalContext().alertNotDeterministic("lesionkit::selective_scan_backward (CUDA: dB, dC, dA by atomics)");
   const ScanShape s = check_selective_scan_inputs(u_in, delta_in, A_in, B_in, C_in, D_in, z_in,
                                                   bias_in);
   const c10::cuda::CUDAGuard guard(u_in.device());
@@ -613,6 +620,7 @@ selective_scan_2d_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor&
                                 bool dt_softplus, const at::Tensor& checkpoints_in) {
   TORCH_CHECK(x_in.is_cuda(), "x should be a CUDA tensor for the CUDA kernel, got one on ",
               x_in.device());
+  at::globalContext().alertNotDeterministic("lesionkit::selective_scan_2d_backward (CUDA: dB, dC, dA by atomics)");
   const Scan2dShape s = check_selective_scan_2d_inputs(x_in, dt_in, A_in, B_in, C_in, D_in, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto acc = scan_acc_type(x_in.scalar_type());

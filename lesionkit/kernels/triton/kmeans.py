@@ -8,6 +8,14 @@ cluster keeps its centroid) and clears its `active` flag once the summed squared
 distances to the final centroids (computed directly) and the labels. No atomics: every
 problem's sums are added in point order by one program. Registered as
 ``lesionkit::kmeans_triton``.
+
+Inside a program a tile may be held by several warps at once (a replicated layout) while only
+one of them stores it, so a buffer that is read and then written in the same loop (the sums,
+the centroids) gets a ``tl.debug_barrier()`` between every warp's read and the write; without
+it a lagging warp could read the zeroed sums or the moved centroids and report a wrong shift
+(convergence flag, ``n_iter``). The assignment launch puts (problem, point block) on grid
+axis 0 (:func:`assign_grid`): axis 1 would stop at 65,535 blocks, N = 1,048,560 points. Point
+offsets are int64 (N * D passes 2**31 first), and launches run under the tensors' device.
 """
 
 from __future__ import annotations
@@ -17,7 +25,21 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from lesionkit.kernels.triton.launch import on_device
+
 _BLOCK_N = 16
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 stop at 65,535)
+
+
+def assign_grid(batch: int, n: int) -> tuple[tuple[int], int]:
+    """``(grid, blocks_per_problem)`` of the assignment launch: ``batch`` problems of ``n``
+    points in blocks of ``_BLOCK_N``, (problem, block) flattened on grid axis 0."""
+    blocks = triton.cdiv(max(n, 1), _BLOCK_N)
+    programs = batch * blocks
+    if programs > _MAX_GRID_X:
+        raise ValueError(f"kmeans (triton) of {batch} problems of {n} points needs {programs} programs, "
+                         f"more than a CUDA grid holds ({_MAX_GRID_X}); split the batch")
+    return (programs,), blocks
 
 
 @triton.jit
@@ -43,7 +65,7 @@ def _lloyd_step_kernel(x_ptr, c_ptr, sums_ptr, tol_ptr, labels_ptr, active_ptr, 
             norms += tl.sum(cb * cb, axis=1)
         counts = tl.zeros((BLOCK_K,), tl.int32)
         for n0 in range(0, N, BLOCK_N):
-            ns = n0 + tl.arange(0, BLOCK_N)
+            ns = tl.cast(n0, tl.int64) + tl.arange(0, BLOCK_N)  # ns * D passes 2**31 first
             in_n = ns < N
             dots = tl.zeros((BLOCK_N, BLOCK_K), ACC)
             for d0 in range(0, D, BLOCK_D):
@@ -77,10 +99,13 @@ def _lloyd_step_kernel(x_ptr, c_ptr, sums_ptr, tol_ptr, labels_ptr, active_ptr, 
             old, inside = _load_centroids(c_base, ks, ds, K, D, ACC)
             offs = ks[:, None] * D + ds[None, :]
             sums = tl.load(s_base + offs, mask=inside, other=0)
-            tl.store(s_base + offs, tl.zeros_like(sums), mask=inside)  # clean for the next launch
             moved = tl.where(filled[:, None], sums * inv[:, None], old)  # empty: keep
             delta = moved - old
             shift += tl.sum(delta * delta, axis=1)
+            # Every warp has read this tile's sums and old centroids before one of them
+            # overwrites them (module docstring).
+            tl.debug_barrier()
+            tl.store(s_base + offs, tl.zeros_like(sums), mask=inside)  # clean for the next launch
             tl.store(c_base + offs, moved, mask=inside)
         total = tl.sum(shift, axis=0)
         tl.store(n_iter_ptr + b, tl.load(n_iter_ptr + b) + 1)
@@ -88,12 +113,12 @@ def _lloyd_step_kernel(x_ptr, c_ptr, sums_ptr, tol_ptr, labels_ptr, active_ptr, 
 
 
 @triton.jit
-def _assign_kernel(x_ptr, c_ptr, labels_ptr, dist_ptr, N, D, K: tl.constexpr,
+def _assign_kernel(x_ptr, c_ptr, labels_ptr, dist_ptr, N, D, blocks_per_problem, K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
                    ACC: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    n0 = tl.program_id(1) * BLOCK_N
-    ns = n0 + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // blocks_per_problem
+    ns = (pid % blocks_per_problem) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64
     in_n = ns < N
     ks = tl.arange(0, BLOCK_K)
     dist = tl.zeros((BLOCK_N, BLOCK_K), ACC)
@@ -130,11 +155,14 @@ def kmeans_triton(
         sums = torch.zeros_like(centroids)
         active = torch.ones(batch, dtype=torch.int32, device=x.device)
         tol = tol.contiguous()
-        for _ in range(iters):  # one launch per iteration; converged problems return at once
-            wrap_triton(_lloyd_step_kernel)[(batch,)](
-                x, centroids, sums, tol, labels, active, n_iter, n, d, K=k, BLOCK_N=_BLOCK_N,
-                BLOCK_D=block_d, BLOCK_K=block_k, ACC=acc_tl)
-    wrap_triton(_assign_kernel)[(batch, triton.cdiv(n, _BLOCK_N))](
-        x, centroids, labels, distances, n, d, K=k, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
-        BLOCK_K=block_k, ACC=acc_tl)
+        with on_device(x):
+            for _ in range(iters):  # one launch per iteration; converged problems return at once
+                wrap_triton(_lloyd_step_kernel)[(batch,)](
+                    x, centroids, sums, tol, labels, active, n_iter, n, d, K=k, BLOCK_N=_BLOCK_N,
+                    BLOCK_D=block_d, BLOCK_K=block_k, ACC=acc_tl)
+    grid, blocks_per_problem = assign_grid(batch, n)
+    with on_device(x):
+        wrap_triton(_assign_kernel)[grid](
+            x, centroids, labels, distances, n, d, blocks_per_problem, K=k, BLOCK_N=_BLOCK_N,
+            BLOCK_D=block_d, BLOCK_K=block_k, ACC=acc_tl)
     return labels, centroids, distances, n_iter
