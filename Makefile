@@ -31,7 +31,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
-# The slow stage: builds (wheel, CMake, other CPU targets), DDP, kill / resume, the GPU-check dry
+# The slow stage: builds (wheel, CMake, other CPU targets), ONNX Runtime checks, DDP, kill / resume, the GPU-check dry
 # run; then the kernel tests again at two threads, so that the parallel paths stay tested.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --durations=15
