@@ -37,7 +37,7 @@ TARGET_DICE = 0.85  # held-out dataset-level Dice the demo is sized to pass
 DEMO_THREADS = 2
 # Training images/s of the fixed-step demo on an idle 2-core Intel Xeon (docs/engine.md); a run
 # under half of it is reported as slow.
-REFERENCE_IMAGES_PER_S = 38.0
+IDLE_IMAGES_PER_S = 38.0
 # The epoch cap of the time-budgeted mode (`minutes`): the clock stops it long before.
 TIME_MODE_MAX_EPOCHS = 100
 
@@ -104,8 +104,8 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
 
 
 def is_slow(images_per_s: float | None) -> bool:
-    """Whether a run trained at under half the reference machine's images/s (``REFERENCE_IMAGES_PER_S``)."""
-    return images_per_s is not None and images_per_s < 0.5 * REFERENCE_IMAGES_PER_S
+    """Whether a run trained at under half the reference machine's images/s (``IDLE_IMAGES_PER_S``)."""
+    return images_per_s is not None and images_per_s < 0.5 * IDLE_IMAGES_PER_S
 
 
 def _cpu_name() -> str:
@@ -148,7 +148,7 @@ def _report(cfg: TrainConfig, run: dict, test_spec: str) -> str:
         f"{run['load_start']:.1f} at the start, {run['load_end']:.1f} at the end (counting the demo's own "
         f"{run['threads']} threads), on {cores} cores")
     if run["slow"]:
-        speed = (f"- **slow run**: {ips:.1f} training images/s, under half of the ~{REFERENCE_IMAGES_PER_S:.0f} of an "
+        speed = (f"- **slow run**: {ips:.1f} training images/s, under half of the ~{IDLE_IMAGES_PER_S:.0f} of an "
                  f"idle 2-core Xeon (other work on the machine? see the load above). "
                  + ("A time-budgeted run sees fewer steps on a slow machine." if timed else
                     "The step count is fixed, so this changes the wall time, not the result."))
