@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import lesionkit.kernels as K
 from lesionkit.layers import ss2d as ss2d_module
 from lesionkit.losses import create_loss
+from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model, segmentation_logits
 from lesionkit.engine.param_groups import parameter_groups
 
@@ -59,14 +60,23 @@ def _replay_scan_seconds(calls) -> float:
     return total
 
 
+_DISTILLATION = FeatureDistillation()  # the CM-SSM recipe's CFD + IFD, 0.015 each
+
+
 def _step(model, opt, loss_fn, x, y):
-    out = model(x)
-    loss = loss_fn(segmentation_logits(out), y)
-    extras = getattr(out, "extras", {})
-    loss = loss + sum(extras.values()) if extras else loss
+    if name_is_cmssm(model):
+        logits, features = model.forward_intermediates(x)
+        loss = loss_fn(logits, y) + sum(_DISTILLATION(features, model.block_names()).values())
+    else:
+        loss = loss_fn(segmentation_logits(model(x)), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+def name_is_cmssm(model) -> bool:
+    sw = getattr(model, "switches", None)
+    return sw is not None and (sw.se or sw.cmn or sw.cra)
 
 
 def measure(name: str, size: int, batch: int, steps: int, backends: list[str]) -> dict:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -34,3 +36,16 @@ class CrossRegionAttention(nn.Module):
         g_h = torch.sigmoid(self.conv_h(f_h))  # (B, C, H, 1), Eq. 5
         g_w = torch.sigmoid(self.conv_w(f_w.transpose(2, 3)))  # (B, C, 1, W), Eq. 6
         return x * g_h * g_w
+
+    @torch.no_grad()
+    def init_gate(self, gate: float) -> None:
+        """Start as a near-identity, y ~ ``gate`` * x (ours; the paper gives no initialisation):
+        each direction's sigmoid opens at sqrt(gate) through its bias, and small T_h / T_w
+        weights keep the start independent of the input. With PyTorch's default convolution
+        init both gates sit near 0.5 and every skip reaches the decoder at about a quarter."""
+        from lesionkit.layers.vss_block import gate_logit
+
+        bias = gate_logit(math.sqrt(gate))
+        for conv in (self.conv_h, self.conv_w):
+            nn.init.trunc_normal_(conv.weight, std=0.02)
+            nn.init.constant_(conv.bias, bias)

@@ -3,11 +3,20 @@ optionally followed by the Channel Mixing Network (CM-SSM Sec. 3.2, Fig. 2)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lesionkit.layers.ss2d import SS2D
+
+
+def gate_logit(gate: float) -> float:
+    """The sigmoid input that gives ``gate``, for gates initialised at a chosen opening."""
+    if not 0.0 < gate < 1.0:
+        raise ValueError(f"gate should be in (0, 1), got {gate}")
+    return math.log(gate / (1.0 - gate))
 
 
 class DropPath(nn.Module):
@@ -44,6 +53,14 @@ class SqueezeExcitation(nn.Module):
         w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(1, 2), keepdim=True)))))
         return x * w
 
+    @torch.no_grad()
+    def init_gate(self, gate: float) -> None:
+        """Start as a near-identity: every channel weight ``gate`` (ours, the paper gives no
+        initialisation). The bias sets the level, small excitation weights keep the input's
+        say; Adam's per-parameter steps let the gate leave the sigmoid's flat tail anyway."""
+        nn.init.trunc_normal_(self.fc2.weight, std=0.02)
+        nn.init.constant_(self.fc2.bias, gate_logit(gate))
+
 
 class ChannelMixing(nn.Module):
     """CM-SSM's Channel Mixing Network on (B, H, W, C): FC C -> rC, depthwise 3x3 conv on the
@@ -62,6 +79,13 @@ class ChannelMixing(nn.Module):
         x = self.fc1(x)
         x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.fc2(F.gelu(x))
+
+    @torch.no_grad()
+    def zero_init_output(self) -> None:
+        """The residual branch starts at exactly zero (ours; as Goyal et al.'s zero-initialised
+        last BatchNorm): the block computes VM-UNet's function until fc2 learns."""
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
 
 class VSSBlock(nn.Module):

@@ -1,16 +1,16 @@
 """CM-SSM U-Net (skin lesion segmentation, VM-UNet + inter-channel and spatial enhancement).
 
-Every part of the paper is a switch (Tables 4-5): ``se`` (squeeze-and-excitation after SS2D),
-``cmn`` (Channel Mixing Network), ``cra`` (Cross-Region Attention on the skips), ``cfd`` /
-``ifd`` (feature distillation losses, lambda 0.015 each, Eq. 10). With all off it is VM-UNet.
-While training with ``cfd`` or ``ifd`` on, the model returns a ``SegmentationOutput`` whose
-``extras`` hold the weighted ``cfd_loss`` / ``ifd_loss``; the ``cmssm`` trainer adds them to
-BCE 0.3 + Dice 0.7 (Eq. 11).
+Every module of the paper is a switch (Table 4): ``se`` (squeeze-and-excitation after SS2D),
+``cmn`` (Channel Mixing Network), ``cra`` (Cross-Region Attention on the skips). With all off it
+is VM-UNet, and with them on it starts as VM-UNet (``gate_init``, ``cmn_zero_init``). The
+feature distillation losses (Table 5, Eq. 8-10) belong to the recipe: the ``cmssm`` trainer's
+``cmssm:`` block, computed from :meth:`VMUNet.forward_intermediates`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 from lesionkit.models.registry import build_config, register_model
@@ -22,18 +22,26 @@ class CMSSMConfig(VMUNetConfig, CMSSMSwitches):
     se: bool = True
     cmn: bool = True
     cra: bool = True
-    cfd: bool = True
-    ifd: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.se_reduction < 1 or self.cmn_ratio <= 0:
             raise ValueError(f"se_reduction should be >= 1 and cmn_ratio > 0, got {self.se_reduction}, {self.cmn_ratio}")
-        if self.cfd_weight < 0 or self.ifd_weight < 0:
-            raise ValueError(f"cfd_weight and ifd_weight should be >= 0, got {self.cfd_weight}, {self.ifd_weight}")
+        if self.gate_init is not None and not 0.0 < self.gate_init < 1.0:
+            raise ValueError(f"gate_init should be in (0, 1) or null, got {self.gate_init}")
+
+
+# Model kwargs of lesionkit 0.1.0 that are recipe fields now (the ``cmssm:`` block); accepted
+# so that older checkpoints and configs still build.
+MOVED_TO_RECIPE = ("cfd", "ifd", "cfd_weight", "ifd_weight")
 
 
 def _build(name: str, defaults: dict, kwargs: dict) -> VMUNet:
+    moved = sorted(k for k in MOVED_TO_RECIPE if k in kwargs)
+    if moved:
+        warnings.warn(f"model {name!r}: {moved} are no longer model arguments; set them in the recipe's "
+                      "'cmssm:' block (trainer: cmssm). The model ignores them.", FutureWarning, stacklevel=3)
+        kwargs = {k: v for k, v in kwargs.items() if k not in MOVED_TO_RECIPE}
     cfg = build_config(CMSSMConfig, defaults, kwargs, name)
     switch_names = {f.name for f in dataclasses.fields(CMSSMSwitches)}
     net_names = {f.name for f in dataclasses.fields(VMUNetConfig)}
@@ -58,4 +66,4 @@ def cmssm_tiny(**kwargs) -> VMUNet:
     return _build("cmssm_tiny", {"dims": TINY_DIMS}, kwargs)
 
 
-__all__ = ["CMSSMConfig", "cmssm_tiny", "cmssm_unet"]
+__all__ = ["MOVED_TO_RECIPE", "CMSSMConfig", "cmssm_tiny", "cmssm_unet"]

@@ -8,8 +8,8 @@ conv. Module names follow VM-UNet's ``VSSM`` so that official checkpoints load
 sigmoid inside its forward for one class; we leave it to the loss and the metrics).
 
 CM-SSM (``cmssm_unet``, see :mod:`lesionkit.models.cmssm`) switches on SE and the Channel
-Mixing Network inside every block, Cross-Region Attention on the skips, and the feature
-distillation losses (returned in ``SegmentationOutput.extras`` while training).
+Mixing Network inside every block and Cross-Region Attention on the skips; its feature
+distillation losses read the block outputs that :meth:`VMUNet.forward_intermediates` returns.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from lesionkit.layers.cross_region_attention import CrossRegionAttention
-from lesionkit.layers.vss_block import VSSBlock
+from lesionkit.layers.vss_block import ChannelMixing, SqueezeExcitation, VSSBlock
 from lesionkit.layers.vss_patches import FinalPatchExpand2D, PatchEmbed2D, PatchExpand2D, PatchMerging2D
-from lesionkit.losses.feature_distillation import cross_feature_distillation, internal_feature_distillation
-from lesionkit.models.output import SegmentationOutput
 from lesionkit.models.registry import build_config, register_model
 
 PATCH_SIZE = 4
@@ -69,17 +67,19 @@ class VMUNetConfig:
 
 @dataclass
 class CMSSMSwitches:
-    """The CM-SSM parts on top of VM-UNet; all off is VM-UNet."""
+    """The CM-SSM parts on top of VM-UNet; all off is VM-UNet. The distillation losses (Eq. 8-10)
+    are the recipe's (``cmssm:`` block, :mod:`lesionkit.engine.trainers.cmssm`), not the model's."""
 
     se: bool = False
     cmn: bool = False
     cra: bool = False
-    cfd: bool = False
-    ifd: bool = False
     se_reduction: int = 16
     cmn_ratio: float = 4.0
-    cfd_weight: float = 0.015
-    ifd_weight: float = 0.015
+    # Where the paper is silent on initialisation, the added parts start so that the network
+    # computes VM-UNet's function (ours): SE and CRA multiply by ``gate_init`` (null: the layers'
+    # default init, SE at 0.5 and CRA near 0.25) and the CMN branch starts at zero.
+    gate_init: float | None = 0.95
+    cmn_zero_init: bool = True
 
 
 class VSSLayer(nn.Module):
@@ -106,9 +106,11 @@ class VSSLayerUp(nn.Module):
         self.upsample = PatchExpand2D(dim) if upsample else None
 
 
-def _run(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+def _run(blocks: nn.ModuleList, x: torch.Tensor, features: list[torch.Tensor] | None) -> torch.Tensor:
     for blk in blocks:
         x = blk(x)
+        if features is not None:
+            features.append(x.permute(0, 3, 1, 2))
     return x
 
 
@@ -143,6 +145,11 @@ class VMUNet(nn.Module):
         self.final_up = FinalPatchExpand2D(dims_decoder[-1], 4)
         self.final_conv = nn.Conv2d(dims_decoder[-1] // 4, cfg.num_classes, 1)
         self.apply(self._init_weights)
+        for m in self.modules():
+            if sw.gate_init is not None and isinstance(m, (SqueezeExcitation, CrossRegionAttention)):
+                m.init_gate(sw.gate_init)
+            if sw.cmn_zero_init and isinstance(m, ChannelMixing):
+                m.zero_init_output()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -164,18 +171,37 @@ class VMUNet(nn.Module):
             raise ValueError(f"{type(self).__name__} needs H and W that are multiples of {s} (patch 4, "
                              f"{len(self.cfg.dims) - 1} patch mergings), got {height}x{width}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | SegmentationOutput:
+    def block_names(self) -> list[str]:
+        """Names of the VSS blocks in :meth:`forward_intermediates` order, as CM-SSM's Eq. 8-9
+        write them: E1(1) .. En(d) for the encoder (E1 the shallowest), then Dn(1) .. D1(d)
+        for the decoder (D1 the last, at H/4)."""
+        n = len(self.cfg.dims)
+        names = [f"E{i + 1}({j + 1})" for i in range(n) for j in range(self.cfg.depths[i])]
+        return names + [f"D{n - i}({j + 1})" for i in range(n) for j in range(self.cfg.depths_decoder[i])]
+
+    def forward(self, x: torch.Tensor, intermediates: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits; with ``intermediates`` also the block outputs (:meth:`forward_intermediates`).
+        The keyword goes through ``forward`` so that a DistributedDataParallel wrapper sees the call."""
+        if not intermediates:
+            return self._forward(x, None)
+        features: list[torch.Tensor] = []
+        return self._forward(x, features), features
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every VSS block's output, (B, C, H, W) views in :meth:`block_names` order
+        (timm's ``forward_intermediates``): the maps CM-SSM's distillation losses read."""
+        return self.forward(x, intermediates=True)
+
+    def _forward(self, x: torch.Tensor, features: list[torch.Tensor] | None) -> torch.Tensor:
         self.check_input(x)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        sw = self.switches
-        want_features = self.training and (sw.cfd or sw.ifd)
         x = self.pos_drop(self.patch_embed(x))
-        skips, features = [], []
+        skips = []
         for layer in self.layers:
             skips.append(x)
-            x = _run(layer.blocks, x)
-            features.append(x)
+            x = _run(layer.blocks, x, features)
             if layer.downsample is not None:
                 x = layer.downsample(x)
         for i, layer in enumerate(self.layers_up):
@@ -186,20 +212,9 @@ class VMUNet(nn.Module):
                 x = x + skip
             if layer.upsample is not None:
                 x = layer.upsample(x)
-            x = _run(layer.blocks, x)
-            features.append(x)
+            x = _run(layer.blocks, x, features)
         x = self.final_up(x).permute(0, 3, 1, 2)
-        logits = self.final_conv(x)
-        if not want_features:
-            return logits
-        # Block outputs E_1..E_n, D_n..D_1 in (B, C, H, W); the last is F_final (D_1, Eq. 8).
-        maps = [f.permute(0, 3, 1, 2) for f in features]
-        extras = {}
-        if sw.cfd:
-            extras["cfd_loss"] = sw.cfd_weight * cross_feature_distillation(maps[:-1], maps[-1])
-        if sw.ifd:
-            extras["ifd_loss"] = sw.ifd_weight * internal_feature_distillation(maps)
-        return SegmentationOutput(logits=logits, extras=extras)
+        return self.final_conv(x)
 
 
 def build_vmunet(name: str, defaults: dict, kwargs: dict) -> VMUNet:
