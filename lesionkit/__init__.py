@@ -1,6 +1,6 @@
 """lesionkit: lesion segmentation with custom kernels on its hot paths."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Resolved on first use so that `import lesionkit` stays light (no model code imported).
 _LAZY = {"create_model": "lesionkit.models", "list_models": "lesionkit.models"}
