@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ ARMS = {"vmunet": "`vmunet_tiny` (VM-UNet)", "cmssm": "`cmssm_tiny` (CM-SSM U-Ne
         "t4r1": "Table 4 row 1: no SE / CMN / CRA, CFD + IFD on", "t5r1": "Table 5 row 1: SE + CMN + CRA, no FD",
         "cmn2": "`cmssm_tiny`, CMN ratio 2", "dp01": "`cmssm_tiny`, drop path 0.1",
         "fdstart1": "`cmssm_tiny`, distillation from epoch 1 (`cmssm.fd_start_epochs: 1`)",
-        "vmunet_dp01": "`vmunet_tiny`, drop path 0.1"}
+        "cmssm_steps": "`cmssm_tiny` at equal steps (744 s, as many steps as `vmunet_tiny` in 600 s)"}
 
 
 def read_run(run: Path) -> dict | None:
@@ -37,7 +38,7 @@ def main(out: str) -> None:
     print("| arm | seeds | Dice (dataset) mean | spread | per seed | per-image Dice mean | spread | per seed | epochs (steps) per seed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for arm, label in ARMS.items():
-        runs = sorted(p for p in root.glob(f"{arm}_s*") if p.is_dir())
+        runs = sorted(p for p in root.glob(f"{arm}_s*") if p.is_dir() and re.fullmatch(rf"{arm}_s\d+", p.name))
         results = [r for r in (read_run(p) for p in runs) if r is not None]
         if not results:
             continue

@@ -2,8 +2,9 @@
 # CM-SSM U-Net against VM-UNet on isic2018-dev at 128 px (docs/cmssm.md): vmunet_tiny and
 # cmssm_tiny under one recipe (their tiny recipes differ only in model, trainer and the cmssm:
 # block), 600 s each, seeds 0-2, plus one-seed rows: Table 4 row 1 (no SE / CMN / CRA, FD on),
-# Table 5 row 1 (no FD) and the tiny recipe's choices (CMN ratio 2, drop path 0.1, distillation
-# from epoch 1). Table 4 row 8 and Table 5 row 4 are cmssm_tiny itself. Two runs at a time, one
+# Table 5 row 1 (no FD), the tiny recipe's choices (CMN ratio 2, drop path 0.1, distillation
+# from epoch 1) and cmssm_tiny at equal steps (a 744 s budget). Table 4 row 8 and Table 5 row 4
+# are cmssm_tiny itself. Two runs at a time, one
 # thread each, nothing else on the machine; each run's best checkpoint evaluated on the
 # validation split.
 #   benchmarks/cmssm_isic2018_dev.sh [DEV_PATH] [OUT_DIR]
@@ -15,43 +16,45 @@ DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
 OUT=${2:-runs/cmssm_isic2018_dev}
 PY=${PYTHON:-.venv/bin/python}
 BUDGET=${BUDGET:-600}
+STEPS_BUDGET=${STEPS_BUDGET:-744}  # cmssm_steps: as many steps as vmunet_tiny makes in BUDGET
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 log() { echo "$(date -u +%H:%M:%S) $* | $(uptime | sed 's/.*load/load/')" | tee -a "$OUT/runs.txt"; }
 
-# name|config|seed|overrides
+# name|config|seed|budget (s)|overrides
 ALL_PAIRS=(
-  "vmunet_s0|vmunet_tiny_isic2018|0| ; cmssm_s0|cmssm_tiny_isic2018|0|"
-  "vmunet_s1|vmunet_tiny_isic2018|1| ; cmssm_s1|cmssm_tiny_isic2018|1|"
-  "vmunet_s2|vmunet_tiny_isic2018|2| ; cmssm_s2|cmssm_tiny_isic2018|2|"
-  "t4r1_s0|cmssm_tiny_isic2018|0|model.kwargs.se=false model.kwargs.cmn=false model.kwargs.cra=false ; t5r1_s0|cmssm_tiny_isic2018|0|cmssm.cfd=false cmssm.ifd=false"
-  "cmn2_s0|cmssm_tiny_isic2018|0|model.kwargs.cmn_ratio=2 ; dp01_s0|cmssm_tiny_isic2018|0|model.kwargs.drop_path_rate=0.1"
-  "fdstart1_s0|cmssm_tiny_isic2018|0|cmssm.fd_start_epochs=1 ; vmunet_dp01_s0|vmunet_tiny_isic2018|0|model.kwargs.drop_path_rate=0.1"
+  "vmunet_s0|vmunet_tiny_isic2018|0|$BUDGET| ; cmssm_s0|cmssm_tiny_isic2018|0|$BUDGET|"
+  "vmunet_s1|vmunet_tiny_isic2018|1|$BUDGET| ; cmssm_s1|cmssm_tiny_isic2018|1|$BUDGET|"
+  "vmunet_s2|vmunet_tiny_isic2018|2|$BUDGET| ; cmssm_s2|cmssm_tiny_isic2018|2|$BUDGET|"
+  "t4r1_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.se=false model.kwargs.cmn=false model.kwargs.cra=false ; t5r1_s0|cmssm_tiny_isic2018|0|$BUDGET|cmssm.cfd=false cmssm.ifd=false"
+  "cmn2_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.cmn_ratio=2 ; dp01_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.drop_path_rate=0.1"
+  # Equal steps: cmssm_tiny's step takes 1.24x vmunet_tiny's (benchmarks/cmssm_step_time.py).
+  "fdstart1_s0|cmssm_tiny_isic2018|0|$BUDGET|cmssm.fd_start_epochs=1 ; cmssm_steps_s0|cmssm_tiny_isic2018|0|$STEPS_BUDGET|"
 )
 RUNS=${RUNS:-"0 1 2 3 4 5"}
 
-run_one() {  # name config seed overrides...
-  local name=$1 config=$2 seed=$3; shift 3
+run_one() {  # name config seed budget overrides...
+  local name=$1 config=$2 seed=$3 budget=$4; shift 4
   local dir="$OUT/$name"
   [ -f "$dir/eval/metrics.json" ] && return 0
   rm -rf "$dir"
   # shellcheck disable=SC2068
   "$PY" -m lesionkit train --config "$config" --data "isic:$DEV:train" --val-data "isic:$DEV:val" --out "$dir" \
-    --seed "$seed" --time-budget "$BUDGET" --no-progress --set data.num_workers=1 $@ > "$dir.log" 2>&1
+    --seed "$seed" --time-budget "$budget" --no-progress --set data.num_workers=1 $@ > "$dir.log" 2>&1
   "$PY" -m lesionkit evaluate --checkpoint "$dir/best.pt" --data "isic:$DEV:val" --out "$dir/eval" \
     --no-progress > "$dir.eval.log" 2>&1
 }
 
 for i in $RUNS; do
   IFS=';' read -r a b <<< "${ALL_PAIRS[$i]}"
-  IFS='|' read -r na ca sa oa <<< "$(echo "$a" | xargs)"
-  IFS='|' read -r nb cb sb ob <<< "$(echo "$b" | xargs)"
+  IFS='|' read -r na ca sa ba oa <<< "$(echo "$a" | xargs)"
+  IFS='|' read -r nb cb sb bb ob <<< "$(echo "$b" | xargs)"
   log "start $na + $nb"
   # shellcheck disable=SC2086
-  run_one "$na" "$ca" "$sa" $oa &
+  run_one "$na" "$ca" "$sa" "$ba" $oa &
   pa=$!
   # shellcheck disable=SC2086
-  run_one "$nb" "$cb" "$sb" $ob &
+  run_one "$nb" "$cb" "$sb" "$bb" $ob &
   pb=$!
   wait $pa; wait $pb
   log "done $na + $nb"
