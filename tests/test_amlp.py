@@ -101,7 +101,9 @@ def test_amr_schedule_eq9():
     tau = amr_tau(0.25, 0.8, reach_epoch=100)
     assert amr_mask_ratio(100, 0.25, tau, 0.8) == pytest.approx(0.8)
     assert amr_mask_ratio(50, 0.25, tau, 0.8) < 0.8
-    with pytest.raises(ValueError, match="epoch should be an int >= 1"):
+    # Fractional epochs (the trainer's 1 + steps done / steps per epoch) lie on the same curve.
+    assert ratios[0] < amr_mask_ratio(1.5, tau=3.0) < ratios[1]
+    with pytest.raises(ValueError, match="epoch should be a number >= 1"):
         amr_mask_ratio(0)
     with pytest.raises(ValueError, match="tau should be > 0"):
         amr_mask_ratio(2, tau=0.0)

@@ -101,16 +101,22 @@ def test_switches_leave_their_parts_out(tmp_path):
         build_trainer(amlp_config(tmp_path, **{"model.name": "unet_tiny", "model.kwargs": "{}"}))
 
 
-def test_amr_ratio_per_epoch_reaches_the_cap_at_the_last_epoch(tmp_path):
+def test_amr_ratio_grows_every_step_and_reaches_the_cap_at_the_last_epoch(tmp_path):
     trainer = build_trainer(amlp_config(tmp_path, epochs=3))
-    tau = amr_tau(0.25, 0.75, 3)
+    assert trainer.cfg.amlp.amr_cap == 0.9  # above MAE's 75 %, Sec. 3.4
+    tau = amr_tau(0.25, 0.9, 3)
     assert trainer.tau == pytest.approx(tau)
-    expected = [amr_mask_ratio(e, 0.25, tau, 0.75) for e in (1, 2, 3)]
-    assert [trainer.mask_ratio(e) for e in (1, 2, 3)] == pytest.approx(expected)
-    assert expected[0] == 0.25 and expected[2] == pytest.approx(0.75) and expected[0] < expected[1] < expected[2]
+    spe = trainer.steps_per_epoch
+    assert spe > 1
+    # Eq. 9 at fractional epochs 1 + steps done / steps per epoch: it grows with every step.
+    per_step = [amr_mask_ratio(1 + s / spe, 0.25, tau, 0.9) for s in range(3 * spe)]
+    assert per_step[0] == 0.25 and per_step[2 * spe] == pytest.approx(0.9)
+    assert all(a < b for a, b in zip(per_step[:2 * spe], per_step[1:2 * spe + 1]))
+    assert [trainer.mask_ratio(e) for e in (1, 2, 3)] == pytest.approx([per_step[0], per_step[spe], per_step[2 * spe]])
     trainer.fit()
     rows = read_log(tmp_path / "log.csv")
-    assert [float(r["train_mask_ratio"]) for r in rows] == pytest.approx(expected)
+    epoch_means = [sum(per_step[e * spe:(e + 1) * spe]) / spe for e in range(3)]
+    assert [float(r["train_mask_ratio"]) for r in rows] == pytest.approx(epoch_means, rel=1e-5)
     # No validation while pre-training: every epoch is the best (the latest) one.
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
     fixed = build_trainer(amlp_config(tmp_path / "fixed", **{"amlp.amr": "false", "amlp.mask_ratio": 0.6}))

@@ -11,7 +11,10 @@ reading (docs/amlp.md):
 - CCL: a per-patch foreground head gives a logit per patch; label_new comes from the paper's
   four rules (k-means label_ori against L_rrl >= its mean of 1; a random label, from a seeded
   generator, where the two disagree), and L_ccl is the binary cross-entropy of the head's
-  probability against label_new over the masked patches.
+  probability against label_new over the patches where it is computed. Sec. 3.3: "When
+  label_new != label_ori, we calculate the category consistency loss" - the masked patches whose
+  label changed (:func:`ccl_patches`, ``"changed"``); lesionkit 0.1.0 used every masked patch
+  (``"masked"``).
 """
 
 from __future__ import annotations
@@ -71,13 +74,29 @@ def update_patch_labels(label_ori: torch.Tensor, rrl: torch.Tensor, mask: torch.
     return torch.where(mask, new, fg).to(rrl.dtype)
 
 
+CCL_PATCHES = ("changed", "masked")
+
+
+def ccl_patches(label_ori: torch.Tensor, label_new: torch.Tensor, mask: torch.Tensor,
+                which: str = "changed") -> torch.Tensor:
+    """(B, N) bool: where CCL is computed. ``changed``: the masked patches whose updated label
+    differs from the k-means label (Sec. 3.3); ``masked``: every masked patch."""
+    if which not in CCL_PATCHES:
+        raise ValueError(f"which should be one of {list(CCL_PATCHES)}, got {which!r}")
+    if which == "masked":
+        return mask
+    return mask & (label_new.bool() != label_ori.bool())
+
+
 def category_consistency_loss(logits: torch.Tensor, label_new: torch.Tensor,
-                              mask: torch.Tensor) -> torch.Tensor:
+                              patches: torch.Tensor) -> torch.Tensor:
     """CCL: binary cross-entropy of the foreground head's logits (B, N) against label_new,
-    averaged over the masked patches of each image, then over the images."""
-    if logits.shape != label_new.shape or mask.shape != logits.shape:
-        raise ValueError(f"logits, label_new and mask should have one shape, got {tuple(logits.shape)}, "
-                         f"{tuple(label_new.shape)}, {tuple(mask.shape)}")
+    averaged over the selected ``patches`` of the batch (:func:`ccl_patches`); 0 where none is
+    selected. With the same number of patches per image (the masked ones) this equals the mean
+    over each image's patches, then over the images."""
+    if logits.shape != label_new.shape or patches.shape != logits.shape:
+        raise ValueError(f"logits, label_new and patches should have one shape, got {tuple(logits.shape)}, "
+                         f"{tuple(label_new.shape)}, {tuple(patches.shape)}")
     per_patch = F.binary_cross_entropy_with_logits(logits, label_new.to(logits.dtype), reduction="none")
-    n_m = mask.sum(dim=1).clamp_min(1).to(per_patch.dtype)
-    return (per_patch.masked_fill(~mask, 0).sum(dim=1) / n_m).mean()
+    count = patches.sum().clamp_min(1).to(per_patch.dtype)
+    return per_patch.masked_fill(~patches, 0).sum() / count
