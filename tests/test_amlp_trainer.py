@@ -128,6 +128,34 @@ def test_encoder_features_for_mps(tmp_path):
     assert trainer.model.training
 
 
+@pytest.mark.parametrize("features", ["encoder", "pixels"])
+def test_mps_clusters_what_features_names(tmp_path, monkeypatch, features):
+    """features: encoder clusters model.patch_vectors (the unmasked image's encoder features, in
+    eval mode), features: pixels the raw patches. The encoder vectors here single out four corner
+    patches; the pixels single out the lesion (patches 5, 6, 9, 10)."""
+    trainer = build_trainer(amlp_config(tmp_path, **{"amlp.features": features, "amlp.amr": "false",
+                                                     "amlp.mask_ratio": 0.25}))
+    batch, lesion = lesion_batch()
+    corners = torch.zeros(16, dtype=torch.bool)
+    corners[[0, 3, 12, 15]] = True
+    calls = []
+
+    def patch_vectors(images):
+        calls.append((images, trainer.model.training))
+        vectors = torch.zeros(images.shape[0], 16, 6)
+        vectors[:, corners] = 1.0
+        return vectors
+
+    monkeypatch.setattr(trainer.model, "patch_vectors", patch_vectors)
+    mask = trainer.select(batch["image"]).mask
+    if features == "encoder":
+        ((images, training),) = calls
+        assert images is batch["image"] and not training
+        assert (mask == corners).all()
+    else:
+        assert not calls and (mask == lesion).all()
+
+
 def write_images(folder, n=8, size=40):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

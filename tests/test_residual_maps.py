@@ -1,6 +1,8 @@
 """GRCSF's MAE and residual maps (Eq. 3-5): the MAE trains, the residuals are right on known
 inputs, the maps are seeded per image, and the residual-maps command caches by content."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -96,6 +98,47 @@ def test_maps_are_seeded_per_image_not_per_batch():
     assert together.min() >= 0 and together.max() <= 1
     # A different size goes through the MAE at its own size and comes back at the image's.
     assert residual_maps(mae, torch.rand(1, 3, 48, 40), settings).shape == (1, 2, 48, 40)
+
+
+class RecordingMAE(torch.nn.Module):
+    """A stand-in MAE: a new random reconstruction of every patch (visible ones too, as a real
+    MAE decodes them) on each call, recording the masks it was given and what it returned."""
+
+    def __init__(self, img_size=8, patch_size=2, in_chans=3):
+        super().__init__()
+        self.cfg = SimpleNamespace(img_size=img_size, in_chans=in_chans)
+        self.patch_size = patch_size
+        self.gen = torch.Generator().manual_seed(7)
+        self.calls = []
+
+    def forward(self, x, mask):
+        recon = torch.rand(x.shape, generator=self.gen)
+        self.calls.append((mask.mask.clone(), recon))
+        return SimpleNamespace(reconstruction=recon)
+
+
+@pytest.mark.parametrize("kind", ["absdiff", "mse"])
+def test_map_averages_each_pixel_over_the_runs_that_masked_it(kind):
+    """Eq. 3-5 on a hand-made case: the mean reconstruction of a pixel is taken over the n runs
+    whose mask covered it (a pixel no run masked keeps the image's value), then the residual."""
+    mae = RecordingMAE()
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    settings = ResidualMapSettings(ratios=(0.25, 0.5), repeats=3, kind=kind)
+    got = residual_maps(mae, image, settings)
+    assert got.shape == (1, 2, 8, 8) and len(mae.calls) == 2
+    for r, (masks, recon) in enumerate(mae.calls):
+        assert masks.shape == (3, 16)
+        want = torch.empty(8, 8)
+        for i in range(8):
+            for j in range(8):
+                runs = [k for k in range(3) if masks[k, (i // 2) * 4 + j // 2]]
+                mean = sum(recon[k, :, i, j] for k in runs) / len(runs) if runs else image[0, :, i, j]
+                diff = image[0, :, i, j] - mean
+                want[i, j] = (diff.abs() if kind == "absdiff" else diff.square()).mean()
+        torch.testing.assert_close(got[0, r], want, rtol=1e-5, atol=1e-6)
+        # The case tells the means apart: some pixels were masked in only some of the runs.
+        counts = masks.sum(0)
+        assert ((counts > 0) & (counts < 3)).any()
 
 
 def test_bad_settings_name_the_value():
