@@ -77,6 +77,16 @@ BREAKAGES: list[Breakage] = [
         'if recipe.features == "pixels":', "if True:",
         ("tests/test_amlp_trainer.py", "-k", "features"),
         "MPS clusters the pixels whatever amlp.features says"),
+    Breakage(
+        "resume_forgets_bad_epochs", "lesionkit/engine/resume.py",
+        '        self.bad_epochs = int(state["bad_epochs"])\n', "",
+        ("tests/test_trainer_checkpoints.py", "-k", "every_field"),
+        "early stopping's patience restarts after a resume"),
+    Breakage(
+        "resume_restarts_the_clock", "lesionkit/engine/resume.py",
+        '        self.elapsed_before = float(state["elapsed"])\n', "",
+        ("tests/test_trainer_checkpoints.py", "-k", "every_field"),
+        "the time budget forgets the time spent before the resume"),
 ]
 
 
