@@ -2,6 +2,7 @@
 options init_from / init_parts / data.label_fraction (docs/amlp.md, docs/engine.md)."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,26 @@ def test_init_from_loads_the_encoder_and_reports_keys(tmp_path, capsys):
     both = Trainer(finetune_config(tmp_path / "both", init_from=str(tmp_path / "pre.pt"), init_parts="encoder+decoder"))
     assert torch.equal(both.model.state_dict()["up.0.up.weight"], source.state_dict()["up.0.up.weight"])
     assert "head.weight" in both.init_report.unused  # the segmentation head starts fresh
+
+
+def test_init_parts_all_loads_every_tensor_the_model_has(tmp_path, capsys):
+    source = save_pretrained(tmp_path / "pre.pt", widths=[4, 8, 16], patch_size=8).state_dict()
+    trainer = Trainer(finetune_config(tmp_path / "run", init_from=str(tmp_path / "pre.pt"), init_parts="all"))
+    loaded = trainer.model.state_dict()
+    for key, value in loaded.items():  # the head and the BatchNorm statistics too
+        assert torch.equal(value, source[key]), key
+    report = trainer.init_report
+    assert sorted(report.loaded) == sorted(loaded) and report.missing == []
+    assert sorted(report.unused) == sorted(k for k in source if k.startswith(("recon_head.", "fg_head.")))
+    capsys.readouterr()
+    # The CLI flag reaches the run and its checkpoint.
+    argv = ["train", "--model", "unet_tiny", "--data", "synthetic:8", "--image-size", "32", "--batch-size", "4",
+            "--epochs", "1", "--out", str(tmp_path / "cli"), "--no-progress", "--init-from", str(tmp_path / "pre.pt"),
+            "--init-parts", "all", "--set", f"model.kwargs.widths={WIDTHS}", "data.num_workers=0",
+            "data.val_fraction=0"]
+    assert main(argv) == 0
+    assert f"parts all): loaded {len(loaded)} tensors; missing 0;" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "cli" / "last.pt")["config"]["init_parts"] == "all"
 
 
 def test_init_from_errors(tmp_path):

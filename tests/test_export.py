@@ -147,3 +147,44 @@ def test_a_forward_torch_export_cannot_capture_is_an_export_error(checkpoint, tm
                                           r"format can hold it; nothing written"):
         export_checkpoint(checkpoint, "exported-program", tmp_path / "x.pt2")
     assert not (tmp_path / "x.pt2").exists()
+
+
+LOAD_PT2 = """
+import sys
+import torch
+import lesionkit.kernels  # registers the lesionkit ops the program calls
+program = torch.export.load(sys.argv[1])
+torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_exported_program_loads_and_runs_in_a_fresh_process(tmp_path):
+    """A .pt2 of a model that calls lesionkit ops (VM-UNet's scans) runs in a new interpreter that
+    imports lesionkit.kernels only, and gives the checkpoint's logits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lesionkit.engine.checkpoint import checkpoint_header, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lesionkit.models import create_model
+
+    kwargs = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "depths_decoder": [1, 1, 1, 1], "d_state": 4}
+    torch.manual_seed(0)
+    state = checkpoint_header("vmunet", kwargs, {"data": {"image_size": 32}})
+    state["model"] = create_model("vmunet", **kwargs).state_dict()
+    save_checkpoint(state, tmp_path / "vmunet.pt")
+    result = export_checkpoint(tmp_path / "vmunet.pt", "exported-program", tmp_path / "vmunet.pt2")
+    assert any(op.startswith("lesionkit::") for op in lesionkit_ops_in(torch.export.load(result.path)))
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # the exported batch
+    torch.save(images, tmp_path / "images.pt")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", LOAD_PT2, str(result.path), str(tmp_path / "images.pt"),
+                          str(tmp_path / "logits.pt")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = LogitsOnly(model_from_checkpoint(load_checkpoint(tmp_path / "vmunet.pt"))).eval()
+    with torch.no_grad():
+        want = model(images)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-4, atol=1e-4)

@@ -186,6 +186,33 @@ def test_command_caches_by_image_content(mae_checkpoint, tmp_path, capsys):
     assert png.mode in ("I;16", "I") and png.size == (32, 32)
 
 
+@pytest.mark.parametrize("flags, settings", [
+    ([], {}),
+    (["--ratios", "0.25", "0.5", "0.9"], {"ratios": (0.25, 0.5, 0.9)}),
+    (["--kind", "mse"], {"kind": "mse"}),
+    (["--kind", "ssim"], {"kind": "ssim"}),
+    (["--seed", "3"], {"seed": 3}),
+])
+def test_command_options_change_the_maps_written(mae_checkpoint, tmp_path, capsys, flags, settings):
+    """--ratios / --kind / --seed reach the maps: the files are residual_maps() with those settings,
+    and (but for the defaults) differ from the default settings' maps."""
+    from lesionkit.data import from_spec
+
+    out = tmp_path / "maps"
+    assert main(["residual-maps", "--checkpoint", str(mae_checkpoint), "--data", "synthetic:2:5", "--out", str(out),
+                 "--repeats", "2", "--image-size", "32", "--no-progress", *flags]) == 0
+    mae, _, mae_hash = load_mae(mae_checkpoint)
+    chosen, default = ResidualMapSettings(repeats=2, **settings), ResidualMapSettings(repeats=2)
+    images = torch.stack([item["image"] for item in from_spec("synthetic:2:5", image_size=32)])
+    cache = ResidualMapCache(out, mae_hash, chosen)
+    written = torch.stack([cache.load(image_hash(image)) for image in images])
+    assert written.shape == (2, len(chosen.ratios), 32, 32)
+    torch.testing.assert_close(written, residual_maps(mae, images, chosen), atol=1e-3, rtol=0)
+    if settings:
+        other = residual_maps(mae, images, default)
+        assert written.shape != other.shape or (written - other).abs().max() > 1e-2
+
+
 def test_command_rejects_a_checkpoint_that_is_no_mae(tmp_path, capsys):
     ckpt = tmp_path / "seg"
     assert main(["train", "--model", "unet_tiny", "--data", "synthetic:4", "--epochs", "1", "--batch-size", "2",
