@@ -313,3 +313,53 @@ def test_train_cli_label_fraction_and_init_from(tmp_path, capsys):
     assert len(state["label_subset"]["indices"]) == 4 and state["config"]["init_from"] == str(tmp_path / "pre.pt")
     assert main(argv + ["--label-fraction", "0"]) == 2
     assert "data.label_fraction should be in (0, 1]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- ablation recipes
+# AMLP's ablation tables, row by row, written from the paper: which of MPS (masked patch
+# selection), AMR (adaptive masking ratio), L_arl (attention reconstruction, the paper's L_rcl)
+# and L_ccl (category consistency) each row uses. L_l2 is in every row. MPS is the text's
+# lesion-first selection (hard_to_easy, docs/amlp.md); without it patches are masked at random.
+CONFIGS = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
+TABLES = {  # recipe: (strategy, amr, arl, ccl)
+    # Table 3: the component ablation (CRCL = L_arl + L_ccl).
+    "t3_row1_base": ("random", False, False, False),
+    "t3_row2_mps": ("hard_to_easy", False, False, False),
+    "t3_row3_amr": ("random", True, False, False),
+    "t3_row4_crcl": ("random", False, True, True),
+    "t3_row5_mps_amr": ("hard_to_easy", True, False, False),
+    "t3_row6_mps_crcl": ("hard_to_easy", False, True, True),
+    "t3_row7_amr_crcl": ("random", True, True, True),
+    "t3_row8_amlp": ("hard_to_easy", True, True, True),
+    # Table 4: the masking strategy, the rest as the full AMLP.
+    "t4_row1_random": ("random", True, True, True),
+    "t4_row2_hard_to_easy": ("hard_to_easy", True, True, True),
+    "t4_row3_easy_to_hard": ("easy_to_hard", True, True, True),
+    # Table 5: the losses, on MPS + AMR.
+    "t5_row1_l2": ("hard_to_easy", True, False, False),
+    "t5_row2_l2_arl": ("hard_to_easy", True, True, False),
+    "t5_row3_l2_ccl": ("hard_to_easy", True, False, True),
+    "t5_row4_l2_arl_ccl": ("hard_to_easy", True, True, True),
+}
+SWITCHES = ("strategy", "amr", "arl_weight", "ccl_weight")
+
+
+def test_every_ablation_recipe_is_a_table_row():
+    assert sorted(p.stem.removeprefix("amlp_ablation_") for p in CONFIGS.glob("amlp_ablation_*.yaml")) == sorted(TABLES)
+
+
+@pytest.mark.parametrize("row", sorted(TABLES))
+def test_ablation_recipes_set_the_switches_of_the_papers_rows(row):
+    cfg = load_train_config(CONFIGS / f"amlp_ablation_{row}.yaml")
+    r = cfg.amlp
+    assert cfg.trainer == "amlp" and cfg.model.name == "amlp_unet"
+    assert (r.strategy, r.amr, r.arl_weight > 0, r.ccl_weight > 0) == TABLES[row]
+    assert r.pred_weight > 0  # L_l2 in every row
+    # Everything else is the paper's pre-training recipe, amlp_pretrain_isic2018.
+    base = load_train_config(CONFIGS / "amlp_pretrain_isic2018.yaml").to_dict()
+    mine = cfg.to_dict()
+    for data in (base, mine):
+        data.pop("out_dir")
+        for key in SWITCHES:
+            data["amlp"].pop(key)
+    assert mine == base
