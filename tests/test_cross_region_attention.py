@@ -43,7 +43,8 @@ def coordinate_attention(cra, x, batch_statistics=False):
         mean, var = f.mean(dim=(0, 2)), f.var(dim=(0, 2), unbiased=False)
     else:
         mean, var = bn.running_mean, bn.running_var
-    f = (f - mean[None, :, None]) / torch.sqrt(var[None, :, None] + bn.eps) * bn.weight[None, :, None] + bn.bias[None, :, None]
+    f = (f - mean[None, :, None]) / torch.sqrt(var[None, :, None] + bn.eps)
+    f = f * bn.weight[None, :, None] + bn.bias[None, :, None]
     f = f * torch.clamp(f + 3, 0, 6) / 6  # h-swish
     g_h = torch.sigmoid(conv1x1(cra.conv_h, f[:, :, :h]))  # (B, C, H)
     g_w = torch.sigmoid(conv1x1(cra.conv_w, f[:, :, h:]))  # (B, C, W)
