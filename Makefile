@@ -29,12 +29,12 @@ demo: $(STAMP)
 
 # The fast stage: every test not marked slow, one torch thread each (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
 
 # The slow stage: builds (wheel, CMake, other CPU targets), ONNX Runtime checks, DDP, kill / resume, the GPU-check dry
 # run; then the kernel tests again at two threads, so that the parallel paths stay tested.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow --durations=15
+	$(BIN)/python -m pytest -q -m slow --durations=25
 	LESIONKIT_TEST_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" -k "not triton" \
 		tests/test_selective_scan.py tests/test_cross_scan.py tests/test_kmeans.py \
 		tests/test_patch_cross_attention.py tests/test_patchwise_softmax_loss.py

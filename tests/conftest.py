@@ -33,6 +33,24 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def assert_same_state(a, b, where: str = "state") -> None:
+    """Checkpoint contents equal, recursively: tensors bit for bit (dtype too), NaN equal to NaN."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and a != a:
+        assert isinstance(b, float) and b != b, (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
 def build_meta(name: str, **kwargs) -> torch.nn.Module:
     """A registered model on the meta device: full-size models get their shapes checked at no memory or init cost."""
     from lesionkit.models import create_model

@@ -123,7 +123,7 @@ class OpProperty:
     call: Callable[..., torch.Tensor | tuple]
     cases: st.SearchStrategy[dict]
     build: Callable[[dict, torch.device], dict]
-    grad_inputs: tuple[str, ...]
+    grad_inputs: tuple[str, ...]  # () for an op without a gradient (then no backward check)
     tolerance: Callable[[torch.dtype, str], tuple[float, float]]  # (dtype, "forward"|"backward")
     bad_inputs: tuple[BadInput, ...] = ()
     regressions: tuple[dict, ...] = ()
@@ -163,8 +163,13 @@ def check_case(prop: OpProperty, case: dict, backend: str, device: torch.device)
         assert g.dtype == w.dtype or w.dtype == torch.float64, (g.dtype, w.dtype)
         assert g.shape == w.shape, (g.shape, w.shape)
         torch.testing.assert_close(g.detach().cpu().double(), w.detach().double(), rtol=rtol, atol=atol)
-    if not grads or not got[0].requires_grad:
-        return
+    if not grads:
+        return  # this op (grad_inputs=()) or this case (the optional inputs absent) has nothing to differentiate
+    # Differentiable inputs make a differentiable output, on every backend: an output without a
+    # gradient here is a kernel that lost its autograd registration, not a case to skip.
+    for name, out in (("the reference", want[0]), (f"backend {backend!r}", got[0])):
+        assert out.requires_grad, (f"{prop.op}: {name}'s output does not require grad although {grads} do; "
+                                   "an op with no gradient should say so with grad_inputs=()")
     cotangent = torch.randn(want[0].shape, generator=generator(case), dtype=torch.float64).to(got[0].dtype)
     got_grads = torch.autograd.grad(got[0], [kwargs[k] for k in grads], cotangent.to(got[0].device))
     want_grads = torch.autograd.grad(want[0], [ref_kwargs[k] for k in grads], cotangent.to(want[0].dtype))

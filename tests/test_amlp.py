@@ -159,3 +159,28 @@ def test_ccl_is_masked_bce_with_a_gradient():
     assert ccl.item() == pytest.approx(want.item())
     (grad,) = torch.autograd.grad(ccl, logits)
     assert grad[0, 3] == 0 and (grad[0, :3] != 0).all()
+
+
+def test_network_sees_nothing_of_the_masked_patches():
+    """AMLPUNet(x, patch_mask): every output (segmentation, reconstruction, per-patch foreground
+    logits) is a function of the visible patches only - new content under the mask changes
+    nothing, new content in a visible patch changes the outputs."""
+    from lesionkit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("amlp_unet_tiny", widths=(4, 8, 16), patch_size=8).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    patch_mask = torch.zeros(2, 16, dtype=torch.bool)
+    patch_mask[0, [0, 5, 6, 15]] = True
+    patch_mask[1, [3, 9, 10, 12]] = True
+    pixels = patch_mask_to_pixels(patch_mask, 8, (4, 4)).expand_as(x)
+    noise = torch.rand(x.shape, generator=gen)
+    with torch.no_grad():
+        want = model(x, patch_mask=patch_mask)
+        got = model(torch.where(pixels, noise, x), patch_mask=patch_mask)
+        visible = model(torch.where(pixels, x, noise), patch_mask=patch_mask)
+    for name, a, b, c in [("logits", got.logits, want.logits, visible.logits)] + [
+            (k, got.extras[k], want.extras[k], visible.extras[k]) for k in ("reconstruction", "patch_logits")]:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        assert not torch.allclose(c, b), name

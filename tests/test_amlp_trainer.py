@@ -2,6 +2,7 @@
 options init_from / init_parts / data.label_fraction (docs/amlp.md, docs/engine.md)."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,34 @@ def test_encoder_features_for_mps(tmp_path):
     assert trainer.model.training
 
 
+@pytest.mark.parametrize("features", ["encoder", "pixels"])
+def test_mps_clusters_what_features_names(tmp_path, monkeypatch, features):
+    """features: encoder clusters model.patch_vectors (the unmasked image's encoder features, in
+    eval mode), features: pixels the raw patches. The encoder vectors here single out four corner
+    patches; the pixels single out the lesion (patches 5, 6, 9, 10)."""
+    trainer = build_trainer(amlp_config(tmp_path, **{"amlp.features": features, "amlp.amr": "false",
+                                                     "amlp.mask_ratio": 0.25}))
+    batch, lesion = lesion_batch()
+    corners = torch.zeros(16, dtype=torch.bool)
+    corners[[0, 3, 12, 15]] = True
+    calls = []
+
+    def patch_vectors(images):
+        calls.append((images, trainer.model.training))
+        vectors = torch.zeros(images.shape[0], 16, 6)
+        vectors[:, corners] = 1.0
+        return vectors
+
+    monkeypatch.setattr(trainer.model, "patch_vectors", patch_vectors)
+    mask = trainer.select(batch["image"]).mask
+    if features == "encoder":
+        ((images, training),) = calls
+        assert images is batch["image"] and not training
+        assert (mask == corners).all()
+    else:
+        assert not calls and (mask == lesion).all()
+
+
 def write_images(folder, n=8, size=40):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -219,6 +248,26 @@ def test_init_from_loads_the_encoder_and_reports_keys(tmp_path, capsys):
     assert "head.weight" in both.init_report.unused  # the segmentation head starts fresh
 
 
+def test_init_parts_all_loads_every_tensor_the_model_has(tmp_path, capsys):
+    source = save_pretrained(tmp_path / "pre.pt", widths=[4, 8, 16], patch_size=8).state_dict()
+    trainer = Trainer(finetune_config(tmp_path / "run", init_from=str(tmp_path / "pre.pt"), init_parts="all"))
+    loaded = trainer.model.state_dict()
+    for key, value in loaded.items():  # the head and the BatchNorm statistics too
+        assert torch.equal(value, source[key]), key
+    report = trainer.init_report
+    assert sorted(report.loaded) == sorted(loaded) and report.missing == []
+    assert sorted(report.unused) == sorted(k for k in source if k.startswith(("recon_head.", "fg_head.")))
+    capsys.readouterr()
+    # The CLI flag reaches the run and its checkpoint.
+    argv = ["train", "--model", "unet_tiny", "--data", "synthetic:8", "--image-size", "32", "--batch-size", "4",
+            "--epochs", "1", "--out", str(tmp_path / "cli"), "--no-progress", "--init-from", str(tmp_path / "pre.pt"),
+            "--init-parts", "all", "--set", f"model.kwargs.widths={WIDTHS}", "data.num_workers=0",
+            "data.val_fraction=0"]
+    assert main(argv) == 0
+    assert f"parts all): loaded {len(loaded)} tensors; missing 0;" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "cli" / "last.pt")["config"]["init_parts"] == "all"
+
+
 def test_init_from_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_from.*does not exist"):
         Trainer(finetune_config(tmp_path, init_from=str(tmp_path / "missing.pt")))
@@ -270,3 +319,53 @@ def test_train_cli_label_fraction_and_init_from(tmp_path, capsys):
     assert len(state["label_subset"]["indices"]) == 4 and state["config"]["init_from"] == str(tmp_path / "pre.pt")
     assert main(argv + ["--label-fraction", "0"]) == 2
     assert "data.label_fraction should be in (0, 1]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- ablation recipes
+# AMLP's ablation tables, row by row, written from the paper: which of MPS (masked patch
+# selection), AMR (adaptive masking ratio), L_arl (attention reconstruction, the paper's L_rcl)
+# and L_ccl (category consistency) each row uses. L_l2 is in every row. MPS is the text's
+# lesion-first selection (hard_to_easy, docs/amlp.md); without it patches are masked at random.
+CONFIGS = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
+TABLES = {  # recipe: (strategy, amr, arl, ccl)
+    # Table 3: the component ablation (CRCL = L_arl + L_ccl).
+    "t3_row1_base": ("random", False, False, False),
+    "t3_row2_mps": ("hard_to_easy", False, False, False),
+    "t3_row3_amr": ("random", True, False, False),
+    "t3_row4_crcl": ("random", False, True, True),
+    "t3_row5_mps_amr": ("hard_to_easy", True, False, False),
+    "t3_row6_mps_crcl": ("hard_to_easy", False, True, True),
+    "t3_row7_amr_crcl": ("random", True, True, True),
+    "t3_row8_amlp": ("hard_to_easy", True, True, True),
+    # Table 4: the masking strategy, the rest as the full AMLP.
+    "t4_row1_random": ("random", True, True, True),
+    "t4_row2_hard_to_easy": ("hard_to_easy", True, True, True),
+    "t4_row3_easy_to_hard": ("easy_to_hard", True, True, True),
+    # Table 5: the losses, on MPS + AMR.
+    "t5_row1_l2": ("hard_to_easy", True, False, False),
+    "t5_row2_l2_arl": ("hard_to_easy", True, True, False),
+    "t5_row3_l2_ccl": ("hard_to_easy", True, False, True),
+    "t5_row4_l2_arl_ccl": ("hard_to_easy", True, True, True),
+}
+SWITCHES = ("strategy", "amr", "arl_weight", "ccl_weight")
+
+
+def test_every_ablation_recipe_is_a_table_row():
+    assert sorted(p.stem.removeprefix("amlp_ablation_") for p in CONFIGS.glob("amlp_ablation_*.yaml")) == sorted(TABLES)
+
+
+@pytest.mark.parametrize("row", sorted(TABLES))
+def test_ablation_recipes_set_the_switches_of_the_papers_rows(row):
+    cfg = load_train_config(CONFIGS / f"amlp_ablation_{row}.yaml")
+    r = cfg.amlp
+    assert cfg.trainer == "amlp" and cfg.model.name == "amlp_unet"
+    assert (r.strategy, r.amr, r.arl_weight > 0, r.ccl_weight > 0) == TABLES[row]
+    assert r.pred_weight > 0  # L_l2 in every row
+    # Everything else is the paper's pre-training recipe, amlp_pretrain_isic2018.
+    base = load_train_config(CONFIGS / "amlp_pretrain_isic2018.yaml").to_dict()
+    mine = cfg.to_dict()
+    for data in (base, mine):
+        data.pop("out_dir")
+        for key in SWITCHES:
+            data["amlp"].pop(key)
+    assert mine == base

@@ -1,25 +1,33 @@
-"""Every CLI command end to end on tiny synthetic data, through ``python -m lesionkit``."""
+"""Every CLI command end to end on tiny synthetic data, in-process through ``lesionkit.cli.main``
+(one test runs ``python -m lesionkit`` in a subprocess: the entry point and its exit code)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lesionkit.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.kwargs.widths=[4,8,16]", "data.num_workers=0"]
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lesionkit", *map(str, args)], env=env, capture_output=True,
-                            text=True, timeout=300)
+def run_cli(*args, check: bool = True) -> SimpleNamespace:
+    """``lesionkit ARGS`` in this process: the exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    result = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if check:
-        assert result.returncode == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
+        assert code == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
     return result
 
 
@@ -27,7 +35,7 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     result = run_cli("train", "--model", "unet_tiny", "--data", "synthetic:24:0", "--image-size", "32",
-                       "--epochs", "2", "--batch-size", "4", "--out", out, "--no-progress", *TINY)
+                     "--epochs", "2", "--batch-size", "4", "--out", out, "--no-progress", *TINY)
     assert "wrote" in result.stdout
     return out
 
@@ -45,14 +53,14 @@ def test_train_from_config_file_with_overrides(tmp_path):
     cfg.write_text("model:\n  name: unet_tiny\n  kwargs: {widths: [4, 8]}\ndata:\n  image_size: 16\n  batch_size: 4\n"
                    "  num_workers: 0\nepochs: 5\n")
     run_cli("train", "--config", cfg, "--data", "synthetic:12", "--val-data", "synthetic:4:9", "--epochs", "1",
-              "--out", tmp_path / "run", "--no-progress", "--set", "optim.lr=0.002")
+            "--out", tmp_path / "run", "--no-progress", "--set", "optim.lr=0.002")
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "epochs: 1" in saved and "lr: 0.002" in saved and "synthetic:4:9" in saved
 
 
 def test_evaluate_prints_table_and_writes_metrics(trained, tmp_path):
     result = run_cli("evaluate", "--checkpoint", trained / "best.pt", "--data", "synthetic:6:5", "--out", tmp_path,
-                       "--no-progress")
+                     "--no-progress")
     assert "dice" in result.stdout and "per-image" in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_images"] == 6
@@ -78,8 +86,8 @@ def test_predict_writes_masks_at_original_resolution(trained, tmp_path):
 
 def test_demo_with_a_tiny_budget(tmp_path):
     run_cli("demo", "--out", tmp_path, "--epochs", "1", "--test-data", "synthetic:4:2", "--no-progress",
-              "--set", "data.train=synthetic:16:0", "data.val=synthetic:4:1", "data.image_size=32",
-              "model.kwargs.widths=[4,8,16]", "data.num_workers=0")
+            "--threads", "1", "--set", "data.train=synthetic:16:0", "data.val=synthetic:4:1", "data.image_size=32",
+            "model.kwargs.widths=[4,8,16]", "data.num_workers=0")
     files = {p.name for p in tmp_path.iterdir()}
     assert {"metrics.json", "report.md", "overlays.png", "curves.png", "best.pt", "log.csv"} <= files
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -98,7 +106,10 @@ def test_info_reports_versions_and_kernels():
 
 
 def test_user_error_exits_2_with_one_line():
-    result = run_cli("train", "--model", "unet_huge", "--data", "synthetic:8", check=False)
+    # Through the interpreter: `python -m lesionkit` passes main()'s exit code on, no traceback.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lesionkit", "train", "--model", "unet_huge", "--data", "synthetic:8"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "unknown model 'unet_huge'; registered models:" in result.stderr and "Traceback" not in result.stderr
 
@@ -116,16 +127,12 @@ def test_user_error_exits_2_with_one_line():
     (["pretrain", "--resume"], "--resume without a checkpoint needs --out DIR or --config"),
 ])
 def test_errors_name_what_is_wrong(args, message, capsys, monkeypatch, tmp_path):
-    from lesionkit.cli import main
-
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     assert message in capsys.readouterr().err
 
 
 def test_resume_of_another_model_says_so(trained, tmp_path, capsys):
-    from lesionkit.cli import main
-
     args = ["train", "--model", "unet", "--data", "synthetic:8", "--image-size", "32", "--out", str(tmp_path),
             "--no-progress", "--resume", str(trained / "last.pt")]
     assert main(args) == 2

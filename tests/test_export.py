@@ -100,3 +100,91 @@ def test_scan_chunk_is_checked(checkpoint):
 def test_unknown_format_is_named(checkpoint):
     with pytest.raises(ExportError, match=r"--format should be one of \['onnx', 'torchscript', 'exported-program'\]"):
         export_checkpoint(checkpoint, "tflite")
+
+
+def grcsf_checkpoint(path, **kwargs):
+    """A GRCSF checkpoint carrying its MAE, as the grcsf trainer writes it (narrowed, 32 px)."""
+    from lesionkit.engine.checkpoint import checkpoint_header, save_checkpoint
+    from lesionkit.models import create_model
+
+    kwargs = {"img_size": 32, "widths": [4, 8, 8, 16, 16], "residual_repeats": 2, "score_hidden": 8,
+              "mae": {"name": "mae_vit_tiny", "kwargs": {"img_size": 32, "depth": 1}}, **kwargs}
+    torch.manual_seed(0)
+    state = checkpoint_header("grcsf_tiny", kwargs, {"data": {"image_size": 32}})
+    state["model"] = create_model("grcsf_tiny", **kwargs).state_dict()
+    save_checkpoint(state, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["exported-program", "torchscript", "onnx"])
+def test_grcsf_export_stops_with_the_reason(tmp_path, capsys, fmt):
+    from lesionkit.cli import main
+
+    ckpt = grcsf_checkpoint(tmp_path / "grcsf.pt")
+    out = tmp_path / "grcsf.export"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lesionkit export: error: grcsf_tiny cannot be exported: its RCU needs the MAE residual maps")
+    assert "use_rcu=false" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_grcsf_without_the_rcu_exports(tmp_path):
+    ckpt = grcsf_checkpoint(tmp_path / "grcsf.pt", use_rcu=False, mae=None)
+    result = export_checkpoint(ckpt, "exported-program", tmp_path / "grcsf.pt2")
+    assert result.path.is_file() and result.input_shape == (1, 3, 32, 32) and result.max_abs_diff <= 1e-4
+
+
+def test_a_forward_torch_export_cannot_capture_is_an_export_error(checkpoint, tmp_path, monkeypatch):
+    import lesionkit.engine.checkpoint as ckpt
+
+    class HostRoundTrip(torch.nn.Module):  # .numpy() inside forward, as GRCSF's per-image hash does
+        def forward(self, x):
+            return torch.from_numpy(x.numpy().copy())[:, :1]
+
+    monkeypatch.setattr(ckpt, "model_from_checkpoint", lambda state, path: HostRoundTrip())
+    with pytest.raises(ExportError, match=r"torch.export cannot capture the forward of unet_tiny \(.*numpy.*\), so no "
+                                          r"format can hold it; nothing written"):
+        export_checkpoint(checkpoint, "exported-program", tmp_path / "x.pt2")
+    assert not (tmp_path / "x.pt2").exists()
+
+
+LOAD_PT2 = """
+import sys
+import torch
+import lesionkit.kernels  # registers the lesionkit ops the program calls
+program = torch.export.load(sys.argv[1])
+torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_exported_program_loads_and_runs_in_a_fresh_process(tmp_path):
+    """A .pt2 of a model that calls lesionkit ops (VM-UNet's scans) runs in a new interpreter that
+    imports lesionkit.kernels only, and gives the checkpoint's logits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lesionkit.engine.checkpoint import checkpoint_header, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lesionkit.models import create_model
+
+    kwargs = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "depths_decoder": [1, 1, 1, 1], "d_state": 4}
+    torch.manual_seed(0)
+    state = checkpoint_header("vmunet", kwargs, {"data": {"image_size": 32}})
+    state["model"] = create_model("vmunet", **kwargs).state_dict()
+    save_checkpoint(state, tmp_path / "vmunet.pt")
+    result = export_checkpoint(tmp_path / "vmunet.pt", "exported-program", tmp_path / "vmunet.pt2")
+    assert any(op.startswith("lesionkit::") for op in lesionkit_ops_in(torch.export.load(result.path)))
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # the exported batch
+    torch.save(images, tmp_path / "images.pt")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", LOAD_PT2, str(result.path), str(tmp_path / "images.pt"),
+                          str(tmp_path / "logits.pt")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = LogitsOnly(model_from_checkpoint(load_checkpoint(tmp_path / "vmunet.pt"))).eval()
+    with torch.no_grad():
+        want = model(images)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-4, atol=1e-4)

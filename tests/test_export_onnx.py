@@ -166,8 +166,9 @@ def test_export_mode_traces_plain_ops_with_no_loop_over_the_length():
 # --- whole models through ONNX Runtime ------------------------------------------------------
 
 
-def _onnx_vs_torch(name, size, tmp_path, batches=(1, 3), optimize=False):
-    """Export a fresh (seeded) model with export_mode and return the probabilities' max |difference|."""
+def _onnx_vs_torch(name, size, tmp_path, batches=(3,), optimize=False):
+    """Export a fresh (seeded) model with export_mode and return the probabilities' max |difference|
+    over batches of 1 and 2 (the export's own check) and of each size in ``batches``."""
     import onnxruntime
 
     from lesionkit.engine.export import LogitsOnly, _export_onnx, probabilities
@@ -178,9 +179,11 @@ def _onnx_vs_torch(name, size, tmp_path, batches=(1, 3), optimize=False):
     out = tmp_path / f"{name}.onnx"
     with torch.no_grad():
         sample = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(5))
-        _export_onnx(model, sample, out, name, optimize=optimize)
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        worst = 0.0
+        _, details = _export_onnx(model, sample, out, name, optimize=optimize)
+        assert details["batches_checked"] == [1, 2]
+        worst = details["probabilities_max_abs_diff"]
+        if batches:
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         for batch in batches:
             x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
             (logits,) = session.run(None, {"images": x.numpy()})
@@ -195,7 +198,8 @@ def _onnx_vs_torch(name, size, tmp_path, batches=(1, 3), optimize=False):
 @pytest.mark.parametrize("name,size", [("vmunet_tiny", 128), ("cmssm_tiny", 128), ("vmunet_tiny", 256),
                                        ("cmssm_tiny", 256), ("vmunet", 256)])
 def test_onnx_runtime_reproduces_pytorch_probabilities(name, size, tmp_path, one_thread):
-    batches = (1,) if name == "vmunet" else (1, 3)
+    # The export itself runs ONNX Runtime on batches of 1 and 2; the tiny models also on 3.
+    batches = () if name == "vmunet" else (3,)
     assert _onnx_vs_torch(name, size, tmp_path, batches) <= 1e-4
 
 

@@ -1,10 +1,14 @@
-"""The GRCSF model (UNet++ + GCU + RCU): shapes, switches, gradients, bad inputs, size."""
+"""The GRCSF model (UNet++ + GCU + RCU): shapes, switches, gradients, bad inputs, size, ablation recipes."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from lesionkit.models import create_model, segmentation_logits
 from lesionkit.models.grcsf import GRCSF, scaled_patch_sizes
+
+from conftest import build_meta
 
 SMALL = {"widths": (8, 16, 32, 64, 128), "img_size": 64}
 
@@ -236,3 +240,58 @@ def test_a_model_with_its_mae_makes_the_maps_and_keeps_the_mae_frozen():
         torch.testing.assert_close(model(image), model(image, residual_maps=maps), atol=0, rtol=0)
     with pytest.raises(ValueError, match="num_residual_maps should equal len"):
         small(mae=mae, residual_ratios=(0.5,))
+
+
+# ----------------------------------------------------------------------------------- ablation recipes
+# The rows of GRCSF's Table 3 (component ablation) and Table 7's residual-map kinds, written from
+# the paper: (GCU, RCU, importance score in the RCU, residual kind).
+CONFIGS = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
+TABLE3 = {  # row: (use_gcu, use_rcu, use_importance_score)
+    "t3_row1_unetpp": (False, False, None),  # UNet++
+    "t3_row2_no_rcu": (True, False, None),  # GRCSF w/o RCU (= Table 7 "GCU (Ours)")
+    "t3_row3_no_importance_score": (True, True, False),  # GRCSF w/o Importance Score in RCU
+    "t3_row4_full": (True, True, True),  # GRCSF
+}
+TABLE7_KINDS = {"t7_residual_absdiff": "absdiff", "t7_residual_mse": "mse", "t7_residual_ssim": "ssim"}
+SWITCHES = ("use_gcu", "use_rcu", "use_importance_score", "residual_kind")
+
+
+def recipe_without_switches(cfg):
+    """The recipe as a dict without the ablation's switches, its output folder and the grcsf
+    section (the MAE and maps, which follow from the RCU and are checked on their own)."""
+    data = cfg.to_dict()
+    for key in ("out_dir", "grcsf"):
+        data.pop(key)
+    data["model"]["kwargs"] = {k: v for k, v in data["model"]["kwargs"].items() if k not in SWITCHES}
+    return data
+
+
+def test_every_ablation_recipe_is_a_table_row():
+    names = sorted(p.stem.removeprefix("grcsf_ablation_") for p in CONFIGS.glob("grcsf_ablation_*.yaml"))
+    assert names == sorted(TABLE3) + sorted(TABLE7_KINDS)
+
+
+@pytest.mark.parametrize("row", sorted(TABLE3) + sorted(TABLE7_KINDS))
+def test_ablation_recipes_set_the_switches_of_the_papers_rows(row):
+    from lesionkit.engine.registry import load_train_config
+
+    cfg = load_train_config(CONFIGS / f"grcsf_ablation_{row}.yaml")
+    gcu, rcu, importance = TABLE3.get(row, (True, True, True))  # Table 7's kinds are on the full GRCSF
+    kind = TABLE7_KINDS.get(row, "absdiff")
+    kwargs = cfg.model.kwargs
+    assert cfg.trainer == "grcsf" and cfg.model.name == "grcsf_unetpp"
+    assert (kwargs.get("use_gcu", True), kwargs.get("use_rcu", True)) == (gcu, rcu)
+    if rcu:
+        assert kwargs.get("use_importance_score", True) == importance and kwargs["residual_kind"] == kind
+        assert cfg.grcsf.mae_checkpoint and cfg.grcsf.residual_maps  # the RCU's maps come from an MAE
+    else:
+        assert cfg.grcsf.mae_checkpoint is None and cfg.grcsf.residual_maps is None
+    # The switches reach the model (built on the meta device: no memory, no init).
+    model = build_meta("grcsf_unetpp", **{k: v for k, v in kwargs.items() if k in SWITCHES})
+    assert (model.gcus is not None, model.rcus is not None) == (gcu, rcu)
+    if rcu:
+        assert all((u.importance is not None) == importance for u in model.rcus)
+        assert model.residual_settings.kind == kind
+    # Everything else is the paper's recipe, grcsf_unetpp_isic2018.
+    base = load_train_config(CONFIGS / "grcsf_unetpp_isic2018.yaml")
+    assert recipe_without_switches(cfg) == recipe_without_switches(base)

@@ -93,6 +93,32 @@ def test_on_the_fly_maps_equal_the_cached_ones(pipeline, trained):
         assert (model(image) - model(image, residual_maps=torch.rand_like(made))).abs().max() > 1e-6
 
 
+def test_training_with_maps_made_on_the_fly(pipeline, monkeypatch):
+    """grcsf.residual_maps=null: the model makes each batch's maps with its MAE as it trains and
+    validates - the maps the residual-maps command cached for those images (stored in float16)."""
+    import lesionkit.layers.residual_maps as rm
+    from lesionkit.engine.trainers.residual_maps import ResidualMapCache, file_hash, image_hash
+
+    root, mae, maps = pipeline
+    made = []
+    make = rm.residual_maps
+
+    def spy(mae_model, images, settings):
+        out = make(mae_model, images, settings)
+        made.extend(zip(images.detach().clone(), out, [settings] * len(out)))
+        return out
+
+    monkeypatch.setattr(rm, "residual_maps", spy)
+    # No flips: a flipped image is another image, with maps of its own (not in the cache).
+    no_flips = "data.transforms={hflip: 0, vflip: 0, rot90: 0}"
+    assert main(train_args(root, mae, maps, "fly", extra=["grcsf.residual_maps=null", no_flips])) == 0
+    assert load_checkpoint(root / "fly" / "last.pt")["config"]["grcsf"]["residual_maps"] is None
+    assert len(made) >= 4 + 2  # every training image and every validation image, at least once
+    cache = ResidualMapCache(maps, file_hash(mae), made[0][2])
+    for image, got, _ in made:
+        torch.testing.assert_close(got, cache.load(image_hash(image)), atol=1e-3, rtol=0)
+
+
 def test_missing_map_names_the_image_and_the_command(pipeline, capsys):
     root, mae, maps = pipeline
     args = train_args(root, mae, maps, "missing")

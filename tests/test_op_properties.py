@@ -8,6 +8,7 @@ realistic size).
 
 import math
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from op_properties import (
     BadInput,
     OpProperty,
     catalogue_test,
+    check_case,
     dtypes,
     generator,
     layouts,
@@ -405,6 +407,22 @@ KMEANS = OpProperty(
     ),
 )
 test_kmeans_properties = property_test(KMEANS)
+
+
+def test_an_output_without_gradient_fails_the_backward_check():
+    """check_case runs the backward comparison whenever the case has differentiable inputs: a
+    backend whose output lost its gradient fails instead of being skipped."""
+
+    def scaled(x):  # the reference's float64 copy keeps its graph; the float32 "kernel" drops it
+        return 2 * x if x.dtype == torch.float64 else (2 * x).detach()
+
+    prop = OpProperty(op="cross_scan", call=scaled, cases=cross_cases(), build=cross_scan_build, grad_inputs=("x",),
+                      tolerance=cross_tolerance)
+    case = dict(b=1, c=2, h=2, w=3, dtype="float32", layout="contiguous", seed=0)
+    with pytest.raises(AssertionError, match="backend 'reference'.s output does not require grad"):
+        check_case(prop, case, "reference", torch.device("cpu"))
+    check_case(CROSS_SCAN, case, "reference", torch.device("cpu"))
+
 
 test_bad_inputs = catalogue_test("test_op_properties",
                                  ["PATCHWISE", "SCAN", "SCAN_2D", "CROSS_SCAN", "CROSS_MERGE",

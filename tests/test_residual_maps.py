@@ -1,6 +1,8 @@
 """GRCSF's MAE and residual maps (Eq. 3-5): the MAE trains, the residuals are right on known
 inputs, the maps are seeded per image, and the residual-maps command caches by content."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -98,6 +100,47 @@ def test_maps_are_seeded_per_image_not_per_batch():
     assert residual_maps(mae, torch.rand(1, 3, 48, 40), settings).shape == (1, 2, 48, 40)
 
 
+class RecordingMAE(torch.nn.Module):
+    """A stand-in MAE: a new random reconstruction of every patch (visible ones too, as a real
+    MAE decodes them) on each call, recording the masks it was given and what it returned."""
+
+    def __init__(self, img_size=8, patch_size=2, in_chans=3):
+        super().__init__()
+        self.cfg = SimpleNamespace(img_size=img_size, in_chans=in_chans)
+        self.patch_size = patch_size
+        self.gen = torch.Generator().manual_seed(7)
+        self.calls = []
+
+    def forward(self, x, mask):
+        recon = torch.rand(x.shape, generator=self.gen)
+        self.calls.append((mask.mask.clone(), recon))
+        return SimpleNamespace(reconstruction=recon)
+
+
+@pytest.mark.parametrize("kind", ["absdiff", "mse"])
+def test_map_averages_each_pixel_over_the_runs_that_masked_it(kind):
+    """Eq. 3-5 on a hand-made case: the mean reconstruction of a pixel is taken over the n runs
+    whose mask covered it (a pixel no run masked keeps the image's value), then the residual."""
+    mae = RecordingMAE()
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    settings = ResidualMapSettings(ratios=(0.25, 0.5), repeats=3, kind=kind)
+    got = residual_maps(mae, image, settings)
+    assert got.shape == (1, 2, 8, 8) and len(mae.calls) == 2
+    for r, (masks, recon) in enumerate(mae.calls):
+        assert masks.shape == (3, 16)
+        want = torch.empty(8, 8)
+        for i in range(8):
+            for j in range(8):
+                runs = [k for k in range(3) if masks[k, (i // 2) * 4 + j // 2]]
+                mean = sum(recon[k, :, i, j] for k in runs) / len(runs) if runs else image[0, :, i, j]
+                diff = image[0, :, i, j] - mean
+                want[i, j] = (diff.abs() if kind == "absdiff" else diff.square()).mean()
+        torch.testing.assert_close(got[0, r], want, rtol=1e-5, atol=1e-6)
+        # The case tells the means apart: some pixels were masked in only some of the runs.
+        counts = masks.sum(0)
+        assert ((counts > 0) & (counts < 3)).any()
+
+
 def test_bad_settings_name_the_value():
     with pytest.raises(ValueError, match=r"ratios.*\[1.0\]"):
         ResidualMapSettings(ratios=(1.0,))
@@ -141,6 +184,33 @@ def test_command_caches_by_image_content(mae_checkpoint, tmp_path, capsys):
     assert len(pngs) == 6  # 3 images x 2 ratios, named by image id (the touched one rewritten)
     png = Image.open(pngs[0])
     assert png.mode in ("I;16", "I") and png.size == (32, 32)
+
+
+@pytest.mark.parametrize("flags, settings", [
+    ([], {}),
+    (["--ratios", "0.25", "0.5", "0.9"], {"ratios": (0.25, 0.5, 0.9)}),
+    (["--kind", "mse"], {"kind": "mse"}),
+    (["--kind", "ssim"], {"kind": "ssim"}),
+    (["--seed", "3"], {"seed": 3}),
+])
+def test_command_options_change_the_maps_written(mae_checkpoint, tmp_path, capsys, flags, settings):
+    """--ratios / --kind / --seed reach the maps: the files are residual_maps() with those settings,
+    and (but for the defaults) differ from the default settings' maps."""
+    from lesionkit.data import from_spec
+
+    out = tmp_path / "maps"
+    assert main(["residual-maps", "--checkpoint", str(mae_checkpoint), "--data", "synthetic:2:5", "--out", str(out),
+                 "--repeats", "2", "--image-size", "32", "--no-progress", *flags]) == 0
+    mae, _, mae_hash = load_mae(mae_checkpoint)
+    chosen, default = ResidualMapSettings(repeats=2, **settings), ResidualMapSettings(repeats=2)
+    images = torch.stack([item["image"] for item in from_spec("synthetic:2:5", image_size=32)])
+    cache = ResidualMapCache(out, mae_hash, chosen)
+    written = torch.stack([cache.load(image_hash(image)) for image in images])
+    assert written.shape == (2, len(chosen.ratios), 32, 32)
+    torch.testing.assert_close(written, residual_maps(mae, images, chosen), atol=1e-3, rtol=0)
+    if settings:
+        other = residual_maps(mae, images, default)
+        assert written.shape != other.shape or (written - other).abs().max() > 1e-2
 
 
 def test_command_rejects_a_checkpoint_that_is_no_mae(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Mid-epoch checkpoints, stop signals, multi-stage resume hooks, progress output and curves."""
 
+import copy
 import csv
 import os
 import signal
@@ -13,6 +14,7 @@ import torch
 
 from lesionkit.engine import Stage, Trainer, load_checkpoint
 
+from conftest import assert_same_state
 from test_trainer import Discs, fit, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,65 @@ def test_mid_epoch_checkpoint_resumes_at_the_same_batch(tmp_path):
     steps = read_csv(tmp_path / "b" / "steps.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, 13))
     assert steps == read_csv(tmp_path / "a" / "steps.csv")
+
+
+class ScriptedDice(Trainer):
+    """Validation Dice from a script (best at epoch 2, worse after), so that a checkpoint's
+    best_metric, best_epoch and bad_epochs all differ from a fresh run's; stops like a kill right
+    after the mid-epoch checkpoint of ``stop_step`` (None: runs to the end)."""
+
+    dice = (0.5, 0.7, 0.6, 0.65, 0.4)
+    stop_step = None
+    restored = None
+
+    def validate(self):
+        return {"dataset": {"dice": self.dice[self.epoch - 1]}}
+
+    def save(self, path, full=True):
+        super().save(path, full)
+        if full and self.global_step == self.stop_step and self._epoch_batches:
+            raise KeyboardInterrupt
+
+    def load_resume_state(self, state):
+        super().load_resume_state(state)
+        self.restored = copy.deepcopy(self.state_dict(full=True))  # what the trainer holds once the resume is in
+
+
+class StopAtStep14(ScriptedDice):
+    stop_step = 14  # epoch 4, batch 2
+
+
+def test_resume_restores_every_field_of_the_checkpoint(tmp_path):
+    over = {"epochs": 5, "checkpoint.every_steps": 2, "time_budget": 1e6, "scheduler.name": "cosine",
+            "scheduler.warmup_epochs": 1}
+    full, full_summary = fit(make_config(tmp_path / "a", **over), ScriptedDice)
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_config(tmp_path / "b", **over), StopAtStep14)
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    # Every field a fresh run would get wrong: 3 epochs and 2 batches done, Dice best at epoch 2.
+    assert (state["epoch"], state["global_step"], state["epoch_batches"]) == (3, 14, 2)
+    assert (state["best_metric"], state["best_epoch"], state["bad_epochs"]) == (0.7, 2, 1)
+    assert state["elapsed"] > 0 and state["scheduler"]["last_epoch"] == 14 and state["epoch_sums"]
+
+    resumed = ScriptedDice(make_config(tmp_path / "b", **over), train_data=Discs(16), val_data=Discs(6, seed=1))
+    resumed.resume(tmp_path / "b" / "last.pt")
+    assert resumed.elapsed_before == state["elapsed"]  # the time budget counts the time before the kill
+    summary = resumed.fit()
+    restored = dict(resumed.restored)
+    # The elapsed clock continues from the checkpoint's; loss sums wait in _epoch_sums until the epoch runs.
+    assert restored.pop("elapsed") >= state["elapsed"]
+    assert restored.pop("epoch_sums") == {} and resumed.restored["epoch_batches"] == 2
+    assert_same_state({k: v for k, v in state.items() if k not in ("elapsed", "epoch_sums")}, restored)
+    assert summary["elapsed_s"] >= state["elapsed"]
+
+    # The end of the resumed run is the end of the uninterrupted one, field by field.
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a.pop("config")["out_dir"] != b.pop("config")["out_dir"]
+    assert a.pop("elapsed") > 0 and b.pop("elapsed") > state["elapsed"]
+    assert_same_state(a, b)
+    assert (b["best_metric"], b["best_epoch"], b["bad_epochs"], b["epoch"]) == (0.7, 2, 3, 5)
+    assert {k: summary[k] for k in ("best_metric", "best_epoch", "global_step", "stop_reason")} == {
+        k: full_summary[k] for k in ("best_metric", "best_epoch", "global_step", "stop_reason")}
 
 
 def test_a_resume_checkpoint_must_fit_the_epoch(tmp_path):

@@ -161,6 +161,87 @@ def test_bad_config_values(kwargs, match):
         create_model("vmunet_tiny", **kwargs)
 
 
+# ------------------------------------------------------------------------------ the whole network
+# VM-UNet's forward as its code (models/vmunet/vmamba.py, VSSM) writes it, composed here from the
+# model's VSS blocks with the resolution changes written out, so a wiring change in VMUNet.forward
+# (a skip dropped or taken from the wrong stage) or in the patch layers shows in the logits.
+
+def official_patch_merging(merge, x):
+    """VM-UNet's PatchMerging2D: x0 = x[0::2, 0::2], x1 = x[1::2, 0::2], x2 = x[0::2, 1::2],
+    x3 = x[1::2, 1::2] concatenated in that order, LayerNorm(4C), Linear 4C -> 2C."""
+    x0, x1, x2, x3 = x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]
+    x = torch.cat([x0, x1, x2, x3], dim=-1)
+    x = F.layer_norm(x, x.shape[-1:], merge.norm.weight, merge.norm.bias, merge.norm.eps)
+    return x @ merge.reduction.weight.t()
+
+
+def official_patch_expand(expand, x, scale):
+    """VM-UNet's (Final_)PatchExpand2D: Linear, 'b h w (p1 p2 c) -> b (h p1) (w p2) c', LayerNorm."""
+    x = x @ expand.expand.weight.t()
+    b, h, w, ch = x.shape
+    c = ch // (scale * scale)
+    out = x.new_empty(b, h * scale, w * scale, c)
+    for p1 in range(scale):
+        for p2 in range(scale):
+            k = (p1 * scale + p2) * c
+            out[:, p1::scale, p2::scale] = x[..., k:k + c]
+    return F.layer_norm(out, (c,), expand.norm.weight, expand.norm.bias, expand.norm.eps)
+
+
+def official_vmunet_forward(model, x, skips=True):
+    """VSSM.forward: forward_features (skip_list gets each stage's input), forward_features_up
+    (layer_up(x + skip_list[-inx]) for inx > 0), forward_final (4x expand, 1x1 conv).
+    ``skips=False`` leaves the skips out (to show that the comparison can see them)."""
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    embed = model.patch_embed
+    x = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=4).permute(0, 2, 3, 1)
+    x = F.layer_norm(x, x.shape[-1:], embed.norm.weight, embed.norm.bias, embed.norm.eps)
+    skip_list = []
+    for layer in model.layers:
+        skip_list.append(x)
+        for blk in layer.blocks:
+            x = blk(x)
+        if layer.downsample is not None:
+            x = official_patch_merging(layer.downsample, x)
+    for inx, layer_up in enumerate(model.layers_up):
+        if inx != 0:
+            if skips:
+                x = x + skip_list[-inx]
+            x = official_patch_expand(layer_up.upsample, x, 2)
+        for blk in layer_up.blocks:
+            x = blk(x)
+    x = official_patch_expand(model.final_up, x, 4).permute(0, 3, 1, 2)
+    return F.conv2d(x, model.final_conv.weight, model.final_conv.bias)
+
+
+def test_patch_merging_is_the_official_formula():
+    from lesionkit.layers.vss_patches import PatchMerging2D
+
+    merge = _randomise(PatchMerging2D(6), seed=3)
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(merge(x), official_patch_merging(merge, x))
+    # Position matters: the four neighbours are not interchangeable.
+    swapped = x.clone()
+    swapped[:, 1::2, 0::2], swapped[:, 0::2, 1::2] = x[:, 0::2, 1::2], x[:, 1::2, 0::2]
+    assert not torch.allclose(merge(swapped), merge(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_vmunet_forward_is_the_official_one(in_chans):
+    torch.manual_seed(0)
+    model = create_model("vmunet", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=4)
+    model = _randomise(model, seed=1).eval()
+    x = torch.rand(2, in_chans, 64, 32)
+    with torch.no_grad(), K.use_backend("reference"):
+        got = model(x)
+        want = official_vmunet_forward(model, x)
+        no_skips = official_vmunet_forward(model, x, skips=False)
+    assert got.shape == (2, 1, 64, 32)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (no_skips - want).abs().max() > 1e-2  # the skips carry information here
+
+
 # ------------------------------------------------------------------------------ checkpoints
 # The key names and shapes below are written from VM-UNet's model code (VMUNet -> VSSM ->
 # PatchEmbed2D / VSSLayer / VSSLayer_up / VSSBlock / SS2D / PatchMerging2D / PatchExpand2D /

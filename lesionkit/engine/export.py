@@ -18,6 +18,10 @@ logits (N, classes, H, W) - multi-head models are reduced to their logits.
   lesionkit ops (patch cross-attention, k-means, the patch-wise loss) have no lowering and are
   refused by name. Needs the ``onnx`` extra (``pip install lesionkit[onnx]``: onnx, onnxscript,
   and onnxruntime for the check, which runs the file in ONNX Runtime on the CPU).
+
+GRCSF with its RCU is refused with the reason (its residual maps are made from the image's
+bytes at run time, which no format holds); GRCSF without the RCU exports like UNet++. A model
+that ``torch.export`` cannot capture stops with :class:`ExportError`, never a traceback.
 """
 
 from __future__ import annotations
@@ -101,13 +105,19 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
         raise ExportError(f"--scan-chunk should be a positive int, got {scan_chunk!r}")
     state = load_checkpoint(checkpoint)
     model = LogitsOnly(model_from_checkpoint(state, checkpoint)).eval()
+    check_exportable(model.model, state["model_name"])
     size = image_size or int(state.get("config", {}).get("data", {}).get("image_size", 224))
     out = Path(out) if out is not None else Path(checkpoint).with_suffix(FORMATS[fmt])
     sample = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     details: dict = {}
     with torch.no_grad():
         want = model(sample)
-        program = torch.export.export(model, (sample,))
+        try:
+            program = torch.export.export(model, (sample,))
+        except Exception as err:  # every format starts from this program: say so, not a traceback
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"torch.export cannot capture the forward of {state['model_name']} ({first}), so no "
+                              f"format can hold it; nothing written") from err
         if fmt == "exported-program":
             torch.export.save(program, out)
             got = torch.export.load(out).module()(sample)
@@ -134,6 +144,20 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
                           f"{tuple(got.shape)} vs {tuple(want.shape)}, max |difference| {diff:.3g} "
                           f"(allowed rtol {RTOL}, atol {ATOL}); nothing written")
     return ExportResult(out, fmt, diff, tuple(sample.shape), details)
+
+
+def check_exportable(model: nn.Module, name: str) -> None:
+    """Raise :class:`ExportError` for models whose forward no format can hold, saying why."""
+    from lesionkit.models.grcsf import GRCSF
+
+    if isinstance(model, GRCSF) and model.cfg.use_rcu:
+        # The maps come from the carried MAE per image, seeded by a hash of the image's bytes
+        # (lesionkit.layers.residual_maps), or from the caller: neither fits one image input.
+        raise ExportError(f"{name} cannot be exported: its RCU needs the MAE residual maps (GRCSF Eq. 3-5), which "
+                          "the model makes from the image's bytes at run time (a hashed, seeded loop that "
+                          "torch.export, TorchScript and ONNX cannot hold); the exported model takes images only. "
+                          "Run the checkpoint with lesionkit predict / evaluate, or export a GRCSF without the RCU "
+                          "(model.kwargs.use_rcu=false)")
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -203,4 +227,4 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
 
 
 __all__ = ["ATOL", "FORMATS", "ONNX_LOWERED_OPS", "RTOL", "ExportError", "ExportResult", "LogitsOnly",
-           "check_onnx_lowerable", "export_checkpoint", "lesionkit_ops_in", "probabilities"]
+           "check_exportable", "check_onnx_lowerable", "export_checkpoint", "lesionkit_ops_in", "probabilities"]
