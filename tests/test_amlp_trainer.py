@@ -141,7 +141,7 @@ def test_mps_clusters_what_features_names(tmp_path, monkeypatch, features):
     eval mode), features: pixels the raw patches. The encoder vectors here single out four corner
     patches; the pixels single out the lesion (patches 5, 6, 9, 10)."""
     trainer = build_trainer(amlp_config(tmp_path, **{"amlp.features": features, "amlp.amr": "false",
-                                                     "amlp.mask_ratio": 0.25}))
+                                                     "amlp.mask_ratio": 0.25, "amlp.strategy": "hard_to_easy"}))
     batch, lesion = lesion_batch()
     corners = torch.zeros(16, dtype=torch.bool)
     corners[[0, 3, 12, 15]] = True
@@ -324,28 +324,29 @@ def test_train_cli_label_fraction_and_init_from(tmp_path, capsys):
 # ----------------------------------------------------------------------------------- ablation recipes
 # AMLP's ablation tables, row by row, written from the paper: which of MPS (masked patch
 # selection), AMR (adaptive masking ratio), L_arl (attention reconstruction, the paper's L_rcl)
-# and L_ccl (category consistency) each row uses. L_l2 is in every row. MPS is the text's
-# lesion-first selection (hard_to_easy, docs/amlp.md); without it patches are masked at random.
+# and L_ccl (category consistency) each row uses. L_l2 is in every row. MPS masks in the order of
+# Table 4's bold "Ours" row (easy_to_hard; the text describes hard_to_easy, docs/amlp.md);
+# without it patches are masked at random.
 CONFIGS = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
 TABLES = {  # recipe: (strategy, amr, arl, ccl)
     # Table 3: the component ablation (CRCL = L_arl + L_ccl).
     "t3_row1_base": ("random", False, False, False),
-    "t3_row2_mps": ("hard_to_easy", False, False, False),
+    "t3_row2_mps": ("easy_to_hard", False, False, False),
     "t3_row3_amr": ("random", True, False, False),
     "t3_row4_crcl": ("random", False, True, True),
-    "t3_row5_mps_amr": ("hard_to_easy", True, False, False),
-    "t3_row6_mps_crcl": ("hard_to_easy", False, True, True),
+    "t3_row5_mps_amr": ("easy_to_hard", True, False, False),
+    "t3_row6_mps_crcl": ("easy_to_hard", False, True, True),
     "t3_row7_amr_crcl": ("random", True, True, True),
-    "t3_row8_amlp": ("hard_to_easy", True, True, True),
+    "t3_row8_amlp": ("easy_to_hard", True, True, True),
     # Table 4: the masking strategy, the rest as the full AMLP.
     "t4_row1_random": ("random", True, True, True),
     "t4_row2_hard_to_easy": ("hard_to_easy", True, True, True),
     "t4_row3_easy_to_hard": ("easy_to_hard", True, True, True),
     # Table 5: the losses, on MPS + AMR.
-    "t5_row1_l2": ("hard_to_easy", True, False, False),
-    "t5_row2_l2_arl": ("hard_to_easy", True, True, False),
-    "t5_row3_l2_ccl": ("hard_to_easy", True, False, True),
-    "t5_row4_l2_arl_ccl": ("hard_to_easy", True, True, True),
+    "t5_row1_l2": ("easy_to_hard", True, False, False),
+    "t5_row2_l2_arl": ("easy_to_hard", True, True, False),
+    "t5_row3_l2_ccl": ("easy_to_hard", True, False, True),
+    "t5_row4_l2_arl_ccl": ("easy_to_hard", True, True, True),
 }
 SWITCHES = ("strategy", "amr", "arl_weight", "ccl_weight")
 

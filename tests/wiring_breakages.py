@@ -87,6 +87,50 @@ BREAKAGES: list[Breakage] = [
         '        self.elapsed_before = float(state["elapsed"])\n', "",
         ("tests/test_trainer_checkpoints.py", "-k", "every_field"),
         "the time budget forgets the time spent before the resume"),
+    Breakage(
+        "cmssm_gates_default_init", "lesionkit/models/vmunet.py",
+        "                m.init_gate(sw.gate_init)\n", "                pass\n",
+        ("tests/test_cmssm.py", "-k", "initialisation or identities"),
+        "SE and CRA keep PyTorch's default init: CM-SSM no longer starts as VM-UNet"),
+    Breakage(
+        "cmssm_cmn_not_zero_init", "lesionkit/models/vmunet.py",
+        "                m.zero_init_output()\n", "                pass\n",
+        ("tests/test_cmssm.py", "-k", "initialisation or identities"),
+        "the Channel Mixing branch starts random instead of at zero"),
+    Breakage(
+        "ifd_ranked_not_halves", "lesionkit/losses/feature_distillation.py",
+        'def internal_feature_distillation(features: Sequence[torch.Tensor], split: str = "halves")',
+        'def internal_feature_distillation(features: Sequence[torch.Tensor], split: str = "ranked")',
+        ("tests/test_cmssm.py", "-k", "ifd or distillation"),
+        "IFD sorts the channels instead of splitting them into halves (Eq. 9's text)"),
+    Breakage(
+        "fd_distils_d1", "lesionkit/losses/feature_distillation.py",
+        "keep = [i for i, s in enumerate(stages) if s != final]", "keep = list(range(len(stages)))",
+        ("tests/test_cmssm.py", "-k", "distillation"),
+        "the teacher D1 is also a student (Eq. 8-9 list E1(1) .. D2(2))"),
+    Breakage(
+        "fd_one_map_per_stage", "lesionkit/models/vmunet.py",
+        "            features.append(x.permute(0, 3, 1, 2))\n",
+        "            features.append(x.permute(0, 3, 1, 2)) if blk is blocks[-1] else None\n",
+        ("tests/test_cmssm.py", "-k", "intermediates"),
+        "forward_intermediates returns a stage's last block only, not every block"),
+    Breakage(
+        "fd_start_ignored", "lesionkit/engine/trainers/cmssm.py",
+        "return bool(self.fd_terms) and self.global_step >= self.fd_start_step", "return bool(self.fd_terms)",
+        ("tests/test_cmssm.py", "-k", "warm_up"),
+        "cmssm.fd_start_epochs / fd_start_steps do not delay the distillation"),
+    Breakage(
+        "amlp_ccl_on_every_masked_patch", "lesionkit/engine/trainers/amlp.py",
+        'ccl = category_consistency_loss(out.extras["patch_logits"].float(), label_new, patches)',
+        'ccl = category_consistency_loss(out.extras["patch_logits"].float(), label_new, mask)',
+        ("tests/test_amlp_paper_readings.py",),
+        "CCL on every masked patch, not where label_new != label_ori (Sec. 3.3)"),
+    Breakage(
+        "amlp_amr_per_epoch", "lesionkit/engine/trainers/amlp.py",
+        "epoch = 1.0 + self.global_step / self.steps_per_epoch if epoch is None else epoch",
+        "epoch = self.epoch + 1 if epoch is None else epoch",
+        ("tests/test_amlp_trainer.py", "-k", "amr"),
+        "AMR's ratio jumps once an epoch instead of growing every step"),
 ]
 
 
