@@ -32,9 +32,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=25
 
 # The slow stage: builds (wheel, CMake, other CPU targets), ONNX Runtime checks, DDP, kill / resume, the GPU-check dry
-# run; then the kernel tests again at two threads, so that the parallel paths stay tested.
+# run, the wiring breakages - single-threaded tests, two at a time (pytest-xdist, a file per worker); then the kernel
+# tests again at two threads, so that the parallel paths stay tested.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow --durations=25
+	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile --durations=25
 	LESIONKIT_TEST_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" -k "not triton" \
 		tests/test_selective_scan.py tests/test_cross_scan.py tests/test_kmeans.py \
 		tests/test_patch_cross_attention.py tests/test_patchwise_softmax_loss.py
