@@ -30,8 +30,9 @@ ALL_PAIRS=(
   "cmn2_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.cmn_ratio=2 ; dp01_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.drop_path_rate=0.1"
   # Equal steps: cmssm_tiny's step takes 1.24x vmunet_tiny's (benchmarks/cmssm_step_time.py).
   "fdstart1_s0|cmssm_tiny_isic2018|0|$BUDGET|cmssm.fd_start_epochs=1 ; cmssm_steps_s0|cmssm_tiny_isic2018|0|$STEPS_BUDGET|"
+  "cmssm_steps_s1|cmssm_tiny_isic2018|1|$STEPS_BUDGET| ; cmssm_steps_s2|cmssm_tiny_isic2018|2|$STEPS_BUDGET|"
 )
-RUNS=${RUNS:-"0 1 2 3 4 5"}
+RUNS=${RUNS:-"0 1 2 3 4 5 6"}
 
 run_one() {  # name config seed budget overrides...
   local name=$1 config=$2 seed=$3 budget=$4; shift 4
