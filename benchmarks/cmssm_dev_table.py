@@ -8,29 +8,18 @@ the spread (max - min) and each seed, with the epochs and steps each run trained
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 import statistics
 import sys
 from pathlib import Path
+
+from amlp_dev_table import read_run  # the same eval/metrics.json + log.csv reading
 
 ARMS = {"vmunet": "`vmunet_tiny` (VM-UNet)", "cmssm": "`cmssm_tiny` (CM-SSM U-Net, Table 4 row 8 = Table 5 row 4)",
         "t4r1": "Table 4 row 1: no SE / CMN / CRA, CFD + IFD on", "t5r1": "Table 5 row 1: SE + CMN + CRA, no FD",
         "cmn2": "`cmssm_tiny`, CMN ratio 2", "dp01": "`cmssm_tiny`, drop path 0.1",
         "fdstart1": "`cmssm_tiny`, distillation from epoch 1 (`cmssm.fd_start_epochs: 1`)",
         "cmssm_steps": "`cmssm_tiny` at equal steps (744 s, as many steps as `vmunet_tiny` in 600 s)"}
-
-
-def read_run(run: Path) -> dict | None:
-    metrics = run / "eval" / "metrics.json"
-    if not metrics.is_file():
-        return None
-    m = json.loads(metrics.read_text())
-    with open(run / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {"dice": m["dataset"]["dice"], "per_image_dice": m["per_image"]["dice"],
-            "steps": int(rows[-1]["step"]) if rows else 0, "epochs": len(rows)}
 
 
 def main(out: str) -> None:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lesionkit.layers.vss_block import gate_logit
+
 
 class CrossRegionAttention(nn.Module):
     """(B, C, H, W) -> (B, C, H, W): y_c(i, j) = x_c(i, j) * g^h_c(i) * g^w_c(j) (Eq. 7).
@@ -43,8 +45,6 @@ class CrossRegionAttention(nn.Module):
         each direction's sigmoid opens at sqrt(gate) through its bias, and small T_h / T_w
         weights keep the start independent of the input. With PyTorch's default convolution
         init both gates sit near 0.5 and every skip reaches the decoder at about a quarter."""
-        from lesionkit.layers.vss_block import gate_logit
-
         bias = gate_logit(math.sqrt(gate))
         for conv in (self.conv_h, self.conv_w):
             nn.init.trunc_normal_(conv.weight, std=0.02)

@@ -76,8 +76,7 @@ def _move_model_distillation_keys(data: dict[str, Any]) -> dict[str, Any]:
         return data
     data = copy.deepcopy(data)
     kwargs = data["model"]["kwargs"]
-    recipe = data.setdefault("cmssm", {}) or {}
-    data["cmssm"] = recipe
+    recipe = data["cmssm"] = data.get("cmssm") or {}
     for key in MOVED_TO_RECIPE:
         if key in kwargs:
             recipe.setdefault(key, kwargs.pop(key))
@@ -93,8 +92,8 @@ class CMSSMTrainer(Trainer):
         self.distillation = FeatureDistillation(recipe.cfd_weight if recipe.cfd else 0.0,
                                                 recipe.ifd_weight if recipe.ifd else 0.0,
                                                 recipe.maps, recipe.ifd_split)
-        self.fd_terms = tuple(k for k, on in zip(FD_TERMS, (recipe.cfd and recipe.cfd_weight > 0,
-                                                             recipe.ifd and recipe.ifd_weight > 0)) if on)
+        weights = (self.distillation.cfd_weight, self.distillation.ifd_weight)
+        self.fd_terms = tuple(k for k, w in zip(FD_TERMS, weights) if w > 0)
         if self.fd_terms and not hasattr(self.model, "block_names"):
             raise ValueError(f"cmssm.cfd / cmssm.ifd read the VSS block outputs of a VM-UNet-family model "
                              f"(vmunet*, cmssm_*), got model {config.model.name!r} ({type(self.model).__name__}); "
