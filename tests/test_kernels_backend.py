@@ -93,3 +93,24 @@ def test_python_dash_m_prints_the_table():
                          text=True, cwd=REPO, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)}).stdout
     assert "patchwise_softmax_loss" in out and "compiled_library" in out
+
+
+def test_backend_choice_traces_under_torch_compile_fullgraph():
+    # torch.compile cannot trace importlib (a graph break; an error under fullgraph=True), and
+    # choosing a backend, loading a Triton op module included, runs inside a compiled graph.
+    # The Triton ops themselves compile on a GPU only; this checks the Python around them.
+    loads = []
+    load = backend.lazy_triton_module("cross_scan", loads.append) if backend.triton_installed() else None
+    if load is not None:
+        load()
+
+    def f(x):
+        y = x + backend.triton_installed() + (backend.select_backend("cross_scan", x.device) == "cpu")
+        if load is not None:
+            y = y + len(load().__name__)
+        return y
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    torch.testing.assert_close(got, f(torch.zeros(2)))
+    assert len(loads) == (1 if load is not None else 0)  # registered once, not again when traced

@@ -625,6 +625,21 @@ def _one_hot_inputs(length, dim, device, dtype=torch.float32):
     return u, B, C
 
 
+def _exp_bound(backend: str, x: torch.Tensor) -> torch.Tensor | float:
+    """Relative error allowed for the kernels' float32 exp(x).
+
+    The CPU kernel reduces the argument exactly (two-constant ln 2) and evaluates a polynomial:
+    within 5e-7 everywhere. The CUDA kernel, built with --use_fast_math like the reference
+    Mamba kernels, computes exp(x) as the hardware 2^t of t = x log2(e) rounded to float32: that
+    rounding, up to |t| 2^-24, becomes a relative error of ln(2) |t| 2^-24 = |x| 2^-24 in the
+    result (5e-6 at x = -85), plus the 2 ulp of the hardware 2^t. Measured on an H200 (torch 2.11,
+    CUDA 13.0): 3.8e-6 at x in [-84.8, -0.05].
+    """
+    if backend != "cuda":
+        return 5e-7
+    return x.abs() * 2.0**-24 + 4 * 2.0**-23
+
+
 @pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
 def test_fast_exp_against_float64(backend, device):
     dim = 64
@@ -635,8 +650,10 @@ def test_fast_exp_against_float64(backend, device):
     got = scan(backend, u=u, delta=delta, A=A, B=B, C=C)[:, :, 1]  # (j, d) = exp(dt_1 A[d, j])
     x = (delta[0, :, 1][:, None] * A).t()  # the product in float32, as the kernel forms it
     want = torch.exp(x.double())
-    rel = ((got.double() - want) / want).abs().max().item()
-    assert rel < 5e-7, f"exp relative error {rel:.2e} (x in [{x.min():.1f}, {x.max():.2f}])"
+    rel = ((got.double() - want) / want).abs()
+    bound = _exp_bound(backend, x.double())
+    assert (rel < bound).all(), (f"exp relative error {rel.max():.2e} (x in [{x.min():.1f}, "
+                                 f"{x.max():.2f}]), worst {(rel / bound).max():.2f}x the bound")
 
 
 @pytest.mark.parametrize("backend,device", SCAN_BACKENDS)
@@ -650,8 +667,11 @@ def test_softplus_against_float64(backend, device):
     got = scan(backend, u=u, delta=delta, A=A, B=B, C=C, delta_bias=bias, delta_softplus=True)
     x = (delta + bias[:, None]).double()  # delta + bias rounded in float32, as in the kernel
     want = torch.where(x > 20, x, torch.log1p(torch.exp(x)))
-    rel = ((got.double() - want) / want).abs().max().item()
-    assert rel < 1e-6, f"softplus relative error {rel:.2e}"
+    rel = ((got.double() - want) / want).abs()
+    # Below 0 softplus(x) ~ exp(x) and inherits exp's relative error; above, it shrinks.
+    bound = torch.clamp(torch.as_tensor(_exp_bound(backend, x.clamp(max=0.0)), dtype=x.dtype), min=1e-6)
+    assert (rel < bound).all(), (f"softplus relative error {rel.max():.2e}, worst "
+                                 f"{(rel / bound).max():.2f}x the bound")
 
 
 @pytest.mark.parametrize("backend,device", SCAN_BACKENDS)

@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -138,7 +137,10 @@ inline float softmax_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  // 2^n from its exponent bits (memcpy, not std::bit_cast: the sources build as C++17 too).
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
 }
 

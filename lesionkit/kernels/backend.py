@@ -109,9 +109,13 @@ def requested_backend() -> str:
     return _validate(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
-@functools.cache
+# Looked up once at import: torch.compile cannot trace importlib (a graph break, an error under
+# fullgraph=True), and every op's backend choice asks this.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:
@@ -191,11 +195,19 @@ def lazy_triton_module(name: str, register: Callable[[ModuleType], None]) -> Cal
     """A loader of ``lesionkit.kernels.triton.<name>``: imported on first call (importing triton is
     slow), with ``register(module)`` (the Triton ops' autograd) run once, before first use."""
 
-    @functools.cache
+    loaded: list[ModuleType] = []  # a plain container: torch.compile reads it as a constant
+
+    @torch.compiler.disable  # the first load (an import) cannot be traced: a graph break there
+    def first_load() -> ModuleType:
+        if not loaded:
+            module = importlib.import_module(f"lesionkit.kernels.triton.{name}")
+            register(module)
+            loaded.append(module)
+        return loaded[0]
+
     def load() -> ModuleType:
-        module = importlib.import_module(f"lesionkit.kernels.triton.{name}")
-        register(module)
-        return module
+        # Once loaded, torch.compile (fullgraph too) traces through this without importlib.
+        return loaded[0] if loaded else first_load()
 
     return load
 

@@ -31,6 +31,8 @@ def check_cross_merge_inputs(y: torch.Tensor, height: int, width: int) -> None:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(f"y should be a (B, 4, C, H*W) tensor, got {shape}")
     for name, v in (("H", height), ("W", width)):
+        if isinstance(v, torch.SymInt):  # a size traced by torch.compile (dynamic shapes)
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} should be a positive int, got {v!r}")
     if y.shape[-1] != height * width:

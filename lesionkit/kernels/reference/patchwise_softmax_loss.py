@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lesionkit.kernels.accumulation import acc_dtype
 from lesionkit.reduction import check_reduction, reduce_loss
@@ -50,8 +51,9 @@ def check_patchwise_inputs(
                          f"{tuple(mask.shape)}")
     if mask.device != pred.device:
         raise ValueError(f"mask should be on pred's device {pred.device}, got {mask.device}")
-    # Data-dependent (a host sync on GPU); a compiled graph relies on the kernels instead.
-    if not torch.compiler.is_compiling() and pred.shape[0] > 0:
+    # Data-dependent (a host sync on GPU); a compiled graph, and the fake-tensor pass of a
+    # triton_op (which runs its Python wrapper on fake tensors), rely on the kernels instead.
+    if not torch.compiler.is_compiling() and not is_fake(mask) and pred.shape[0] > 0:
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"mask should have at least one true entry per image, images "

@@ -104,6 +104,15 @@ def _load(ptr, plane, C, HW, pix, valid, BLOCK_D: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
+def _tile(ptr, plane, C, HW, pix, valid, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The tile of :func:`_load` alone. Kernels must not unpack unused results into `_`: a name
+    assigned before a loop and again inside it is loop-carried, and the compiler (not the
+    interpreter) rejects it when the tile shapes differ."""
+    tile, _offs, _mask = _load(ptr, plane, C, HW, pix, valid, BLOCK_D, ACC)
+    return tile
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, scale_ptr, DK, DV, HW, W, n_windows,
                     cols, m_blocks, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
@@ -114,7 +123,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, scale_ptr, DK, DV, HW
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     rvalid = rows < T
     rpix = _pixels(w, cols, W, rows, P)
-    q, _, _ = _load(q_ptr, plane, DK, HW, rpix, rvalid, BLOCK_DK, ACC)
+    q = _tile(q_ptr, plane, DK, HW, rpix, rvalid, BLOCK_DK, ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
     l_i = tl.zeros((BLOCK_M,), ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
@@ -122,8 +131,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, scale_ptr, DK, DV, HW
         keys = n0 + tl.arange(0, BLOCK_N)
         cvalid = keys < T
         cpix = _pixels(w, cols, W, keys, P)
-        k, _, _ = _load(k_ptr, plane, DK, HW, cpix, cvalid, BLOCK_DK, ACC)
-        v, _, _ = _load(v_ptr, plane, DV, HW, cpix, cvalid, BLOCK_DV, ACC)
+        k = _tile(k_ptr, plane, DK, HW, cpix, cvalid, BLOCK_DK, ACC)
+        v = _tile(v_ptr, plane, DV, HW, cpix, cvalid, BLOCK_DV, ACC)
         s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
         s = tl.where(cvalid[None, :], s, float("-inf"))  # padded key slots get no weight
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in the first block
@@ -146,8 +155,8 @@ def _query_tile(grad_ptr, q_ptr, out_ptr, lse_ptr, plane, w, DK, DV, HW, W, cols
     rvalid = rows < P * P
     rpix = _pixels(w, cols, W, rows, P)
     q, q_offs, q_mask = _load(q_ptr, plane, DK, HW, rpix, rvalid, BLOCK_DK, ACC)
-    do, _, _ = _load(grad_ptr, plane, DV, HW, rpix, rvalid, BLOCK_DV, ACC)
-    o, _, _ = _load(out_ptr, plane, DV, HW, rpix, rvalid, BLOCK_DV, ACC)
+    do = _tile(grad_ptr, plane, DV, HW, rpix, rvalid, BLOCK_DV, ACC)
+    o = _tile(out_ptr, plane, DV, HW, rpix, rvalid, BLOCK_DV, ACC)
     lse = tl.load(lse_ptr + plane * HW + rpix, mask=rvalid, other=0)
     return q, do, lse, tl.sum(do * o, axis=1), rvalid, q_offs, q_mask
 
@@ -171,8 +180,9 @@ def _backward_key_kernel(grad_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dk_ptr
     dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     for m0 in range(0, T, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        q, do, lse, rowterm, rvalid, _, _ = _query_tile(grad_ptr, q_ptr, out_ptr, lse_ptr, plane, w, DK, DV,
-                                                        HW, W, cols, rows, P, BLOCK_DK, BLOCK_DV, ACC)
+        q, do, lse, rowterm, rvalid, _q_offs, _q_mask = _query_tile(
+            grad_ptr, q_ptr, out_ptr, lse_ptr, plane, w, DK, DV, HW, W, cols, rows, P, BLOCK_DK,
+            BLOCK_DV, ACC)
         s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
         p = tl.where(rvalid[:, None] & cvalid[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p), do, input_precision="ieee", out_dtype=ACC)
@@ -201,8 +211,8 @@ def _backward_query_kernel(grad_ptr, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, dq_p
         keys = n0 + tl.arange(0, BLOCK_N)
         cvalid = keys < T
         cpix = _pixels(w, cols, W, keys, P)
-        k, _, _ = _load(k_ptr, plane, DK, HW, cpix, cvalid, BLOCK_DK, ACC)
-        v, _, _ = _load(v_ptr, plane, DV, HW, cpix, cvalid, BLOCK_DV, ACC)
+        k = _tile(k_ptr, plane, DK, HW, cpix, cvalid, BLOCK_DK, ACC)
+        v = _tile(v_ptr, plane, DV, HW, cpix, cvalid, BLOCK_DV, ACC)
         s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
         p = tl.where(rvalid[:, None] & cvalid[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
