@@ -13,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-INITS = {"amlp": "AMLP pre-trained", "base": "BASE pre-trained (random 75 %)", "scratch": "from scratch"}
+INITS = {"amlp": "AMLP pre-trained", "base": "BASE pre-trained (random 75 %)", "scratch": "from scratch",
+         "mps": "MPS only (Table 3 row 2)", "amr": "AMR only (row 3)", "crcl": "CRCL only (row 4)",
+         "h2e": "AMLP, hard-to-easy order (Table 4 row 2)"}
 
 
 def read_run(run: Path) -> dict | None:
@@ -29,8 +31,8 @@ def read_run(run: Path) -> dict | None:
 
 def main(out: str) -> None:
     root = Path(out)
-    print("| labels | initialisation | Dice (dataset) mean | per seed | per-image Dice mean | per seed | steps per seed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| labels | initialisation | Dice (dataset) mean | spread | per seed | per-image Dice mean | per seed | steps per seed |")
+    print("|---|---|---|---|---|---|---|---|")
     for frac in ("0.05", "0.1"):
         for init, label in INITS.items():
             runs = sorted(root.glob(f"finetune_{init}_f{frac}_s*"))
@@ -39,10 +41,11 @@ def main(out: str) -> None:
                 continue
             dice = [r["dice"] for r in results]
             pid = [r["per_image_dice"] for r in results]
-            print(f"| {float(frac):.0%} | {label} | **{sum(dice) / len(dice):.4f}** | {' / '.join(f'{d:.4f}' for d in dice)} "
+            print(f"| {float(frac):.0%} | {label} | **{sum(dice) / len(dice):.4f}** | {max(dice) - min(dice):.4f} "
+                  f"| {' / '.join(f'{d:.4f}' for d in dice)} "
                   f"| {sum(pid) / len(pid):.4f} | {' / '.join(f'{d:.4f}' for d in pid)} "
                   f"| {' / '.join(str(r['steps']) for r in results)} |")
-    for arm in ("amlp", "base"):
+    for arm in ("amlp", "base", "mps", "amr", "crcl", "h2e"):
         for run in sorted(root.glob(f"pretrain_{arm}_s*")):
             log = run / "log.csv"
             if log.is_file():
