@@ -23,6 +23,9 @@ log() { echo "$(date -u +%H:%M:%S) $* | $(uptime | sed 's/.*load/load/')" | tee 
 # Pre-training arms (PRE_ARMS) as overrides of the tiny AMLP recipe: Table 3's rows (BASE, MPS,
 # AMR, CRCL, AMLP) and Table 4's other masking order (h2e); FT_INITS: the fine-tuning inits.
 PRE_ARMS=${PRE_ARMS:-"amlp base"}
+# EXTRA_SET: --set overrides for every pre-training and fine-tuning run, e.g. the input
+# standardisation "model.kwargs.input_mean=dataset model.kwargs.input_std=dataset".
+EXTRA_SET=${EXTRA_SET:-}
 FT_INITS=${FT_INITS:-"amlp base scratch"}
 arm_set() {
   case "$1" in
@@ -43,7 +46,7 @@ for seed in $SEEDS; do
     log "start pretrain $arm seed $seed"
     # shellcheck disable=SC2086
     "$PY" -m lesionkit pretrain --config amlp_pretrain_tiny_isic2018 --data "isic:$DEV:train" --out "$dir" \
-      --seed "$seed" --time-budget "$PRE_BUDGET" --no-progress --set data.num_workers=1 $extra > "$dir.log" 2>&1
+      --seed "$seed" --time-budget "$PRE_BUDGET" --no-progress --set data.num_workers=1 $extra $EXTRA_SET > "$dir.log" 2>&1
     log "done pretrain $arm seed $seed: $(tail -1 "$dir.log" | cut -c1-80)"
   done
 done
@@ -57,7 +60,7 @@ for seed in $SEEDS; do
       log "start finetune $init fraction $frac seed $seed"
       "$PY" -m lesionkit train --config amlp_finetune_tiny_isic2018 --data "isic:$DEV:train" --out "$dir" \
         --seed "$seed" --label-fraction "$frac" --time-budget "$FT_BUDGET" "${init_args[@]}" --no-progress \
-        --set data.num_workers=1 > "$dir.log" 2>&1
+        --set data.num_workers=1 $EXTRA_SET > "$dir.log" 2>&1
       "$PY" -m lesionkit evaluate --checkpoint "$dir/best.pt" --data "isic:$DEV:val" --out "$dir/eval" \
         --no-progress > "$dir.eval.log" 2>&1
       log "done finetune $init fraction $frac seed $seed"

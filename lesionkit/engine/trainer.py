@@ -140,6 +140,11 @@ class Trainer(ResumableRun):
     # ----------------------------------------------------------------------------- builders
 
     def build_model(self) -> nn.Module:
+        from lesionkit.engine.input_stats import resolve_input_statistics
+
+        note = resolve_input_statistics(self.cfg)  # "dataset" -> numbers, before the model exists
+        if note and self.dist.is_main:
+            print(note, flush=True)
         return create_model(self.cfg.model.name, **self.cfg.model.kwargs)
 
     def build_loss(self) -> nn.Module:

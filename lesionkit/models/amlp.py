@@ -83,10 +83,10 @@ class AMLPUNet(UNet):
         """(B, N, C) encoder patch features of the unmasked image (MPS on features)."""
         self._check(x)
         self.grid(x)
-        return self.patch_features(self.encode(x)).flatten(2).transpose(1, 2)
+        return self.patch_features(self.encode(self.standardize(x))).flatten(2).transpose(1, 2)
 
     def mask_input(self, x: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """The masked image x_m: the masked patches set to 0."""
+        """The masked image x_m: the masked patches set to 0 (the dataset mean once standardised)."""
         grid = self.grid(x)
         if patch_mask.shape != (x.shape[0], grid[0] * grid[1]) or patch_mask.dtype != torch.bool:
             raise ValueError(f"patch_mask should be a bool (B, N) = ({x.shape[0]}, {grid[0] * grid[1]}) tensor, "
@@ -99,6 +99,7 @@ class AMLPUNet(UNet):
         computed on the masked image when ``patch_mask`` (B, N) bool is given."""
         self._check(x)
         grid = self.grid(x)
+        x = self.standardize(x)  # the reconstruction is of the standardised image
         if patch_mask is not None:
             x = self.mask_input(x, patch_mask)
         skips = self.encode(x)

@@ -37,6 +37,13 @@ class UNetConfig:
     # with a 1x1 conv after upsampling (fewer parameters).
     upsample: str = "transpose"
     dropout: float = 0.0  # before the bottleneck's second conv; our choice, 0 = off
+    # Input standardisation (x - mean) / std per channel, the first step of forward, so that
+    # evaluation, prediction and export repeat it; None feeds the images as loaded ([0, 1]).
+    # A training recipe may say "dataset": the trainer replaces it with the training images'
+    # statistics (or those its init_from checkpoint recorded) before the model is built, and
+    # checkpoints record the numbers (docs/amlp.md).
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.widths) < 2 or any(int(w) < 1 for w in self.widths):
@@ -46,6 +53,21 @@ class UNetConfig:
                 raise ValueError(f"{name} should be one of {sorted(valid)}, got {value!r}")
         if self.in_chans < 1 or self.num_classes < 1:
             raise ValueError(f"in_chans and num_classes should be >= 1, got {self.in_chans} and {self.num_classes}")
+        check_input_statistics(self.input_mean, self.input_std, self.in_chans)
+
+
+def check_input_statistics(mean, std, channels: int) -> None:
+    """input_mean / input_std: both None, or ``channels`` numbers each with every std > 0."""
+    if mean is None and std is None:
+        return
+    if "dataset" in (mean, std):
+        raise ValueError("input_mean / input_std 'dataset' is resolved by the trainer from the training images; "
+                         "a model built directly needs the numbers (or None)")
+    for name, value in (("input_mean", mean), ("input_std", std)):
+        if value is None or isinstance(value, str) or len(value) != channels:
+            raise ValueError(f"{name} should list in_chans={channels} numbers (with the other given too), got {value!r}")
+    if not all(float(s) > 0 for s in std):
+        raise ValueError(f"input_std should be > 0 in every channel, got {std!r}")
 
 
 class DoubleConv(nn.Sequential):
@@ -90,6 +112,19 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(UpBlock(w[i], w[i - 1], w[i - 1], cfg) for i in range(len(w) - 1, 0, -1))
         self.head = nn.Conv2d(w[0], cfg.num_classes, 1)
         self.reduction = 2 ** (len(w) - 1)
+        # Not in the state dict: the numbers travel in the model options (checkpoint model_kwargs).
+        standardise = cfg.input_mean is not None
+        mean = torch.tensor(cfg.input_mean if standardise else (0.0,) * cfg.in_chans, dtype=torch.float32)
+        std = torch.tensor(cfg.input_std if standardise else (1.0,) * cfg.in_chans, dtype=torch.float32)
+        self.register_buffer("input_mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", std.view(1, -1, 1, 1), persistent=False)
+        self.standardises = standardise
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - input_mean) / input_std per channel; x itself when the model has no statistics."""
+        if not self.standardises:
+            return x
+        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
@@ -97,7 +132,7 @@ class UNet(nn.Module):
         h, w = x.shape[-2:]
         if h % self.reduction or w % self.reduction:
             raise ValueError(f"input height and width should be multiples of {self.reduction} for this U-Net, got {h}x{w}")
-        skips = [self.stem(x)]
+        skips = [self.stem(self.standardize(x))]
         for block in self.down:
             skips.append(block(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()

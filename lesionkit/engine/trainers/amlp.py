@@ -187,8 +187,8 @@ class AMLPTrainer(Trainer):
         recipe = self.cfg.amlp
         model = self.model
         with torch.no_grad():
-            if recipe.features == "pixels":
-                vectors = patchify(images.float(), model.cfg.patch_size, layout="cpq")
+            if recipe.features == "pixels":  # the pixels the network sees (standardised, if it does)
+                vectors = patchify(model.standardize(images).float(), model.cfg.patch_size, layout="cpq")
             else:
                 was_training = model.training
                 model.eval()  # no BatchNorm statistics from this extra pass
@@ -212,7 +212,9 @@ class AMLPTrainer(Trainer):
                              "or amlp.mask_ratio")
         out = self.forward(images, patch_mask=mask)
         p = self.model.cfg.patch_size
-        error = patchify((out.extras["reconstruction"].float() - images.float()).square(), p, layout="cpq")
+        # The target is the image the network was given, standardised if the model standardises.
+        target = self.model.standardize(images).float()
+        error = patchify((out.extras["reconstruction"].float() - target).square(), p, layout="cpq")
         patch_loss = error.mean(dim=2)  # (B, N): L_pred^i, the mean squared error of patch i
         n_m = mask.sum(dim=1).to(patch_loss.dtype)
         pred = ((patch_loss * mask).sum(dim=1) / n_m).mean()
