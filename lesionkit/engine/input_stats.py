@@ -62,8 +62,9 @@ def resolve_input_statistics(cfg) -> str | None:
     if not asked:
         return None
     if len(asked) != 2:
-        raise ValueError(f"model.kwargs: {asked[0]} is 'dataset' but {[k for k in _KEYS if k not in asked][0]} "
-                         f"is {kwargs.get([k for k in _KEYS if k not in asked][0])!r}; give both as 'dataset'")
+        (other,) = set(_KEYS) - set(asked)
+        raise ValueError(f"model.kwargs: {asked[0]} is 'dataset' but {other} is {kwargs.get(other)!r}; "
+                         "give both as 'dataset'")
     stats = recorded_statistics(cfg.init_from) if cfg.init_from else None
     source = f"recorded by init_from {cfg.init_from}"
     if stats is None:

@@ -10,7 +10,6 @@ tensors' device. A backend asked for by name that cannot run raises
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import warnings

@@ -118,7 +118,10 @@ class UNet(nn.Module):
         std = torch.tensor(cfg.input_std if standardise else (1.0,) * cfg.in_chans, dtype=torch.float32)
         self.register_buffer("input_mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("input_std", std.view(1, -1, 1, 1), persistent=False)
-        self.standardises = standardise
+
+    @property
+    def standardises(self) -> bool:
+        return self.cfg.input_mean is not None
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - input_mean) / input_std per channel; x itself when the model has no statistics."""
