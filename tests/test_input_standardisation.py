@@ -3,6 +3,8 @@ model options input_mean / input_std, 'dataset' resolved by the trainer from the
 or from the init_from checkpoint, recorded in checkpoints and applied by evaluation and
 prediction (docs/amlp.md)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -112,3 +114,16 @@ def test_fine_tuning_takes_the_pretrained_statistics_and_checkpoints_record_them
     torch.testing.assert_close(model.input_mean.flatten(), torch.tensor(recorded["input_mean"], dtype=torch.float32))
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ft" / "last.pt"), "--data", "synthetic:4",
                  "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+
+
+def test_standardising_a_checkpoint_trained_on_raw_inputs_warns(tmp_path):
+    pre = build_trainer(config(tmp_path, out_dir=str(tmp_path / "pre"), **{"model.kwargs.input_mean": "null",
+                                                                           "model.kwargs.input_std": "null"}))
+    pre.fit()
+    cfg = config(tmp_path, init_from=str(tmp_path / "pre" / "last.pt"))
+    with pytest.warns(UserWarning, match="unstandardised"):
+        assert "training images" in resolve_input_statistics(cfg)
+    quiet = config(tmp_path)  # no init_from: nothing to mismatch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_input_statistics(quiet)

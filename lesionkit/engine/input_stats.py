@@ -16,6 +16,8 @@ evaluation, prediction, export and resume apply the same standardisation.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 MAX_IMAGES = 512
@@ -67,6 +69,10 @@ def resolve_input_statistics(cfg) -> str | None:
                          "give both as 'dataset'")
     stats = recorded_statistics(cfg.init_from) if cfg.init_from else None
     source = f"recorded by init_from {cfg.init_from}"
+    if stats is None and cfg.init_from:
+        warnings.warn(f"init_from {cfg.init_from} was trained on unstandardised [0, 1] inputs, but model.kwargs asks for "
+                      "input_mean / input_std 'dataset': the loaded weights will see inputs on another scale (set "
+                      "input_mean / input_std to null to keep [0, 1])", stacklevel=2)
     if stats is None:
         stats = _training_statistics(cfg)
         source = f"the training images of {cfg.data.train}"
