@@ -22,11 +22,11 @@ ARMS = {"vmunet": "`vmunet_tiny` (VM-UNet)", "cmssm": "`cmssm_tiny` (CM-SSM U-Ne
         "cmssm_steps": "`cmssm_tiny` at equal steps (744 s, as many steps as `vmunet_tiny` in 600 s)"}
 
 
-def main(out: str) -> None:
+def main(out: str, arms: dict[str, str] = ARMS) -> None:
     root = Path(out)
     print("| arm | seeds | Dice (dataset) mean | spread | per seed | per-image Dice mean | spread | per seed | epochs (steps) per seed |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for arm, label in ARMS.items():
+    for arm, label in arms.items():
         runs = sorted(p for p in root.glob(f"{arm}_s*") if p.is_dir() and re.fullmatch(rf"{arm}_s\d+", p.name))
         results = [r for r in (read_run(p) for p in runs) if r is not None]
         if not results:

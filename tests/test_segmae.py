@@ -233,6 +233,10 @@ def test_recipe_validation():
         SegMAERecipe(recon_beta=0.0)
     with pytest.raises(ValueError, match="segmae.mae_epochs"):
         SegMAERecipe(mae_epochs=-1)
+    with pytest.raises(ValueError, match="segmae.stage_transition"):
+        SegMAERecipe(stage_transition="fresh")
+    with pytest.raises(ValueError, match="segmae.optimizers"):
+        SegMAERecipe(optimizers="two")
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -359,6 +363,89 @@ def test_transunet_trains_as_the_single_branch_baseline(tmp_path):
         SegMAETrainer(make_config(tmp_path, **{"model.name": "unet_tiny", "model.kwargs": {}}), train_data=Discs(8))
 
 
+def adamw_cosine(tmp_path, **overrides) -> SegMAETrainConfig:
+    """One MAE epoch and two hybrid epochs of 4 batches each, AdamW, cosine with half an epoch of warm-up."""
+    return make_config(tmp_path, epochs=2, **{"optim.name": "adamw", "optim.lr": 1e-3, "scheduler.name": "cosine",
+                                              "scheduler.warmup_epochs": 0.5, **overrides})
+
+
+def record_updates(trainer: SegMAETrainer) -> list[tuple[str, str, float]]:
+    """(stage, task, learning rate) of every optimiser update the trainer takes, in order."""
+    trace, optimize = [], trainer.optimize
+
+    def record(step_fn, batch, optimizer=None, scheduler=None):
+        task = "rec" if step_fn.__name__ == "reconstruction_step" else "seg"
+        trace.append((trainer.stage.name, task, (optimizer or trainer.optimizer).param_groups[0]["lr"]))
+        return optimize(step_fn, batch, optimizer, scheduler)
+
+    trainer.optimize = record
+    return trace
+
+
+def adam_steps(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> int:
+    return int(optimizer.state[param]["step"]) if param in optimizer.state else 0
+
+
+@pytest.mark.parametrize("optimizers", ["shared", "per_task"])
+def test_stage_two_continues_the_schedule_and_optimiser_state(optimizers, tmp_path):
+    torch.manual_seed(0)
+    trainer = SegMAETrainer(adamw_cosine(tmp_path, **{"segmae.optimizers": optimizers}),
+                            train_data=Discs(16), val_data=Discs(4, seed=1))
+    trace = record_updates(trainer)
+    end_of_stage_one = []
+    on_epoch_end = trainer.on_epoch_end
+
+    def note(epoch, logs):
+        if trainer.stage.name == "mae":  # the rate stage 1 leaves behind, after its last schedule step
+            end_of_stage_one.append((trainer.rec_optimizer or trainer.optimizer).param_groups[0]["lr"])
+        on_epoch_end(epoch, logs)
+
+    trainer.on_epoch_end = note
+    trainer.fit()
+    mae = [lr for stage, _, lr in trace if stage == "mae"]
+    seg = [lr for stage, task, lr in trace if stage == "hybrid" and task == "seg"]
+    assert len(mae) == 4 and len(seg) == 8
+    assert mae[0] < mae[1] < mae[2]  # the one warm-up, at the start of stage 1
+    assert seg[0] == pytest.approx(end_of_stage_one[0], rel=1e-9)  # no restart from zero
+    assert all(a >= b for a, b in zip(seg, seg[1:]))  # and no second warm-up
+    weight = next(trainer.model.encoder.parameters())
+    if optimizers == "shared":  # one optimiser, its state carried over: 4 + 2 x 8 updates
+        assert adam_steps(trainer.optimizer, weight) == 20
+    else:
+        assert (adam_steps(trainer.rec_optimizer, weight), adam_steps(trainer.optimizer, weight)) == (12, 8)
+
+
+def test_restart_warms_up_again_when_the_recipe_asks(tmp_path):
+    torch.manual_seed(0)
+    trainer = SegMAETrainer(adamw_cosine(tmp_path, **{"segmae.stage_transition": "restart"}),
+                            train_data=Discs(16), val_data=Discs(4, seed=1))
+    trace = record_updates(trainer)
+    trainer.fit()
+    hybrid = [lr for stage, _, lr in trace if stage == "hybrid"]
+    assert hybrid[0] < hybrid[2] < hybrid[4]  # a fresh warm-up over the first half epoch (2 updates per batch)
+    assert adam_steps(trainer.optimizer, next(trainer.model.encoder.parameters())) == 16  # a fresh optimiser
+
+
+def test_per_task_optimisers_hold_their_task_parameters(tmp_path):
+    torch.manual_seed(0)
+    trainer = SegMAETrainer(adamw_cosine(tmp_path, **{"segmae.optimizers": "per_task"}),
+                            train_data=Discs(16), val_data=Discs(4, seed=1))
+    model = trainer.model
+
+    def ids(params):
+        return {id(p) for p in params}
+
+    seg = ids(p for g in trainer.optimizer.param_groups for p in g["params"])
+    rec = ids(p for g in trainer.rec_optimizer.param_groups for p in g["params"])
+    encoder, mae = ids(model.encoder.parameters()), ids(model.mae.parameters())
+    cup = ids(model.decoder.parameters()) | ids(model.head.parameters())
+    assert encoder <= seg & rec and cup <= seg and mae <= rec
+    assert not (cup & rec) and not (mae & seg) and seg | rec == ids(model.parameters())
+    trainer.fit()
+    weight = next(model.encoder.parameters())
+    assert not torch.equal(trainer.optimizer.state[weight]["exp_avg"], trainer.rec_optimizer.state[weight]["exp_avg"])
+
+
 # ----------------------------------------------------------------------------------- configs
 
 
@@ -432,11 +519,12 @@ def test_tiny_configs_differ_only_in_the_mae_branch():
     assert (base["segmae"]["mae_epochs"], base["segmae"]["hybrid"]) == (0, False)
 
 
+@pytest.mark.parametrize("optimizers", ["shared", "per_task"])
 @pytest.mark.parametrize("stop_after", [1, 2], ids=["stage-boundary", "inside-hybrid"])
-def test_resume_matches_an_uninterrupted_run(stop_after, tmp_path):
+def test_resume_matches_an_uninterrupted_run(stop_after, optimizers, tmp_path):
     def trainer_for(out):
         torch.manual_seed(0)
-        cfg = make_config(tmp_path, epochs=2, out_dir=str(tmp_path / out))
+        cfg = adamw_cosine(tmp_path, out_dir=str(tmp_path / out), **{"segmae.optimizers": optimizers})
         return SegMAETrainer(cfg, train_data=Discs(8), val_data=Discs(4, seed=1))
 
     full = trainer_for("full")
@@ -456,3 +544,10 @@ def test_resume_matches_an_uninterrupted_run(stop_after, tmp_path):
     assert all(p.requires_grad for p in resumed.model.parameters())
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    for attr in ("optimizer", "rec_optimizer"):  # and the optimisers' moments and schedules, each task's
+        a, b = getattr(full, attr), getattr(resumed, attr)
+        assert (a is None) == (b is None) == (attr == "rec_optimizer" and optimizers == "shared")
+        if a is not None:
+            for sa, sb in zip(a.state_dict()["state"].values(), b.state_dict()["state"].values()):
+                assert all(torch.equal(sa[k], sb[k]) for k in sa)
+            assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]

@@ -77,11 +77,12 @@ def build_train_val_datasets(data: DataConfig, seed: int) -> tuple[torch.utils.d
     return train_part, torch.utils.data.Subset(plain, val_part.indices)
 
 
-def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """``optim.name`` over the model's parameter groups (SS2D's ``_no_weight_decay`` ones without decay)."""
+def build_optimizer(optim: OptimConfig, model: nn.Module, include=None) -> torch.optim.Optimizer:
+    """``optim.name`` over the model's parameter groups (SS2D's ``_no_weight_decay`` ones without
+    decay); ``include(name, param)``, when given, picks the parameters (a per-task optimiser)."""
     from lesionkit.engine.param_groups import parameter_groups
 
-    params = parameter_groups(model, optim.weight_decay)
+    params = parameter_groups(model, optim.weight_decay, include)
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=optim.nesterov)

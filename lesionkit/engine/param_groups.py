@@ -7,7 +7,7 @@ or when its name is in the model's ``no_weight_decay()`` set (timm's convention)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -20,13 +20,15 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, weight_decay: float,
+                     include: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict[str, Any]]:
     """``[{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]`` over the trainable
-    parameters; a single group when nothing is exempt (or ``weight_decay`` is 0)."""
+    parameters (those ``include(name, param)`` accepts, when given); a single group when nothing
+    is exempt (or ``weight_decay`` is 0)."""
     exempt_names = no_weight_decay_names(model)
     decay, exempt = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (include is None or include(name, p)):
             (exempt if name in exempt_names else decay).append(p)
     if not exempt or weight_decay == 0:
         return [{"params": decay + exempt}]

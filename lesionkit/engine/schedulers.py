@@ -60,9 +60,13 @@ class WarmupPolyLR(WarmupCosineLR):
         return (1.0 - self._decay_progress(step)) ** self.power
 
 
-def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
-    """The scheduler the config names, or ``None``. Cosine and poly step per batch, plateau per epoch."""
-    total = epochs * steps_per_epoch
+def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+                    total_steps: int | None = None):
+    """The scheduler the config names, or ``None``. Cosine and poly step per batch, plateau per epoch.
+
+    ``steps_per_epoch`` counts optimiser steps (it scales the warm-up); ``total_steps``, when
+    given, replaces ``epochs * steps_per_epoch`` (a schedule over several stages)."""
+    total = epochs * steps_per_epoch if total_steps is None else total_steps
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.name == "none":
         return None

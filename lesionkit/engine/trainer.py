@@ -231,9 +231,13 @@ class Trainer(ResumableRun):
         """
         return self.optimize(self.training_step, batch)
 
-    def optimize(self, step_fn: Callable[[dict], dict[str, torch.Tensor]], batch: dict) -> dict[str, torch.Tensor]:
+    def optimize(self, step_fn: Callable[[dict], dict[str, torch.Tensor]], batch: dict,
+                 optimizer: torch.optim.Optimizer | None = None, scheduler=None) -> dict[str, torch.Tensor]:
         """One optimiser update on the ``"loss"`` that ``step_fn(batch)`` returns: autocast,
-        backward (scaled for fp16), gradient clipping, optimiser and per-step schedule step."""
+        backward (scaled for fp16), gradient clipping, optimiser and per-step schedule step.
+        ``optimizer`` / ``scheduler`` (default: the trainer's) let a recipe give a task its own."""
+        if optimizer is None:
+            optimizer, scheduler = self.optimizer, self.scheduler
         with autocast_context(self.device, self.cfg.precision):
             losses = step_fn(batch)
         if "loss" not in losses:
@@ -242,17 +246,17 @@ class Trainer(ResumableRun):
         if not torch.isfinite(loss.detach()).item():
             raise FloatingPointError(f"training loss is {loss.item()} at epoch {self.epoch + 1}, step {self.global_step}; "
                                      f"lower optim.lr (now {self.cfg.optim.lr}) or set grad_clip")
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+        self.scaler.step(optimizer)
         self.scaler.update()
-        if steps_per_batch(self.scheduler):
-            if self.cfg.scheduler.horizon == "time_budget" and hasattr(self.scheduler, "time_progress"):
-                self.scheduler.time_progress = self.elapsed() / self.cfg.time_budget
-            self.scheduler.step()
+        if steps_per_batch(scheduler):
+            if self.cfg.scheduler.horizon == "time_budget" and hasattr(scheduler, "time_progress"):
+                scheduler.time_progress = self.elapsed() / self.cfg.time_budget
+            scheduler.step()
         return {k: v.detach() for k, v in losses.items()}
 
     # ----------------------------------------------------------------------------- loop
