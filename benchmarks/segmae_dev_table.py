@@ -15,7 +15,8 @@ from cmssm_dev_table import main as table
 ARMS = {
     "seg_time": "`segmae_tiny`, equal time (600 s)", "tu_time": "`transunet_tiny`, equal time (600 s)",
     "seg_steps": "`segmae_tiny`, equal segmentation steps", "tu_steps": "`transunet_tiny`, equal segmentation steps",
-    "pixel": "`segmae_tiny`, `mask_mode: pixel`", "mae0": "`segmae_tiny`, `mae_epochs: 0` (Table 4 row 6)",
+    "pixel": "`segmae_tiny`, `mask_mode: pixel`, equal time (600 s)",
+    "pixel_steps": "`segmae_tiny`, `mask_mode: pixel`, equal segmentation steps", "mae0": "`segmae_tiny`, `mae_epochs: 0` (Table 4 row 6)",
     "ratio05": "`segmae_tiny`, mask ratio 0.5", "pertask": "`segmae_tiny`, `optimizers: per_task`",
     "restart": "`segmae_tiny`, `stage_transition: restart` (the old recipe)",
 }
