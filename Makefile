@@ -27,15 +27,18 @@ $(STAMP): $(SOURCES)
 demo: $(STAMP)
 	$(BIN)/lesionkit demo --out demo_out
 
-# The fast stage: every test not marked slow, one torch thread each (tests/conftest.py).
+# The fast stage: every test not marked slow, one torch thread each (tests/conftest.py), in
+# TEST_WORKERS processes (pytest-xdist; 2 = this project's 2-core machines, 0 = in-process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=25
 
 # The slow stage: builds (wheel, CMake, other CPU targets), ONNX Runtime checks, DDP, kill / resume, the GPU-check dry
-# run, the wiring breakages - single-threaded tests, two at a time (pytest-xdist, a file per worker); then the kernel
+# run, the wiring breakages - single-threaded tests, two at a time (pytest-xdist; test by test, except the files whose
+# tests share a module fixture, which carry an xdist_group); then the kernel
 # tests again at two threads, so that the parallel paths stay tested.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadgroup --durations=25
 	LESIONKIT_TEST_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" -k "not triton" \
 		tests/test_selective_scan.py tests/test_cross_scan.py tests/test_kmeans.py \
 		tests/test_patch_cross_attention.py tests/test_patchwise_softmax_loss.py

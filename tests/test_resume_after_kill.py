@@ -14,7 +14,9 @@ from lesionkit.engine import load_checkpoint
 
 from conftest import assert_same_state
 
-pytestmark = pytest.mark.slow  # builds / subprocess runs: the slow stage (make test-slow)
+# Builds / subprocess runs: the slow stage (make test-slow). The tests share a module fixture, so
+# xdist_group keeps them on one worker under that stage's --dist loadgroup.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume_after_kill")]
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # builds / subprocess runs: the slow stage (make test-slow)
+# Builds / subprocess runs: the slow stage (make test-slow). The tests share a module fixture, so
+# xdist_group keeps them on one worker under that stage's --dist loadgroup.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel_install")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "runs",
