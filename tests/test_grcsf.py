@@ -151,9 +151,10 @@ def test_fewer_rcu_stages():
 
 
 def test_gradients_reach_every_parameter_and_input():
-    # SE reduction 2: at these widths the default 16 leaves SE one hidden ReLU unit, which a
-    # seed can leave dead (zero gradient) - a property of the tiny width, not of the wiring.
-    m = small(se_reduction=2).train()
+    # SE reduction 1: at these widths the default 16 leaves SE one hidden ReLU unit and 2 leaves
+    # four, which a seed can leave all dead on these two similar images (zero gradient; seen with
+    # He-initialised convolutions) - a property of the tiny width, not of the wiring.
+    m = small(se_reduction=1).train()
     open_rcus(m)
     x, rm = inputs()
     x.requires_grad_(True), rm.requires_grad_(True)

@@ -61,3 +61,26 @@ def test_cli_trains_the_tiny_config(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert "trained" in capsys.readouterr().out
     assert (out / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("name", ["unetpp_tiny", "grcsf_tiny"])
+def test_convolutions_start_with_he_weights_and_zero_biases(name):
+    # GRCSF's implementation details (and the UNet++ reference code): He initialisation, zero biases,
+    # for the backbone and, in GRCSF, the GCU / RCU convolutions. conv_init="torch" keeps PyTorch's.
+    from lesionkit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name)
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) > 30 and (name == "unetpp_tiny" or any(n.startswith(("gcus", "rcus")) for n, _ in convs))
+    for n, m in convs:
+        assert m.bias is None or not m.bias.any(), n
+        fan_in = m.weight[0].numel()
+        if m.weight.numel() >= 4096:  # enough samples to pin the standard deviation within 10 %
+            std = m.weight.std().item()
+            assert abs(std / (2.0 / fan_in) ** 0.5 - 1) < 0.1, (n, std, fan_in)
+    torch.manual_seed(0)
+    default = create_model(name, conv_init="torch")
+    assert all(m.bias.any() for m in default.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None)
+    with pytest.raises(ValueError, match="conv_init"):
+        create_model(name, conv_init="xavier")

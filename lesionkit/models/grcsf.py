@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from lesionkit.layers.grcsf import GlobalCompensationUnit, RegionalCompensationUnit
 from lesionkit.models.output import SegmentationOutput
 from lesionkit.models.registry import build_config, register_model
-from lesionkit.models.unetpp import UNetPlusPlus, UNetPlusPlusConfig
+from lesionkit.models.unetpp import UNetPlusPlus, UNetPlusPlusConfig, init_convs
 
 _LATER_SKIPS = ("add", "reweight", "none")
 
@@ -54,6 +54,9 @@ class GRCSFConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
     deep_supervision: bool = False
     align_corners: bool = True
+    # Convolutions of the backbone, GCUs and RCUs (not the frozen MAE): "he" = He normal weights
+    # and zero biases (the paper's implementation details), "torch" = PyTorch's defaults.
+    conv_init: str = "he"
     # GCU (Eq. 1-2) at every skip concatenation; Table 3 "UNet++" row when off with the RCU.
     use_gcu: bool = True
     # How the first skip's residual R reaches the later skips of its row (Fig. 2):
@@ -129,7 +132,8 @@ class GRCSF(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = UNetPlusPlus(UNetPlusPlusConfig(cfg.in_chans, cfg.num_classes, cfg.widths,
-                                                        cfg.deep_supervision, cfg.align_corners))
+                                                        cfg.deep_supervision, cfg.align_corners,
+                                                        cfg.conv_init))
         w = [int(c) for c in cfg.widths]
         self.depth = depth = len(w) - 1
         # gcus[i][j - 1] serves decoder node x[i][j].
@@ -147,6 +151,8 @@ class GRCSF(nn.Module):
             RegionalCompensationUnit(w[level + 1], p, cfg.residual_channels, cfg.num_residual_maps,
                                      cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score)
             for level, p in zip(self.rcu_levels, self.patch_sizes)) if cfg.use_rcu else None
+        init_convs(self.gcus or nn.Module(), cfg.conv_init)
+        init_convs(self.rcus or nn.Module(), cfg.conv_init)
         from lesionkit.layers.residual_maps import ResidualMapSettings
 
         # Checked here even without an MAE, so a bad residual_kind fails when the model is built.

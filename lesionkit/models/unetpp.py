@@ -29,13 +29,34 @@ class UNetPlusPlusConfig:
     deep_supervision: bool = False
     # Bilinear upsampling as in the UNet++ reference code (align_corners=True there); ours.
     align_corners: bool = True
+    # Convolution weights: "he" = He et al.'s normal initialisation (fan-in, ReLU gain) with zero
+    # biases, as GRCSF's implementation details and the UNet++ reference code do; "torch" keeps
+    # PyTorch's default (uniform, non-zero biases), lesionkit's before December 2026.
+    conv_init: str = "he"
 
     def __post_init__(self) -> None:
+        if self.conv_init not in CONV_INITS:
+            raise ValueError(f"conv_init should be one of {CONV_INITS}, got {self.conv_init!r}")
         if len(self.widths) < 2 or any(int(w) < 1 for w in self.widths):
             raise ValueError(f"widths should list >= 2 positive channel counts, got {self.widths}")
         if self.in_chans < 1 or self.num_classes < 1:
             raise ValueError(f"in_chans and num_classes should be >= 1, got {self.in_chans} and "
                              f"{self.num_classes}")
+
+
+CONV_INITS = ("he", "torch")
+
+
+def init_convs(module: nn.Module, how: str) -> None:
+    """Every nn.Conv2d under ``module``: He normal weights (fan-in, ReLU gain) and zero biases for
+    ``how="he"``; left as built for ``"torch"``."""
+    if how == "torch":
+        return
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class VGGBlock(nn.Sequential):
@@ -68,6 +89,7 @@ class UNetPlusPlus(nn.Module):
         n_heads = depth if cfg.deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv2d(w[0], cfg.num_classes, 1) for _ in range(n_heads))
         self.reduction = 2 ** depth
+        init_convs(self, cfg.conv_init)
 
     def _up(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=self.cfg.align_corners)
@@ -110,4 +132,4 @@ def unetpp_tiny(**kwargs) -> UNetPlusPlus:
     return _unetpp("unetpp_tiny", {"widths": (16, 32, 64, 128, 256)}, kwargs)
 
 
-__all__ = ["UNetPlusPlus", "UNetPlusPlusConfig", "unetpp", "unetpp_tiny"]
+__all__ = ["CONV_INITS", "UNetPlusPlus", "UNetPlusPlusConfig", "init_convs", "unetpp", "unetpp_tiny"]
