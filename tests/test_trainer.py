@@ -335,6 +335,68 @@ def test_time_horizon_decays_by_the_budget_fraction():
         TrainConfig().with_overrides(["scheduler.horizon=time_budget"])
 
 
+def test_monitor_loss_keeps_the_lowest_validation_loss_and_stops_on_it(tmp_path):
+    from lesionkit.engine.evaluation import evaluate
+
+    trainer, summary = fit(make_config(tmp_path, epochs=4, monitor="loss", early_stopping_patience=1))
+    rows = read_log(tmp_path / "log.csv")
+    losses = [float(r["val_loss"]) for r in rows]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert summary["best_epoch"] == int(rows[best]["epoch"]) and trainer.best_metric == pytest.approx(losses[best], rel=1e-4)
+    # Stopped after the first epoch without a lower loss, or ran out of epochs still improving.
+    worse = [k for k in range(1, len(losses)) if losses[k] >= min(losses[:k])]
+    assert len(rows) == (worse[0] + 1 if worse else 4)
+    # The logged value is the training loss over the validation images.
+    val = torch.utils.data.DataLoader(Discs(6, seed=1), batch_size=4)
+    trainer.model.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = sum(float(trainer.loss_fn(trainer.model(b["image"]), b["mask"])) * len(b["image"]) for b in val) / 6
+    got = evaluate(trainer.model, val, torch.device("cpu"), loss_fn=trainer.loss_fn).metrics["loss"]
+    assert got == pytest.approx(want, rel=1e-5) and float(rows[-1]["val_loss"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_paper_warmup_rises_tenfold_and_a_time_budget_caps_the_warmup():
+    from lesionkit.engine.config import SchedulerConfig
+    from lesionkit.engine.schedulers import build_scheduler
+
+    def sgd():
+        return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+    # GRCSF Sec. 4: base / 10 -> base over the warm-up (warmup_start 0.1), then the cosine.
+    opt = sgd()
+    sched = build_scheduler(SchedulerConfig(warmup_epochs=1, warmup_start=0.1), opt, epochs=10, steps_per_epoch=4)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 + 0.9 * k / 5 for k in range(1, 5)] + [1.0])
+    # Under a time budget the warm-up ends at 5 % of the budget even with steps left in it, and
+    # the cosine then runs from the full rate over the rest of the budget.
+    opt = sgd()
+    cfg = SchedulerConfig(warmup_epochs=100, horizon="time_budget")
+    sched = build_scheduler(cfg, opt, epochs=10, steps_per_epoch=4)
+    for progress in (0.01, 0.03):
+        sched.time_progress = progress
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] < 0.01  # still warming up (step 2 of 400)
+    sched.time_progress = 0.05
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    sched.time_progress = 0.05 + 0.95 / 2
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)  # half the rest: half-way down
+    state = sched.state_dict()  # resume keeps where the warm-up ended
+    assert state["warmup_steps"] == 3 and state["warmup_end_progress"] == pytest.approx(0.05)
+    for field, value in [("warmup_start", 1.5), ("warmup_max_fraction", 0.0)]:
+        with pytest.raises(ValueError, match=f"scheduler.{field}"):
+            build_scheduler(SchedulerConfig(**{field: value}), sgd(), 10, 4)
+
+
 def test_tensorboard_without_the_package_says_how_to_get_it(tmp_path):
     import importlib.util
 

@@ -75,7 +75,14 @@ class OptimConfig:
 @dataclass
 class SchedulerConfig:
     name: str = "cosine"  # none | cosine | poly | plateau
-    warmup_epochs: float = 0.0  # linear warm-up from 0 (cosine / poly)
+    warmup_epochs: float = 0.0  # linear warm-up (cosine / poly)
+    # The warm-up's first rate as a fraction of the base lr: 0 = from min_lr (ours), 0.1 = GRCSF's
+    # "increases the learning rate tenfold" (Sec. 4).
+    warmup_start: float = 0.0
+    # horizon "time_budget" only: the warm-up ends once this fraction of the budget is spent, even
+    # if warmup_epochs is not reached (a slow model in a short budget would otherwise spend its
+    # run warming up); the cosine / poly decay then covers the rest of the budget.
+    warmup_max_fraction: float = 0.05
     min_lr: float = 0.0
     power: float = 0.9  # poly
     factor: float = 0.5  # plateau: lr *= factor after `patience` epochs without improvement
@@ -123,7 +130,10 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
     val_hd95: bool = False  # HD95 in per-epoch validation (costs two distance transforms per image)
-    monitor: str = "dice"  # validation metric (dataset-level) that picks best.pt
+    # Validation metric that picks best.pt and drives early stopping: "dice" (dataset-level),
+    # "per_image.dice", ... (higher is better) or "loss", the training loss on the validation
+    # data (lower is better; GRCSF's early stopping, Sec. 4).
+    monitor: str = "dice"
     early_stopping_patience: int | None = None  # epochs without improvement
     threshold: float = 0.5
     out_dir: str = "runs/train"

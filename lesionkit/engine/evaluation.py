@@ -41,11 +41,12 @@ def per_image_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float)
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, threshold: float = 0.5,
              precision: str = "fp32", progress: bool = False, desc: str = "eval", hd95: bool = True,
-             model_inputs: tuple[str, ...] = ()) -> EvaluationResult:
+             model_inputs: tuple[str, ...] = (), loss_fn: nn.Module | None = None) -> EvaluationResult:
     """Run ``model`` over ``loader`` in eval mode; restores the model's train/eval mode after.
 
     ``model_inputs``: batch keys passed to the model as keyword inputs when a batch has them
-    (GRCSF's cached ``residual_maps``)."""
+    (GRCSF's cached ``residual_maps``). ``loss_fn(logits, mask)``, when given, adds the mean
+    loss per image as ``metrics["loss"]`` (``monitor: loss``, GRCSF's early stopping)."""
     from tqdm import tqdm
 
     from lesionkit.engine.runtime import on_terminal
@@ -55,6 +56,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     metrics = build_metrics(threshold, hd95=hd95)
     ranked: list[tuple[int, str, float]] = []
     index = 0
+    loss_sum = 0.0
     try:
         for batch in tqdm(loader, desc=desc, disable=not (progress and on_terminal()), leave=False, mininterval=1.0):
             image = batch["image"].to(device, non_blocking=True)
@@ -63,6 +65,8 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
             with autocast_context(device, precision):
                 logits = segmentation_logits(model(image, **extra))
             logits = logits.float()
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(logits, mask)) * logits.shape[0]
             metrics.update(logits, mask)
             dice = per_image_dice(logits, mask, threshold).tolist()
             for image_id, d in zip(batch["id"], dice):
@@ -70,7 +74,15 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
                 index += 1
     finally:
         model.train(was_training)
-    return EvaluationResult(metrics=metrics.compute(), per_image_dice=ranked)
+    computed = metrics.compute()
+    if loss_fn is not None:
+        computed["loss"] = loss_sum / max(1, index)
+    return EvaluationResult(metrics=computed, per_image_dice=ranked)
+
+
+def lower_is_better(monitor: str) -> bool:
+    """Whether a smaller ``monitor`` value is better (losses and distances)."""
+    return monitor == "loss" or monitor.endswith(("_loss", "hd95"))
 
 
 def plain_metrics(value: Any) -> Any:
@@ -95,6 +107,8 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
         out[f"per_image_{key}"] = float(value)
     if "isic_jaccard" in metrics:
         out["isic_jaccard"] = float(metrics["isic_jaccard"])
+    if "loss" in metrics:
+        out["loss"] = float(metrics["loss"])
     return out
 
 

@@ -38,7 +38,8 @@ from lesionkit.engine import init_weights
 from lesionkit.engine.builders import build_loss, build_optimizer, build_train_val_datasets
 from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.distributed import DistributedContext
-from lesionkit.engine.evaluation import autocast_context, evaluate, flatten_metrics, monitor_value, plain_metrics
+from lesionkit.engine.evaluation import (autocast_context, evaluate, flatten_metrics, lower_is_better, monitor_value,
+                                        plain_metrics)
 from lesionkit.engine.loaders import EpochOrder
 from lesionkit.engine.resume import ResumableRun
 from lesionkit.engine.run_log import RunLog
@@ -119,7 +120,9 @@ class Trainer(ResumableRun):
 
         self.epoch = 0  # completed epochs, over all stages
         self.global_step = 0
-        self.best_metric = -math.inf
+        # A better validation value is a higher one (Dice) or, for losses, a lower one.
+        self.monitor_sign = -1.0 if lower_is_better(config.monitor) else 1.0
+        self.best_metric = -math.inf * self.monitor_sign
         self.best_epoch: int | None = None
         self.bad_epochs = 0
         self.elapsed_before = 0.0  # seconds spent before a resume
@@ -327,13 +330,13 @@ class Trainer(ResumableRun):
         if value is not None:
             flat = flatten_metrics(self.last_metrics or {})
             logs.update({f"val_{k}": v for k, v in flat.items() if self.cfg.val_hd95 or "hd95" not in k})
-            improved = value > self.best_metric
+            improved = self.monitor_sign * value > self.monitor_sign * self.best_metric
             if improved:
                 self.best_metric, self.best_epoch, self.bad_epochs = value, self.epoch, 0
             else:
                 self.bad_epochs += 1
             if self.scheduler is not None and not steps_per_batch(self.scheduler):
-                self.scheduler.step(value)
+                self.scheduler.step(self.monitor_sign * value)  # plateau maximises
         else:
             improved = True  # no validation data: the latest model is the best we know
             self.best_epoch = self.epoch
@@ -424,7 +427,8 @@ class Trainer(ResumableRun):
             return None
         result = evaluate(self.model, self.val_loader, self.device, self.cfg.threshold, self.cfg.precision,
                           progress=self.cfg.progress, desc="validate", hd95=self.cfg.val_hd95,
-                          model_inputs=self.model_inputs)
+                          model_inputs=self.model_inputs,
+                          loss_fn=self.loss_fn if self.cfg.monitor == "loss" else None)
         return result.metrics
 
     def _validate_and_share(self) -> float | None:

@@ -216,7 +216,7 @@ class SegMAETrainer(Trainer):
             self.scheduler = None if frozen else self._plateau
         if stage.name != "mae" and self.epoch == self.stage_start_epoch:
             # Segmentation starts now: Dice measured behind a frozen, untrained decoder is no baseline.
-            self.best_metric, self.best_epoch, self.bad_epochs = -math.inf, None, 0
+            self.best_metric, self.best_epoch, self.bad_epochs = -math.inf * self.monitor_sign, None, 0
 
     def on_epoch_start(self, epoch: int) -> None:
         # "continue", per_task: the segmentation schedule starts where stage 1 left the shared clock
