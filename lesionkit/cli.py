@@ -181,7 +181,7 @@ def cmd_residual_maps(args: argparse.Namespace) -> int:
     from lesionkit.engine.runtime import resolve_device
     from lesionkit.engine.trainers.residual_maps import ResidualMapSettings, summary_line, write_residual_maps
 
-    settings = ResidualMapSettings(tuple(args.ratios), args.repeats, args.kind, args.seed)
+    settings = ResidualMapSettings(tuple(args.ratios), args.repeats, args.kind, args.seed, args.precision)
     run = write_residual_maps(args.checkpoint, args.data, args.out, settings, image_size=args.image_size,
                               device=resolve_device(args.device), png=args.png, progress=not args.no_progress,
                               num_workers=args.num_workers)
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="reconstructions averaged per ratio")
     p.add_argument("--kind", choices=["absdiff", "mse", "ssim"], default="absdiff", help="residual of image and mean reconstruction")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the MAE's forward: bf16 is about 2x faster on CPUs with AVX-512 BF16, maps within ~0.01")
     p.add_argument("--png", action="store_true", help="also write each map as a 16-bit PNG")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -222,3 +222,19 @@ def test_command_rejects_a_checkpoint_that_is_no_mae(tmp_path, capsys):
     assert main(["residual-maps", "--checkpoint", str(ckpt / "last.pt"), "--data", "synthetic:2",
                  "--out", str(tmp_path / "m")]) == 2
     assert "holds model 'unet_tiny', not an MAE" in capsys.readouterr().err
+
+
+def test_bf16_maps_are_close_to_fp32_and_cached_apart():
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    images = torch.rand(2, 3, 32, 32)
+    fp32 = residual_maps(mae, images, ResidualMapSettings(repeats=2))
+    bf16 = residual_maps(mae, images, ResidualMapSettings(repeats=2, precision="bf16"))
+    assert 0 < (bf16 - fp32).abs().max() < 0.05  # the same maskings, rounded in the MAE
+    # Batched images per forward give each image the maps it gets alone.
+    torch.testing.assert_close(residual_maps(mae, images, ResidualMapSettings(repeats=2), images_per_forward=1),
+                               fp32, atol=1e-6, rtol=0)
+    assert ResidualMapSettings(precision="bf16").key() != ResidualMapSettings().key()
+    assert ResidualMapSettings(precision="bf16").cli_flags() == "--precision bf16"
+    with pytest.raises(ValueError, match="precision should be one of"):
+        ResidualMapSettings(precision="fp16")

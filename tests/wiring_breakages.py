@@ -68,8 +68,8 @@ BREAKAGES: list[Breakage] = [
         "Eq. 7 without g^h"),
     Breakage(
         "residual_map_plain_mean", "lesionkit/layers/residual_maps.py",
-        "mean = torch.where(count > 0, (recon * masked).sum(0) / count.clamp_min(1), x[0])",
-        "mean = recon.mean(0)",
+        "mean = torch.where(count > 0, (recon * masked).sum(1) / count.clamp_min(1), x)",
+        "mean = recon.mean(1)",
         ("tests/test_residual_maps.py", "-k", "not command"),
         "Eq. 3-5: the mean over all n reconstructions instead of over the runs that masked the pixel"),
     Breakage(

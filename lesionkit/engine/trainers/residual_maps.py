@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lesionkit.layers.residual_maps import (  # noqa: F401  (re-exported: the command's public names)
+    IMAGES_PER_FORWARD,
     RESIDUAL_KINDS,
     ResidualMapSettings,
     image_hash,
@@ -130,24 +131,28 @@ def write_residual_maps(checkpoint: str | Path, spec: str, out: str | Path,
     size = int(image_size or data_cfg.get("image_size", mae.cfg.img_size))
     dataset = build_dataset(spec, size, build_eval_transform(data_cfg))
     cache = ResidualMapCache(out, mae_hash, settings)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=IMAGES_PER_FORWARD, num_workers=num_workers)
     computed = cached = 0
     index: dict[str, str] = {}
     bar = tqdm(total=len(dataset), desc="residual maps", disable=not (progress and on_terminal()), mininterval=1.0)
     try:
         for batch in loader:
-            for image, image_id in zip(batch["image"], batch["id"]):
+            todo = []  # the batch's images without maps: one batched MAE pass for them all
+            for k, (image, image_id) in enumerate(zip(batch["image"], batch["id"])):
                 digest = image_hash(image)
                 index[str(image_id)] = digest
-                if cache.has(digest):
+                if cache.has(digest) or any(d == digest for _, d, _ in todo):  # a duplicate: made once
                     cached += 1
                 else:
-                    maps = residual_maps(mae, image[None].to(device), settings)[0]
+                    todo.append((k, digest, str(image_id)))
+            if todo:
+                images = batch["image"][[k for k, _, _ in todo]].to(device)
+                for (_, digest, image_id), maps in zip(todo, residual_maps(mae, images, settings)):
                     cache.save(digest, maps)
                     computed += 1
                     if png:
-                        _write_pngs(cache.dir / "png", str(image_id), maps, settings)
-                bar.update(1)
+                        _write_pngs(cache.dir / "png", image_id, maps, settings)
+            bar.update(len(batch["id"]))
     finally:
         bar.close()
     cache.dir.mkdir(parents=True, exist_ok=True)
