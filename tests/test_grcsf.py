@@ -29,13 +29,12 @@ def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def open_rcus(model: GRCSF) -> None:
-    """W1, W2 start at 0 (the RCU starts as the identity) and the default init gives almost
-    uniform attention inside a patch; open the weights and sharpen the keys so the maps matter."""
+    """Open W1, W2 wide and sharpen the keys so the maps matter far above rounding."""
     with torch.no_grad():
         for rcu in model.rcus:
             rcu.weights.fill_(10.0)
             for key in rcu.keys:
-                key.weight.mul_(50.0)
+                key[-1].weight.mul_(50.0)
 
 
 def test_shapes_and_deep_supervision():
@@ -72,12 +71,18 @@ def test_without_gcu_and_rcu_it_is_the_unetpp_backbone():
     torch.testing.assert_close(m(x), base(x))
 
 
-def test_rcu_starts_as_identity_and_then_uses_the_maps():
+def test_rcu_uses_the_maps_from_the_start():
     x, rm = inputs()
-    m = small(use_gcu=False)
     base = small(use_gcu=False, use_rcu=False)
+    # A freshly built model: replacing the maps changes the logits (W1, W2 start at 0.1).
+    for m in (small(use_gcu=False), create_model("grcsf_tiny", img_size=64)):
+        assert differs(m(x, rm), m(x, rm.flip(-1)))
+    m = small(use_gcu=False)
+    # rcu_gate_init=0 starts as the backbone (SAGAN's gamma), the old behaviour.
+    closed = small(use_gcu=False, rcu_gate_init=0.0)
+    closed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.endswith(".weights")}, strict=False)
     base.backbone.load_state_dict(m.backbone.state_dict())
-    torch.testing.assert_close(m(x, rm), base(x))  # W1 = W2 = 0 at init
+    torch.testing.assert_close(closed(x, rm), base(x))
     open_rcus(m)
     out = m(x, rm)
     assert differs(out, base(x))
@@ -90,6 +95,20 @@ def test_rcu_starts_as_identity_and_then_uses_the_maps():
     rm2[:, 1] = torch.rand_like(rm2[:, 1])
     torch.testing.assert_close(m(x, rm), m(x, rm2))
     assert differs(m(x, rm), m(x, rm.flip(1)))
+
+
+def test_rcu_gate_learning_rate_scale_reaches_the_optimiser():
+    from lesionkit.engine.builders import build_optimizer
+    from lesionkit.engine.config import OptimConfig
+
+    m = small(rcu_gate_lr_scale=10.0)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4), m)
+    gates = {id(r.weights) for r in m.rcus}
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(lrs[i] == pytest.approx(1e-2) for i in gates)
+    assert all(lr == pytest.approx(1e-3) for i, lr in lrs.items() if i not in gates)
+    assert len(lrs) == sum(1 for _ in m.parameters())
+    assert len(build_optimizer(OptimConfig(lr=1e-3), small()).param_groups) == 1
 
 
 def test_without_rcu_the_maps_are_optional_and_unused():
@@ -140,7 +159,7 @@ def test_number_of_maps_and_channels_per_map():
         m(x, torch.rand(2, 2, 64, 64))
     rgb = small(residual_channels=3)  # RGB residual maps: 2 maps x 3 channels
     assert rgb(x, torch.rand(2, 6, 64, 64)).shape == (2, 1, 64, 64)
-    assert rgb.rcus[0].keys[0].in_channels == 3
+    assert rgb.rcus[0].keys[0][0].in_channels == 3
 
 
 def test_fewer_rcu_stages():
@@ -208,8 +227,10 @@ def test_paper_size_parameter_count():
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(m.backbone) == 36_628_481  # unetpp, the paper's 36.63M
     assert count(m.gcus) == 1_956_560
-    assert count(m.rcus) == 771_836
-    assert count(m) == 39_356_877
+    assert count(m.rcus) == 875_548  # 771,836 with rcu_key_embed='linear'
+    assert count(m) == 39_460_589
+    linear = create_model("grcsf_unetpp", in_chans=1, rcu_key_embed="linear")
+    assert count(linear.rcus) == 771_836 and count(linear) == 39_356_877
     assert m.patch_sizes == (8, 8, 16)
 
 
@@ -296,3 +317,32 @@ def test_ablation_recipes_set_the_switches_of_the_papers_rows(row):
     # Everything else is the paper's recipe, grcsf_unetpp_isic2018.
     base = load_train_config(CONFIGS / "grcsf_unetpp_isic2018.yaml")
     assert recipe_without_switches(cfg) == recipe_without_switches(base)
+
+
+@pytest.mark.parametrize("method, baseline", [("grcsf_tiny_isic2018", "unetpp_tiny_isic2018"),
+                                              ("grcsf_unetpp_isic2018", "grcsf_ablation_t3_row1_unetpp")])
+def test_method_and_baseline_recipes_differ_only_in_model_trainer_and_grcsf(method, baseline):
+    """GRCSF Table 3 compares UNet++ and GRCSF under one recipe: optimiser, schedule, loss,
+    augmentation, batch, precision and budget shared; only the model, its trainer and the
+    grcsf section (MAE, maps) differ."""
+    from lesionkit.engine.registry import load_train_config
+
+    def shared(name):
+        data = load_train_config(CONFIGS / f"{name}.yaml").to_dict()
+        for key in ("model", "trainer", "grcsf", "out_dir"):
+            data.pop(key, None)
+        return data
+
+    assert shared(method) == shared(baseline)
+
+
+def test_paper_recipe_follows_sec_4():
+    """Adam from 1e-4 raised tenfold over 5 warm-up epochs, Dice + focal, early stopping on the
+    validation loss after 10 epochs (GRCSF Sec. 4), He-initialised convolutions."""
+    from lesionkit.engine.registry import load_train_config
+
+    cfg = load_train_config(CONFIGS / "grcsf_unetpp_isic2018.yaml")
+    assert (cfg.optim.name, cfg.optim.lr * cfg.scheduler.warmup_start, cfg.optim.lr) == ("adam", pytest.approx(1e-4), 1e-3)
+    assert cfg.scheduler.warmup_epochs == 5 and cfg.loss.name == "dice_focal"
+    assert cfg.monitor == "loss" and cfg.early_stopping_patience == 10
+    assert cfg.model.kwargs.get("conv_init", "he") == "he"

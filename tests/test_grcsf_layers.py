@@ -39,12 +39,12 @@ def test_patch_importance_is_one_score_per_patch():
     assert changed[..., :4, :4].all() and not changed[..., 4:, :].any() and not changed[..., :4, 4:].any()
 
 
-def test_rcu_starts_as_identity_and_matches_eq_6():
+def test_rcu_matches_eq_6_written_out():
     torch.manual_seed(2)
     rcu = RegionalCompensationUnit(channels=16, patch_size=4, heads=2)
     u = torch.randn(2, 16, 8, 8)
     maps = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)]
-    torch.testing.assert_close(rcu(u, maps), u)  # W1 = W2 = 0 at start (SAGAN's gamma)
+    torch.testing.assert_close(rcu.weights.detach(), torch.full((2,), 0.1))  # the default gate_init
     with torch.no_grad():
         rcu.weights.copy_(torch.tensor([0.7, -0.3]))
     got = rcu(u, maps)
@@ -52,10 +52,36 @@ def test_rcu_starts_as_identity_and_matches_eq_6():
     v = rcu.value(u).reshape(2, 2, -1, 8, 8)
     want = u.clone()
     for w, key_proj, rm in zip(rcu.weights, rcu.keys, maps):
-        k = key_proj(F.interpolate(rm, size=(8, 8), mode="bilinear", align_corners=False)).reshape(2, 2, -1, 8, 8)
+        mean, std = rm.mean(dim=(2, 3), keepdim=True), rm.std(dim=(2, 3), keepdim=True, unbiased=False)
+        z = F.interpolate((rm - mean) / std, size=(8, 8), mode="bilinear", align_corners=False)
+        embedded = F.gelu(key_proj[0](z))  # RM' of Eq. 6: the map embedded to C channels
+        assert embedded.shape == (2, 16, 8, 8)
+        k = key_proj[2](embedded).reshape(2, 2, -1, 8, 8)
         attn = K.patch_cross_attention_reference(q, k, v, 4).reshape(2, 16, 8, 8)
         want = want + w * rcu.out(attn * rcu.importance(u))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rcu_uses_the_maps_from_the_start_and_only_their_shape_within_an_image():
+    torch.manual_seed(5)
+    rcu = RegionalCompensationUnit(channels=16, patch_size=4)
+    u = torch.randn(2, 16, 8, 8)
+    maps = [torch.rand(2, 1, 8, 8) * 0.3, torch.rand(2, 1, 8, 8) * 0.3]
+    other = [m.flip(-1) for m in maps]
+    assert (rcu(u, maps) - rcu(u, other)).abs().max() > 1e-3  # the maps move the output at init
+    # Standardised per image: a map's offset and scale (the MAE's error level) do not matter...
+    torch.testing.assert_close(rcu(u, [3 * m + 0.1 for m in maps]), rcu(u, maps), rtol=1e-4, atol=1e-5)
+    # ... unless map_norm="none".
+    raw = RegionalCompensationUnit(channels=16, patch_size=4, map_norm="none")
+    raw.load_state_dict(rcu.state_dict())
+    assert (raw(u, [3 * m + 0.1 for m in maps]) - raw(u, maps)).abs().max() > 1e-4
+    # gate_init=0 is the identity at start (SAGAN's gamma); key_embed="linear" the 1x1 keys.
+    torch.testing.assert_close(RegionalCompensationUnit(16, 4, gate_init=0.0)(u, maps), u)
+    linear = RegionalCompensationUnit(16, 4, key_embed="linear")
+    assert all(isinstance(k, torch.nn.Conv2d) and k.out_channels == linear.key_width for k in linear.keys)
+    for field, value in [("map_norm", "batch"), ("key_embed", "mlp"), ("gate_lr_scale", 0.0)]:
+        with pytest.raises(ValueError, match=field):
+            RegionalCompensationUnit(16, 4, **{field: value})
 
 
 def test_rcu_trains_every_parameter():

@@ -100,7 +100,7 @@ def test_segmentation_output_carries_extras():
 # AMLP's pre-training U-Net, whose two heads add 1,220 parameters to `unet`).
 @pytest.mark.parametrize("name, count", [
     ("unet_tiny", 1_942_577), ("amlp_unet_tiny", 1_942_757), ("amlp_unet", 31_038_853),
-    ("unetpp_tiny", 2_293_793), ("grcsf_tiny", 2_482_893), ("mae_vit_tiny", 2_448_192),
+    ("unetpp_tiny", 2_293_793), ("grcsf_tiny", 2_492_693), ("mae_vit_tiny", 2_448_192),
     ("transunet_tiny", 2_508_169), ("segmae_tiny", 3_028_873), ("vmunet_tiny", 2_169_403), ("cmssm_tiny", 3_832_714),
 ])
 def test_documented_parameter_counts(name, count):

@@ -82,7 +82,7 @@ def build_optimizer(optim: OptimConfig, model: nn.Module, include=None) -> torch
     decay); ``include(name, param)``, when given, picks the parameters (a per-task optimiser)."""
     from lesionkit.engine.param_groups import parameter_groups
 
-    params = parameter_groups(model, optim.weight_decay, include)
+    params = parameter_groups(model, optim.weight_decay, include, optim.lr)
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=optim.nesterov)

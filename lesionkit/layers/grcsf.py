@@ -10,9 +10,10 @@
 Choices of ours where the paper is silent (each a constructor argument): S and U are brought to
 F's channel count by 1x1 convolutions before the cosine similarity; SE uses reduction 16; in
 the RCU, queries come from U and keys from the residual map (SAGAN-style 1x1 projections,
-query/key width C / 8), values from U, so the residual maps decide where inside a patch U's
-features are gathered from; W1 and W2 start at 0 as SAGAN's gamma (the unit starts as the
-identity).
+query/key width C / 8; keys from each map embedded to C channels first), values from U, so the
+residual maps decide where inside a patch U's features are gathered from; each map is
+standardised per image; W1 and W2 start at 0.1, so the maps move the output from the first step
+(see :class:`RegionalCompensationUnit` for the reasons and the switches back).
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.fc(x.mean(dim=(2, 3)))[:, :, None, None]
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Cosine similarity over channels, (B, C, H, W) x 2 -> (B, 1, H, W): a.b / max(|a| |b|, eps).
+
+    Written out so that only the three channel reductions touch the full tensors; everything
+    after works on one channel. (``F.cosine_similarity`` divides each full input by its norm,
+    broadcasting one channel over C, which is slow on channels-last tensors: about 0.12 s of a
+    1.2 s ``grcsf_tiny`` training step on one CPU thread.)"""
+    a, b = a.float(), b.float()  # bf16 broadcasts over channels-last run several times slower
+    dot = (a * b).sum(dim=1, keepdim=True)
+    # torch's norm gives a zero feature (after a ReLU) a zero gradient, not NaN.
+    norms = torch.linalg.vector_norm(a, dim=1, keepdim=True) * torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    return dot / norms.clamp_min(eps)
 
 
 class GlobalCompensationUnit(nn.Module):
@@ -62,7 +77,7 @@ class GlobalCompensationUnit(nn.Module):
                              f"{tuple(up.shape[-2:])}")
         re_up = F.interpolate(self.align_down(down), size=size, mode="bilinear", align_corners=False)
         gated = re_up * self.se_up(self.align_up(up))
-        residual = F.cosine_similarity(gated, self.se_skip(skip), dim=1, eps=1e-6).unsqueeze(1)  # Eq. 1
+        residual = cosine_similarity(gated, self.se_skip(skip))  # Eq. 1
         return residual * skip + skip, residual  # Eq. 2
 
 
@@ -88,6 +103,19 @@ class PatchImportance(nn.Module):
         return score.permute(0, 3, 1, 2).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
 
 
+MAP_NORMS = ("image", "none")
+KEY_EMBEDS = ("conv", "linear")
+
+
+def standardise_per_image(rm: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """(B, C, H, W) maps to zero mean and unit standard deviation per image and channel; the
+    standard deviation is floored at ``eps`` so a flat map stays near zero instead of turning
+    its noise into unit-size keys."""
+    mean = rm.mean(dim=(-2, -1), keepdim=True)
+    std = rm.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (rm - mean) / std.clamp_min(eps)
+
+
 class RegionalCompensationUnit(nn.Module):
     """RCU (GRCSF Eq. 6). forward(U, residual_maps) -> M like U.
 
@@ -101,23 +129,50 @@ class RegionalCompensationUnit(nn.Module):
         heads: attention heads; the query/key width is max(1, C // 8) per head.
         importance: scale the attention by the per-patch score phi (False: phi = 1, the
             "w/o Importance Score" ablation of GRCSF Table 3).
+        gate_init: start value of W1, W2. Non-zero (default 0.1) so the maps reach the output
+            from the first step: at 0 (SAGAN's gamma) the unit starts as the identity, but W
+            multiplies every gradient reaching the projections, so they barely move in a short
+            run. ``gate_lr_scale`` multiplies W's learning rate (read by the optimiser builder).
+        map_norm: "image" standardises each map per image (zero mean, unit deviation) before
+            the keys, so the attention sees where a map is high within the image, not its raw
+            scale (about [0, 0.3] from an MAE); "none" uses the map as it is.
+        key_embed: "conv" embeds each map to C channels (3x3 conv, GELU) before the key
+            projection, as the patched RM' in R^{N x P^2 x C} implies; "linear" projects the
+            map straight to the key width (a 1x1 conv of a one-channel map: every key is
+            a * RM + b, so the attention inside a patch is a one-parameter family).
     """
 
     def __init__(self, channels: int, patch_size: int, residual_channels: int = 1,
                  num_maps: int = 2, heads: int = 1, score_hidden: int = 64,
-                 importance: bool = True) -> None:
+                 importance: bool = True, gate_init: float = 0.1, gate_lr_scale: float = 1.0,
+                 map_norm: str = "image", key_embed: str = "conv") -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels should be divisible by heads, got channels={channels}, "
                              f"heads={heads}")
-        self.patch_size, self.heads = patch_size, heads
+        if map_norm not in MAP_NORMS:
+            raise ValueError(f"map_norm should be one of {MAP_NORMS}, got {map_norm!r}")
+        if key_embed not in KEY_EMBEDS:
+            raise ValueError(f"key_embed should be one of {KEY_EMBEDS}, got {key_embed!r}")
+        if not gate_lr_scale > 0:
+            raise ValueError(f"gate_lr_scale should be > 0, got {gate_lr_scale}")
+        self.patch_size, self.heads, self.map_norm = patch_size, heads, map_norm
         self.key_width = max(1, channels // 8 // heads) * heads
+
+        def key(in_ch: int) -> nn.Module:
+            if key_embed == "linear":
+                return nn.Conv2d(in_ch, self.key_width, 1)
+            return nn.Sequential(nn.Conv2d(in_ch, channels, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(channels, self.key_width, 1))
+
         self.query = nn.Conv2d(channels, self.key_width, 1)
-        self.keys = nn.ModuleList(nn.Conv2d(residual_channels, self.key_width, 1) for _ in range(num_maps))
+        self.keys = nn.ModuleList(key(residual_channels) for _ in range(num_maps))
         self.value = nn.Conv2d(channels, channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)  # the outer projection of Eq. 6
         self.importance = PatchImportance(channels, patch_size, score_hidden) if importance else None
-        self.weights = nn.Parameter(torch.zeros(num_maps))  # W1, W2
+        self.weights = nn.Parameter(torch.full((num_maps,), float(gate_init)))  # W1, W2
+        if gate_lr_scale != 1.0:
+            self.weights._lr_scale = float(gate_lr_scale)
 
     def forward(self, feature: torch.Tensor, residual_maps: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         if len(residual_maps) != len(self.keys):
@@ -126,15 +181,25 @@ class RegionalCompensationUnit(nn.Module):
         h = self.heads
         query = self.query(feature).reshape(b, h, -1, height, width)
         value = self.value(feature).reshape(b, h, -1, height, width)
-        score = self.importance(feature) if self.importance is not None else None
-        fused = feature
+        if self.importance is not None:
+            # phi is one number per patch and the attention stays inside a patch, so
+            # attn(Q, K, V) * phi = attn(Q, K, V * phi): scale V once for both maps.
+            value = value * self.importance(feature).reshape(b, 1, 1, height, width)
+        mixed = None
         for weight, key_proj, rm in zip(self.weights, self.keys, residual_maps):
-            rm = F.interpolate(rm.to(feature.dtype), size=(height, width), mode="bilinear",
-                               align_corners=False)
+            rm = rm.float()
+            if self.map_norm == "image":  # at the map's own size, before resizing
+                rm = standardise_per_image(rm)
+            rm = F.interpolate(rm, size=(height, width), mode="bilinear",
+                               align_corners=False).to(feature.dtype)
             key = key_proj(rm).reshape(b, h, -1, height, width)
-            attended = patch_cross_attention(query, key, value, self.patch_size).reshape(b, c, height, width)
-            fused = fused + weight * self.out(attended if score is None else attended * score)
-        return fused
+            attended = weight * patch_cross_attention(query, key, value, self.patch_size)
+            mixed = attended if mixed is None else mixed + attended
+        # sum_m W_m * out(A_m) = out's weights applied once to sum_m W_m * A_m, plus sum_m W_m * bias.
+        mixed = mixed.reshape(b, c, height, width).to(feature.dtype)
+        bias = None if self.out.bias is None else self.out.bias * self.weights.sum()
+        return feature + F.conv2d(mixed, self.out.weight.to(feature.dtype), None if bias is None else bias.to(feature.dtype))
 
 
-__all__ = ["GlobalCompensationUnit", "PatchImportance", "RegionalCompensationUnit", "SqueezeExcitation"]
+__all__ = ["KEY_EMBEDS", "MAP_NORMS", "GlobalCompensationUnit", "PatchImportance", "cosine_similarity", "RegionalCompensationUnit",
+           "SqueezeExcitation", "standardise_per_image"]

@@ -75,6 +75,14 @@ class GRCSFConfig:
     img_size: int = 224
     rcu_heads: int = 1
     score_hidden: int = 64
+    # How the RCU starts and sees the maps (lesionkit.layers.grcsf.RegionalCompensationUnit,
+    # docs/grcsf.md): W1, W2's start value (0 = the identity at init, SAGAN's choice) and a
+    # learning-rate multiplier for them; per-image standardised maps ("image") or raw ("none");
+    # keys from maps embedded to C channels ("conv", RM' of Eq. 6) or a 1x1 projection ("linear").
+    rcu_gate_init: float = 0.1
+    rcu_gate_lr_scale: float = 1.0
+    rcu_map_norm: str = "image"
+    rcu_key_embed: str = "conv"
     # The frozen MAE that makes the maps when forward gets none: {"name": "mae_vit_tiny", "kwargs": {...}}.
     mae: dict | None = None
     # How it makes them (lesionkit.layers.residual_maps; the residual-maps command's flags).
@@ -82,6 +90,7 @@ class GRCSFConfig:
     residual_repeats: int = 5
     residual_kind: str = "absdiff"
     residual_seed: int = 0
+    residual_precision: str = "fp32"  # the MAE's forward for the maps: fp32 | bf16
 
     def __post_init__(self) -> None:
         depth = len(self.widths) - 1
@@ -149,7 +158,9 @@ class GRCSF(nn.Module):
         self.rcu_levels = tuple(n - 1 - k for k in range(n))
         self.rcus = nn.ModuleList(
             RegionalCompensationUnit(w[level + 1], p, cfg.residual_channels, cfg.num_residual_maps,
-                                     cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score)
+                                     cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score,
+                                     cfg.rcu_gate_init, cfg.rcu_gate_lr_scale, cfg.rcu_map_norm,
+                                     cfg.rcu_key_embed)
             for level, p in zip(self.rcu_levels, self.patch_sizes)) if cfg.use_rcu else None
         init_convs(self.gcus or nn.Module(), cfg.conv_init)
         init_convs(self.rcus or nn.Module(), cfg.conv_init)
@@ -157,7 +168,8 @@ class GRCSF(nn.Module):
 
         # Checked here even without an MAE, so a bad residual_kind fails when the model is built.
         self.residual_settings = ResidualMapSettings(tuple(cfg.residual_ratios), cfg.residual_repeats,
-                                                     cfg.residual_kind, cfg.residual_seed)
+                                                     cfg.residual_kind, cfg.residual_seed,
+                                                     cfg.residual_precision)
         self.mae = None
         if cfg.mae is not None:
             from lesionkit.models.registry import create_model

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GRCSF against its UNet++ baseline on isic2018-dev at 128 px (docs/grcsf.md): the MAE
+# (grcsf_mae_tiny_isic2018, 180 s) and its residual maps of the train and val images made once,
+# as pre-training; then 600 s of segmentation training for unetpp_tiny and grcsf_tiny under their
+# shared recipe, seeds 0-2; then at seed 0 the Table 3 rows not already among those runs (row 1,
+# UNet++, is unetpp_s0; row 4, GRCSF, is grcsf_s0): GRCSF w/o RCU and w/o importance score; and
+# the paper's Dice + focal loss for both.
+# Two lanes, one run each at a time, one thread per run, nothing else on the machine; each run's
+# best checkpoint evaluated on the validation split (GRCSF with its cached maps).
+#   benchmarks/grcsf_isic2018_dev.sh [DEV_PATH] [OUT_DIR]
+#   python benchmarks/grcsf_dev_table.py OUT_DIR        # the tables of docs/grcsf.md
+# DEV_PATH defaults to $LESIONKIT_ISIC2018_DEV, then ../shared/data/isic2018-dev. Finished runs
+# (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes.
+set -euo pipefail
+DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
+OUT=${2:-runs/grcsf_isic2018_dev}
+PY=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+log() { echo "$(date -u +%H:%M:%S) $* | $(uptime | sed 's/.*load/load/')" | tee -a "$OUT/runs.txt"; }
+
+MAPS="grcsf.mae_checkpoint=$OUT/mae/last.pt grcsf.residual_maps=$OUT/maps"
+NO_MAE="grcsf.mae_checkpoint=null grcsf.residual_maps=null"
+FOCAL="loss.name=dice_focal loss.kwargs.focal_alpha=0.25 loss.kwargs.focal_gamma=2.0"
+# name|config|seed|overrides
+LANE_A=(
+  "grcsf_s0|grcsf_tiny_isic2018|0|$MAPS" "grcsf_s1|grcsf_tiny_isic2018|1|$MAPS" "grcsf_s2|grcsf_tiny_isic2018|2|$MAPS"
+  "no_rcu_s0|grcsf_tiny_isic2018|0|$NO_MAE model.kwargs.use_rcu=false"
+  "grcsf_focal_s0|grcsf_tiny_isic2018|0|$MAPS $FOCAL"
+)
+LANE_B=(
+  "unetpp_s0|unetpp_tiny_isic2018|0|" "unetpp_s1|unetpp_tiny_isic2018|1|" "unetpp_s2|unetpp_tiny_isic2018|2|"
+  "no_importance_s0|grcsf_tiny_isic2018|0|$MAPS model.kwargs.use_importance_score=false"
+  "unetpp_focal_s0|unetpp_tiny_isic2018|0|$FOCAL"
+)
+LANES=${LANES:-"A B"}
+
+pretrain() {  # the MAE and the maps, once; lane A waits for them, lane B starts with unetpp
+  if [ ! -f "$OUT/mae/last.pt" ]; then
+    log "start mae"
+    "$PY" -m lesionkit train --config grcsf_mae_tiny_isic2018 --data "isic:$DEV:train" --out "$OUT/mae" \
+      --no-progress --set data.num_workers=1 > "$OUT/mae.log" 2>&1
+    log "done mae: $(tail -1 "$OUT/mae.log" | cut -c1-100)"
+  fi
+  local split
+  for split in train val; do
+    if [ ! -f "$OUT/maps.$split.log" ]; then
+      log "start maps $split"
+      "$PY" -m lesionkit residual-maps --checkpoint "$OUT/mae/last.pt" --data "isic:$DEV:$split" --out "$OUT/maps" \
+        --image-size 128 --no-progress > "$OUT/maps.$split.log.tmp" 2>&1
+      mv "$OUT/maps.$split.log.tmp" "$OUT/maps.$split.log"
+      log "done maps $split: $(tail -1 "$OUT/maps.$split.log" | cut -c1-120)"
+    fi
+  done
+}
+
+run_one() {  # name|config|seed|overrides
+  local name config seed overrides
+  IFS='|' read -r name config seed overrides <<< "$1"
+  local dir="$OUT/$name"
+  [ -f "$dir/eval/metrics.json" ] && return 0
+  rm -rf "$dir"
+  log "start $name"
+  # shellcheck disable=SC2086
+  "$PY" -m lesionkit train --config "$config" --data "isic:$DEV:train" --val-data "isic:$DEV:val" --out "$dir" \
+    --seed "$seed" --no-progress --set data.num_workers=1 $overrides > "$dir.log" 2>&1
+  "$PY" -m lesionkit evaluate --checkpoint "$dir/best.pt" --data "isic:$DEV:val" --out "$dir/eval" \
+    --no-progress > "$dir.eval.log" 2>&1
+  log "done $name: $(tail -1 "$dir.log" | cut -c1-100)"
+}
+
+lane() { local job; for job in "$@"; do run_one "$job"; done; }
+pids=()
+for l in $LANES; do
+  if [ "$l" = A ]; then (pretrain && lane "${LANE_A[@]}") & else lane "${LANE_B[@]}" & fi
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+log "all done"
