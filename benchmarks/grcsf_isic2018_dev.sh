@@ -4,7 +4,9 @@
 # as pre-training; then 600 s of segmentation training for unetpp_tiny and grcsf_tiny under their
 # shared recipe, seeds 0-2; then at seed 0 the Table 3 rows not already among those runs (row 1,
 # UNet++, is unetpp_s0; row 4, GRCSF, is grcsf_s0): GRCSF w/o RCU and w/o importance score; and
-# the paper's Dice + focal loss for both.
+# the paper's Dice + focal loss for both; and unetpp_tiny under GRCSF's first tiny recipe (Adam
+# 1e-3, Dice + focal, half-epoch warm-up), the evidence for the shared recipe; and grcsf_tiny
+# given as many steps as unetpp_tiny takes in 600 s (7 epochs, 1,057 steps; about 1,200 s).
 # Two lanes, one run each at a time, one thread per run, nothing else on the machine; each run's
 # best checkpoint evaluated on the validation split (GRCSF with its cached maps).
 #   benchmarks/grcsf_isic2018_dev.sh [DEV_PATH] [OUT_DIR]
@@ -23,16 +25,20 @@ log() { echo "$(date -u +%H:%M:%S) $* | $(uptime | sed 's/.*load/load/')" | tee 
 MAPS="grcsf.mae_checkpoint=$OUT/mae/last.pt grcsf.residual_maps=$OUT/maps"
 NO_MAE="grcsf.mae_checkpoint=null grcsf.residual_maps=null"
 FOCAL="loss.name=dice_focal loss.kwargs.focal_alpha=0.25 loss.kwargs.focal_gamma=2.0"
+# GRCSF's first tiny recipe, to choose the shared one on the baseline
+OLD_GRCSF="$FOCAL optim.name=adam optim.lr=1e-3 optim.weight_decay=0 scheduler.warmup_epochs=0.5"
 # name|config|seed|overrides
 LANE_A=(
   "grcsf_s0|grcsf_tiny_isic2018|0|$MAPS" "grcsf_s1|grcsf_tiny_isic2018|1|$MAPS" "grcsf_s2|grcsf_tiny_isic2018|2|$MAPS"
   "no_rcu_s0|grcsf_tiny_isic2018|0|$NO_MAE model.kwargs.use_rcu=false"
   "grcsf_focal_s0|grcsf_tiny_isic2018|0|$MAPS $FOCAL"
+  "grcsf_steps_s0|grcsf_tiny_isic2018|0|$MAPS time_budget=null scheduler.horizon=epochs epochs=7"
 )
 LANE_B=(
   "unetpp_s0|unetpp_tiny_isic2018|0|" "unetpp_s1|unetpp_tiny_isic2018|1|" "unetpp_s2|unetpp_tiny_isic2018|2|"
   "no_importance_s0|grcsf_tiny_isic2018|0|$MAPS model.kwargs.use_importance_score=false"
   "unetpp_focal_s0|unetpp_tiny_isic2018|0|$FOCAL"
+  "unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF"
 )
 LANES=${LANES:-"A B"}
 
