@@ -59,6 +59,29 @@ def make_step(model_name: str, kwargs: dict, maps: str | None, size: int, batch:
     return step, sum(p.numel() for p in model.parameters())
 
 
+def round_robin(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each case's step per round; the cases alternate so each sees the same load."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (step, _) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def step_rows(times: dict[str, list[float]], steps: dict, batch: int, base: str) -> list[dict]:
+    """The median per case and its ratio to ``base``'s, printed as table rows and returned."""
+    base_median = statistics.median(times[base])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"case": name, "params": steps[name][1], "s_median": med, "s_all": ts,
+                     "images_per_s": batch / med, f"time_vs_{base}": med / base_median})
+        print(f"| {name} | {steps[name][1]:,} | {med:.3f} | {batch / med:.1f} | {med / base_median:.2f}x |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -72,20 +95,9 @@ def main() -> None:
     for step, _ in steps.values():  # warm-up
         step()
     load_before = os.getloadavg()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, (step, _) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = round_robin(steps, args.rounds)
     load_after = os.getloadavg()
-    base = statistics.median(times["vmunet_tiny"])
-    rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append({"case": name, "params": steps[name][1], "s_median": med, "s_all": ts,
-                     "images_per_s": args.batch / med, "time_vs_vmunet_tiny": med / base})
-        print(f"| {name} | {steps[name][1]:,} | {med:.3f} | {args.batch / med:.1f} | {med / base:.2f}x |", flush=True)
+    rows = step_rows(times, steps, args.batch, "vmunet_tiny")
     print(f"load before {load_before}, after {load_after}")
     if args.out:
         with open(args.out, "w") as f:

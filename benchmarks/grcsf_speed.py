@@ -23,6 +23,7 @@ import statistics
 import time
 
 import torch
+from cmssm_step_time import round_robin, step_rows  # the side-by-side step timing of docs/cmssm.md
 
 from lesionkit.engine.param_groups import parameter_groups
 from lesionkit.layers.residual_maps import IMAGES_PER_FORWARD, ResidualMapSettings, residual_maps
@@ -97,20 +98,9 @@ def main() -> None:
     steps = {name: make_step(m, kw, args.size, args.batch) for name, (m, kw) in STEP_CASES.items()}
     for step, _ in steps.values():
         step()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, (step, _) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    times = round_robin(steps, args.rounds)
     load_after = os.getloadavg()
-    base = statistics.median(times["unetpp_tiny"])
-    rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append({"case": name, "params": steps[name][1], "s_median": med, "s_all": ts,
-                     "images_per_s": args.batch / med, "time_vs_unetpp_tiny": med / base})
-        print(f"| {name} | {steps[name][1]:,} | {med:.3f} | {args.batch / med:.1f} | {med / base:.2f}x |", flush=True)
+    rows = step_rows(times, steps, args.batch, "unetpp_tiny")
     print(f"load before {load_before}, after {load_after}")
     if args.out:
         with open(args.out, "w") as f:
