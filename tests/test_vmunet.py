@@ -378,3 +378,32 @@ def test_torch_compile_of_vmunet_tiny_matches_eager():
         want = model(x)
         got = torch.compile(model)(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vmunet_tiny", "cmssm_tiny"])
+def test_bf16_autocast_training_step_follows_fp32(name):
+    """The recipes' bf16 path: under CPU autocast every layer runs (the scan on 16-bit inputs
+    with float32 state), the logits stay within bf16 rounding of fp32's and the gradients
+    point the same way; the final expand's float32 LayerNorm hands back the input's dtype."""
+    torch.manual_seed(0)
+    # eval(): no drop path, so both passes compute the same function; gradients still flow.
+    model = _randomise(create_model(name, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1)), seed=2).eval()
+    x = torch.rand(2, 3, 64, 64)
+    y = (torch.rand(2, 1, 64, 64) > 0.5).float()
+
+    def grads(precision):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss.backward()
+        return logits.float().detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    want_logits, want_grad = grads("fp32")
+    got_logits, got_grad = grads("bf16")
+    assert torch.isfinite(got_grad).all() and got_grad.numel() == want_grad.numel()
+    assert (got_logits - want_logits).norm() / want_logits.norm() < 0.03
+    assert F.cosine_similarity(got_grad, want_grad, dim=0) > 0.98
+    feats = torch.randn(2, 16, 16, model.cfg.dims[0], dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.final_up.forward_channels_first(feats).dtype == torch.bfloat16

@@ -75,15 +75,26 @@ class SS2D(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> (B, D, H, W): the four scans, mapped back and summed."""
+        """(B, D, H, W) -> (B, D, H, W): the four scans, mapped back and summed.
+
+        Both projections are written as matmuls whose outputs are already in the layout the
+        scan reads, (B, 4, ., H*W) with the pixels last: weight (rows, D) @ x (D, H*W) per image.
+        An einsum over (b, d, h, w) lowers to a bmm over (B*H*W, D) and then permutes its output
+        into that layout, which cost more than the matmuls themselves on a CPU.
+        """
         batch, d, height, width = x.shape
         k, n, r = DIRECTIONS, self.d_state, self.dt_rank
-        x_dbl = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight.to(x.dtype))
+        length = height * width
+        rows = k * (r + 2 * n)
+        weight = self.x_proj_weight.to(x.dtype).reshape(1, rows, d).expand(batch, rows, d)
+        x_dbl = torch.bmm(weight, x.reshape(batch, d, length)).view(batch, k, r + 2 * n, length)
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrhw,kdr->bkdhw", dts, self.dt_projs_weight.to(x.dtype))
+        dt_weight = self.dt_projs_weight.to(x.dtype).unsqueeze(0).expand(batch, k, d, r).reshape(batch * k, d, r)
+        dts = torch.bmm(dt_weight, dts.reshape(batch * k, r, length))  # (B * 4, D, L)
         A = -torch.exp(self.A_logs.float()).view(k, d, n)
-        return selective_scan_2d(x, dts, A, Bs.contiguous(), Cs.contiguous(), self.Ds.float().view(k, d),
-                                 self.dt_projs_bias.float(), dt_softplus=True)
+        return selective_scan_2d(x, dts.view(batch, k, d, height, width), A,
+                                 Bs.reshape(batch, k, n, height, width), Cs.reshape(batch, k, n, height, width),
+                                 self.Ds.float().view(k, d), self.dt_projs_bias.float(), dt_softplus=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.d_model:

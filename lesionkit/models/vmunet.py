@@ -213,8 +213,7 @@ class VMUNet(nn.Module):
             if layer.upsample is not None:
                 x = layer.upsample(x)
             x = _run(layer.blocks, x, features)
-        x = self.final_up(x).permute(0, 3, 1, 2)
-        return self.final_conv(x)
+        return self.final_conv(self.final_up.forward_channels_first(x))
 
 
 def build_vmunet(name: str, defaults: dict, kwargs: dict) -> VMUNet:
