@@ -93,7 +93,7 @@ class SS2D(nn.Module):
         dts = torch.bmm(dt_weight, dts.reshape(batch * k, r, length))  # (B * 4, D, L)
         A = -torch.exp(self.A_logs.float()).view(k, d, n)
         return selective_scan_2d(x, dts.view(batch, k, d, height, width), A,
-                                 Bs.reshape(batch, k, n, height, width), Cs.reshape(batch, k, n, height, width),
+                                 Bs.unflatten(-1, (height, width)), Cs.unflatten(-1, (height, width)),
                                  self.Ds.float().view(k, d), self.dt_projs_bias.float(), dt_softplus=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
