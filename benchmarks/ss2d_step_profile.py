@@ -3,7 +3,8 @@
 One step = forward (with the block outputs when distilling) + the recipe's loss (BCE 0.3 /
 Dice 0.7 + CFD + IFD for cmssm_tiny; BCE + Dice for unet_tiny) + backward + AdamW, at 128 px,
 batch 8, one thread by default, each model in the precision given (``fp32`` or ``bf16`` =
-CPU autocast, as the trainer runs it; ``+cl`` adds channels-last input and weights).
+CPU autocast, as the trainer runs it; ``+cl`` adds channels-last input and weights, ``+compile``
+runs the model through ``torch.compile``).
 torch.profiler records ``--steps`` steps after two warm-up steps; every op is put in one
 category (below) by its name, the inclusive time of the ops listed in ``WHOLE`` (their
 internal copies are theirs), the self time of the rest. Steps are also timed without the
@@ -89,13 +90,13 @@ def attribute(events) -> dict[str, float]:
 
 def make_step(spec: str, size: int, batch: int):
     model_name, _, precision = spec.partition(":")
-    precision = precision or "fp32"
-    channels_last = precision.endswith("+cl")
-    precision = precision.removesuffix("+cl")
+    precision, *flags = (precision or "fp32").split("+")
+    channels_last = "cl" in flags
     torch.manual_seed(0)
     model = create_model(model_name).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if "compile" in flags else model
     opt = torch.optim.AdamW(parameter_groups(model, 1e-2), lr=1e-3, weight_decay=1e-2)
     if model_name.startswith(("vmunet", "cmssm")):
         loss_fn = create_loss("bce_dice", bce_weight=0.3, dice_weight=0.7)
@@ -111,9 +112,9 @@ def make_step(spec: str, size: int, batch: int):
     def step():
         with autocast_context(device, precision):
             if fd is None:
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(forward(x), y)
             else:
-                logits, features = model.forward_intermediates(x)
+                logits, features = forward(x, intermediates=True)
                 loss = loss_fn(logits, y) + sum(fd(features, model.block_names()).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
