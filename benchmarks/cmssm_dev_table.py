@@ -19,7 +19,9 @@ ARMS = {"vmunet": "`vmunet_tiny` (VM-UNet)", "cmssm": "`cmssm_tiny` (CM-SSM U-Ne
         "t4r1": "Table 4 row 1: no SE / CMN / CRA, CFD + IFD on", "t5r1": "Table 5 row 1: SE + CMN + CRA, no FD",
         "cmn2": "`cmssm_tiny`, CMN ratio 2", "dp01": "`cmssm_tiny`, drop path 0.1",
         "fdstart1": "`cmssm_tiny`, distillation from epoch 1 (`cmssm.fd_start_epochs: 1`)",
-        "cmssm_steps": "`cmssm_tiny` at equal steps (744 s, as many steps as `vmunet_tiny` in 600 s)"}
+        "cmssm_steps": "`cmssm_tiny` at equal steps (744 s, as many steps as `vmunet_tiny` in 600 s)",
+        "vmunet_bf16": "`vmunet_tiny`, bf16 recipe (December 2026 kernels)",
+        "cmssm_bf16": "`cmssm_tiny`, bf16 recipe (December 2026 kernels)"}
 
 
 def main(out: str, arms: dict[str, str] = ARMS) -> None:

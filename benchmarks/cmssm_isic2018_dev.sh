@@ -21,18 +21,21 @@ export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 log() { echo "$(date -u +%H:%M:%S) $* | $(uptime | sed 's/.*load/load/')" | tee -a "$OUT/runs.txt"; }
 
-# name|config|seed|budget (s)|overrides
+# name|config|seed|budget (s)|overrides (the 3-seed float32 rows of 4 December pin precision=fp32)
 ALL_PAIRS=(
-  "vmunet_s0|vmunet_tiny_isic2018|0|$BUDGET| ; cmssm_s0|cmssm_tiny_isic2018|0|$BUDGET|"
-  "vmunet_s1|vmunet_tiny_isic2018|1|$BUDGET| ; cmssm_s1|cmssm_tiny_isic2018|1|$BUDGET|"
-  "vmunet_s2|vmunet_tiny_isic2018|2|$BUDGET| ; cmssm_s2|cmssm_tiny_isic2018|2|$BUDGET|"
+  "vmunet_s0|vmunet_tiny_isic2018|0|$BUDGET|precision=fp32 ; cmssm_s0|cmssm_tiny_isic2018|0|$BUDGET|precision=fp32"
+  "vmunet_s1|vmunet_tiny_isic2018|1|$BUDGET|precision=fp32 ; cmssm_s1|cmssm_tiny_isic2018|1|$BUDGET|precision=fp32"
+  "vmunet_s2|vmunet_tiny_isic2018|2|$BUDGET|precision=fp32 ; cmssm_s2|cmssm_tiny_isic2018|2|$BUDGET|precision=fp32"
   "t4r1_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.se=false model.kwargs.cmn=false model.kwargs.cra=false ; t5r1_s0|cmssm_tiny_isic2018|0|$BUDGET|cmssm.cfd=false cmssm.ifd=false"
   "cmn2_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.cmn_ratio=2 ; dp01_s0|cmssm_tiny_isic2018|0|$BUDGET|model.kwargs.drop_path_rate=0.1"
   # Equal steps: cmssm_tiny's step takes 1.24x vmunet_tiny's (benchmarks/cmssm_step_time.py).
   "fdstart1_s0|cmssm_tiny_isic2018|0|$BUDGET|cmssm.fd_start_epochs=1 ; cmssm_steps_s0|cmssm_tiny_isic2018|0|$STEPS_BUDGET|"
   "cmssm_steps_s1|cmssm_tiny_isic2018|1|$STEPS_BUDGET| ; cmssm_steps_s2|cmssm_tiny_isic2018|2|$STEPS_BUDGET|"
+  # The bf16 recipes (December 2026; docs/cmssm.md "Training speed"): two seeds each.
+  "vmunet_bf16_s0|vmunet_tiny_isic2018|0|$BUDGET|precision=bf16 ; cmssm_bf16_s0|cmssm_tiny_isic2018|0|$BUDGET|precision=bf16"
+  "vmunet_bf16_s1|vmunet_tiny_isic2018|1|$BUDGET|precision=bf16 ; cmssm_bf16_s1|cmssm_tiny_isic2018|1|$BUDGET|precision=bf16"
 )
-RUNS=${RUNS:-"0 1 2 3 4 5 6"}
+RUNS=${RUNS:-"0 1 2 3 4 5 6 7 8"}
 
 run_one() {  # name config seed budget overrides...
   local name=$1 config=$2 seed=$3 budget=$4; shift 4
