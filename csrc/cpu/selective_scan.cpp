@@ -555,8 +555,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
 }
 
 // (b, S, g, l, n) partial sums -> (b, g, n, l), or (b, n, l) when B was given without groups.
+// The per-split partial buffers (b, splits, ...) summed over the splits; with one split (one
+// task per batch element) a view, where at::sum over a size-1 dimension would copy.
+at::Tensor sum_splits(const at::Tensor& partial) {
+  return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1);
+}
+
 at::Tensor finish_bc_grad(const at::Tensor& partial, const at::Tensor& like) {
-  auto g = partial.sum(1).transpose(2, 3);
+  auto g = sum_splits(partial).transpose(2, 3);
   if (like.dim() == 3) g = g.squeeze(1);
   return g.to(like.scalar_type()).contiguous();
 }
@@ -875,8 +881,8 @@ selective_scan_2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
     });
     if (!dx_sum.is_same(dx)) dx.copy_(dx_sum);
   }
-  auto dB = positions_to_spatial(dB_part.sum(1), s.height, s.width).to(B_in.scalar_type());
-  auto dC = positions_to_spatial(dC_part.sum(1), s.height, s.width).to(C_in.scalar_type());
+  auto dB = positions_to_spatial(sum_splits(dB_part), s.height, s.width).to(B_in.scalar_type());
+  auto dC = positions_to_spatial(sum_splits(dC_part), s.height, s.width).to(C_in.scalar_type());
   return {dx, ddt, dA_part.sum(0), dB, dC, dD_part.sum(0), dbias_part.sum(0)};
 }
 
