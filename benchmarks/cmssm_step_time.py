@@ -82,13 +82,25 @@ def step_rows(times: dict[str, list[float]], steps: dict, batch: int, base: str)
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every step-timing script here takes: --threads, --size, --batch, --out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out")
+    return parser
+
+
+def machine(load_before: tuple, load_after: tuple) -> dict:
+    """The "machine" record of the results JSON: processor, cores, torch, load around the timing."""
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "load_average_before": load_before, "load_average_after": load_after}
+
+
+def main() -> None:
+    parser = step_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = {name: make_step(m, kw, maps, args.size, args.batch) for name, (m, kw, maps) in CASES.items()}
@@ -101,9 +113,7 @@ def main() -> None:
     print(f"load before {load_before}, after {load_after}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                                   "torch": torch.__version__, "load_average_before": load_before,
-                                   "load_average_after": load_after},
+            json.dump({"machine": machine(load_before, load_after),
                        "threads": args.threads, "size": args.size, "batch": args.batch, "rounds": args.rounds,
                        "results": rows}, f, indent=1)
 

@@ -15,15 +15,13 @@ RCU and without GCU, so the docs can say where the time goes. Load recorded befo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
-from cmssm_step_time import round_robin, step_rows  # the side-by-side step timing of docs/cmssm.md
+from cmssm_step_time import machine, round_robin, step_arguments, step_rows  # the side-by-side step timing of docs/cmssm.md
 
 from lesionkit.engine.param_groups import parameter_groups
 from lesionkit.layers.residual_maps import IMAGES_PER_FORWARD, ResidualMapSettings, residual_maps
@@ -80,14 +78,10 @@ def make_step(model_name: str, kwargs: dict, size: int, batch: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = step_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--map-images", type=int, default=48)
     parser.add_argument("--map-runs", type=int, default=3)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -104,9 +98,7 @@ def main() -> None:
     print(f"load before {load_before}, after {load_after}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                                   "torch": torch.__version__, "load_average_before": load_before,
-                                   "load_average_after": load_after},
+            json.dump({"machine": machine(load_before, load_after),
                        "threads": args.threads, "size": args.size, "batch": args.batch, "rounds": args.rounds,
                        "maps": maps, "steps": rows}, f, indent=1)
 

@@ -16,16 +16,14 @@ where that time goes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from cmssm_step_time import machine, round_robin, step_arguments  # the side-by-side step timing of docs/cmssm.md
 
 from lesionkit.engine.evaluation import autocast_context
 from lesionkit.engine.param_groups import parameter_groups
@@ -80,11 +78,13 @@ def attribute(events) -> dict[str, float]:
             visit(c)
 
     for e in events:
-        if e.cpu_parent is None and not e.name.startswith("ProfilerStep") and e.name != "step":
-            visit(e)
-        elif e.name == "step":
+        if e.cpu_parent is not None:
+            continue
+        if e.name == "step":  # the record_function around each profiled step
             for c in e.cpu_children:
                 visit(c)
+        elif not e.name.startswith("ProfilerStep"):
+            visit(e)
     return dict(out)
 
 
@@ -124,13 +124,9 @@ def make_step(spec: str, size: int, batch: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = step_arguments(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cases", nargs="+", default=["unet_tiny:bf16+cl", "vmunet_tiny:fp32", "cmssm_tiny:fp32"])
-    parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -138,11 +134,7 @@ def main() -> None:
     for spec in args.cases:
         step = make_step(spec, args.size, args.batch)
         step(), step()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+        times = round_robin({spec: (step, None)}, args.steps)[spec]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 with record_function("step"):
@@ -159,9 +151,7 @@ def main() -> None:
     print(f"load before {load_before}, after {load_after}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                                   "torch": torch.__version__, "load_average_before": load_before,
-                                   "load_average_after": load_after},
+            json.dump({"machine": machine(load_before, load_after),
                        "threads": args.threads, "size": args.size, "batch": args.batch, "steps": args.steps,
                        "results": results}, f, indent=1)
 

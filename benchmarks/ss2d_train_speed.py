@@ -12,19 +12,14 @@ before and after (quote a ratio only when the load stayed below the core count).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cmssm_step_time import round_robin  # noqa: E402
-from ss2d_step_profile import make_step  # noqa: E402
+from cmssm_step_time import machine, round_robin, step_arguments  # the side-by-side step timing of docs/cmssm.md
+from ss2d_step_profile import make_step
 
 DEFAULT_CASES = ["unet_tiny:bf16+cl", "vmunet_tiny:fp32", "vmunet_tiny:bf16", "cmssm_tiny:fp32", "cmssm_tiny:bf16"]
 
@@ -38,14 +33,10 @@ def parse(spec: str, size: int, batch: int) -> tuple[str, int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = step_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
     parser.add_argument("--label", default="", help="a name for this code version in the JSON")
-    parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps, shapes = {}, {}
@@ -73,9 +64,7 @@ def main() -> None:
     print(f"load before {load_before}, after {load_after}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                                   "torch": torch.__version__, "load_average_before": load_before,
-                                   "load_average_after": load_after},
+            json.dump({"machine": machine(load_before, load_after),
                        "label": args.label, "threads": args.threads, "rounds": args.rounds, "results": rows}, f, indent=1)
 
 

@@ -554,13 +554,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_cpu(
   return {out, last_state, checkpoints};
 }
 
-// (b, S, g, l, n) partial sums -> (b, g, n, l), or (b, n, l) when B was given without groups.
 // The per-split partial buffers (b, splits, ...) summed over the splits; with one split (one
 // task per batch element) a view, where at::sum over a size-1 dimension would copy.
 at::Tensor sum_splits(const at::Tensor& partial) {
   return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1);
 }
 
+// (b, S, g, l, n) partial sums -> (b, g, n, l), or (b, n, l) when B was given without groups.
 at::Tensor finish_bc_grad(const at::Tensor& partial, const at::Tensor& like) {
   auto g = sum_splits(partial).transpose(2, 3);
   if (like.dim() == 3) g = g.squeeze(1);
