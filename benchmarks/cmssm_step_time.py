@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from lesionkit.engine.param_groups import parameter_groups
+from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
+from lesionkit.engine.config import OptimConfig
 from lesionkit.losses import create_loss
 from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model
@@ -40,7 +41,7 @@ CASES = {
 def make_step(model_name: str, kwargs: dict, maps: str | None, size: int, batch: int):
     torch.manual_seed(0)
     model = create_model(model_name, **kwargs).train()
-    opt = torch.optim.AdamW(parameter_groups(model, 1e-2), lr=1e-3, weight_decay=1e-2)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-2), model)
     loss_fn = create_loss("bce_dice", bce_weight=0.3, dice_weight=0.7)
     fd = FeatureDistillation(maps=maps) if maps else None
     x = torch.rand(batch, 3, size, size)

@@ -23,7 +23,8 @@ import time
 import torch
 from cmssm_step_time import machine, round_robin, step_arguments, step_rows  # the side-by-side step timing of docs/cmssm.md
 
-from lesionkit.engine.param_groups import parameter_groups
+from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
+from lesionkit.engine.config import OptimConfig
 from lesionkit.layers.residual_maps import IMAGES_PER_FORWARD, ResidualMapSettings, residual_maps
 from lesionkit.losses import create_loss
 from lesionkit.models import create_model
@@ -60,7 +61,7 @@ def maps_speed(images: int, runs: int, size: int) -> dict:
 def make_step(model_name: str, kwargs: dict, size: int, batch: int):
     torch.manual_seed(0)
     model = create_model(model_name, **kwargs).train().to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(parameter_groups(model, 1e-4), lr=1e-3, weight_decay=1e-4)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4), model)
     loss_fn = create_loss("bce_dice")
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, size, size) > 0.5).float()

@@ -26,7 +26,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from cmssm_step_time import machine, round_robin, step_arguments  # the side-by-side step timing of docs/cmssm.md
 
 from lesionkit.engine.evaluation import autocast_context
-from lesionkit.engine.param_groups import parameter_groups
+from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
+from lesionkit.engine.config import OptimConfig
 from lesionkit.losses import create_loss
 from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model
@@ -97,7 +98,7 @@ def make_step(spec: str, size: int, batch: int):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if "compile" in flags else model
-    opt = torch.optim.AdamW(parameter_groups(model, 1e-2), lr=1e-3, weight_decay=1e-2)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-2), model)
     if model_name.startswith(("vmunet", "cmssm")):
         loss_fn = create_loss("bce_dice", bce_weight=0.3, dice_weight=0.7)
     else:

@@ -34,7 +34,8 @@ from lesionkit.layers import ss2d as ss2d_module
 from lesionkit.losses import create_loss
 from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model, segmentation_logits
-from lesionkit.engine.param_groups import parameter_groups
+from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
+from lesionkit.engine.config import OptimConfig
 
 SCAN_OPS = ("lesionkit::selective_scan_2d", "lesionkit::selective_scan_2d_backward")
 _captured: list | None = None
@@ -82,7 +83,7 @@ def name_is_cmssm(model) -> bool:
 def measure(name: str, size: int, batch: int, steps: int, backends: list[str]) -> dict:
     torch.manual_seed(0)
     model = create_model(name).train()
-    opt = torch.optim.AdamW(parameter_groups(model, 1e-2), lr=1e-4, weight_decay=1e-2)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=1e-4, weight_decay=1e-2), model)
     loss_fn = create_loss("bce_dice", bce_weight=0.3, dice_weight=0.7)
     x = torch.rand(batch, 3, size, size)
     y = (torch.rand(batch, 1, size, size) > 0.5).float()

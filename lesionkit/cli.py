@@ -298,7 +298,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, out_default: str, set_example
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue from OUT/last.pt (or the checkpoint given)")
     p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
     p.add_argument("--seed", type=int)
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help=f"config overrides, e.g. {set_example}")
     p.add_argument("--no-progress", action="store_true")

@@ -194,6 +194,33 @@ def test_bf16_autocast_on_cpu_and_grad_clip(tmp_path, monkeypatch):
     assert math.isfinite(summary["last_metrics"]["dataset"]["dice"])
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_takes_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, capsys, native):
+    """precision: auto (the shipped recipes) trains in bf16 on a CPU with AVX-512 BF16 / AMX and
+    in fp32 elsewhere, where CPU bf16 is emulated and several times slower (docs/engine.md);
+    explicit bf16 on such a CPU still runs bf16, with a warning."""
+    from lesionkit.engine.evaluation import resolve_precision
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision should be one of"):
+        resolve_precision("bf32", cpu)
+    trainer = Trainer(make_config(tmp_path, epochs=1, precision="auto"), train_data=Discs(8), val_data=Discs(4, seed=1))
+    assert f"precision auto -> {'bf16' if native else 'fp32'}" in capsys.readouterr().out
+    dtypes = set()
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
+    trainer.fit()
+    assert dtypes == {torch.bfloat16 if native else torch.float32}  # training and validation
+    assert trainer.cfg.precision == "auto"  # resolved again where a resumed run runs
+    if not native:
+        with pytest.warns(RuntimeWarning, match="no native bf16"):
+            Trainer(make_config(tmp_path / "b", epochs=1, precision="bf16"), train_data=Discs(8), val_data=Discs(4))
+
+
 def test_fp16_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid with CUDA")

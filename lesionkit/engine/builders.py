@@ -79,13 +79,37 @@ def build_train_val_datasets(data: DataConfig, seed: int) -> tuple[torch.utils.d
 
 def build_optimizer(optim: OptimConfig, model: nn.Module, include=None) -> torch.optim.Optimizer:
     """``optim.name`` over the model's parameter groups (SS2D's ``_no_weight_decay`` ones without
-    decay); ``include(name, param)``, when given, picks the parameters (a per-task optimiser)."""
+    decay); ``include(name, param)``, when given, picks the parameters (a per-task optimiser).
+    ``optim.fused`` picks torch's fused update (None: Adam / AdamW where every parameter allows
+    it; SGD only when true)."""
     from lesionkit.engine.param_groups import parameter_groups
 
     params = parameter_groups(model, optim.weight_decay, include, optim.lr)
+    fused = fused_update(optim.fused, [p for g in params for p in g["params"]])
     if optim.name == "sgd":
+        # Only on request: torch's fused SGD fails when a parameter gets its first gradient after
+        # others already have momentum buffers (SegMAE's per-task optimisers).
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                               nesterov=optim.nesterov)
+                               nesterov=optim.nesterov, fused=fused if optim.fused else None)
     if optim.name == "adam":
-        return torch.optim.Adam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        return torch.optim.Adam(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                                fused=fused)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                             fused=fused)
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_update(requested: bool | None, params: list[torch.Tensor]) -> bool | None:
+    """Whether the optimiser takes torch's fused path: ``requested`` True / False as given (True
+    with a parameter torch cannot fuse is an error naming it), None = True when every parameter is
+    a floating-point tensor on the CPU or a CUDA device, else torch's default."""
+    unfit = [p for p in params if p.device.type not in FUSED_DEVICES or not p.is_floating_point()]
+    if requested is None:
+        return True if params and not unfit else None
+    if requested and unfit:
+        p = unfit[0]
+        raise ValueError(f"optim.fused is true but a parameter is {p.dtype} on {p.device}; the fused update "
+                         f"needs floating-point parameters on {' or '.join(FUSED_DEVICES)} (set optim.fused: null)")
+    return requested

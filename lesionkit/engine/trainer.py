@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from lesionkit.engine.builders import build_loss, build_optimizer, build_train_v
 from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.distributed import DistributedContext
 from lesionkit.engine.evaluation import (autocast_context, evaluate, flatten_metrics, lower_is_better, monitor_value,
-                                        plain_metrics)
+                                        native_bf16, plain_metrics, resolve_precision)
 from lesionkit.engine.loaders import EpochOrder
 from lesionkit.engine.resume import ResumableRun
 from lesionkit.engine.run_log import RunLog
@@ -86,6 +87,16 @@ class Trainer(ResumableRun):
             torch.cuda.set_device(self.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(f"precision 'fp16' needs a CUDA device, got {self.device}; use 'bf16' or 'fp32' on CPU")
+        # The precision this run trains and evaluates in (``auto`` resolved for this device);
+        # config.precision keeps what was asked, so a resumed run resolves it again where it runs.
+        self.precision = resolve_precision(config.precision, self.device)
+        if config.precision == "auto" and self.dist.is_main:
+            why = "native bf16" if self.precision == "bf16" else "no native bf16 (AVX-512 BF16 / AMX on a CPU)"
+            print(f"precision auto -> {self.precision} on {self.device} ({why})", flush=True)
+        if self.precision == "bf16" and not native_bf16(self.device) and self.dist.is_main:
+            warnings.warn(f"precision 'bf16' on {self.device}, which has no native bf16 (no AVX-512 BF16 or AMX on "
+                          "a CPU): PyTorch emulates it there, several times slower than fp32. Set precision: auto "
+                          "(bf16 only where native) or fp32.", RuntimeWarning, stacklevel=2)
         self.out_dir = Path(config.out_dir)
         set_determinism(config.deterministic, self.device)
 
@@ -114,7 +125,7 @@ class Trainer(ResumableRun):
             raise ValueError(f"stages() should list stages with epochs >= 0, got {stages}")
         self.stage: Stage = stages[0]
         self.optimizer, self.scheduler = self.configure_optimizers()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.model, self.train_model = self.dist.wrap(self.model, self.device, config.sync_batchnorm,
                                                       self.ddp_find_unused_parameters)
 
@@ -241,7 +252,7 @@ class Trainer(ResumableRun):
         ``optimizer`` / ``scheduler`` (default: the trainer's) let a recipe give a task its own."""
         if optimizer is None:
             optimizer, scheduler = self.optimizer, self.scheduler
-        with autocast_context(self.device, self.cfg.precision):
+        with autocast_context(self.device, self.precision):
             losses = step_fn(batch)
         if "loss" not in losses:
             raise KeyError(f"{getattr(step_fn, '__name__', 'the step function')} must return a 'loss' entry, got {sorted(losses)}")
@@ -425,7 +436,7 @@ class Trainer(ResumableRun):
         """``SegmentationMetrics.compute()`` on the validation data (rank 0 only), or ``None``."""
         if self.val_loader is None or not self.dist.is_main:
             return None
-        result = evaluate(self.model, self.val_loader, self.device, self.cfg.threshold, self.cfg.precision,
+        result = evaluate(self.model, self.val_loader, self.device, self.cfg.threshold, self.precision,
                           progress=self.cfg.progress, desc="validate", hd95=self.cfg.val_hd95,
                           model_inputs=self.model_inputs,
                           loss_fn=self.loss_fn if self.cfg.monitor == "loss" else None)

@@ -79,7 +79,7 @@ class MAETrainer(Trainer):
                 for ratio in self.cfg.mae.mask_ratios:
                     pm = random_patch_mask(image.shape[0], grid[0] * grid[1], float(ratio), generator=gen)
                     pm.ids_keep, pm.ids_restore, pm.mask = (t.to(self.device) for t in (pm.ids_keep, pm.ids_restore, pm.mask))
-                    with autocast_context(self.device, self.cfg.precision):
+                    with autocast_context(self.device, self.precision):
                         out = model(image, mask=pm)
                     total += float(loss_fn(out.reconstruction.float(), image, out.mask)) * image.shape[0]
                     count += image.shape[0]
