@@ -93,9 +93,23 @@ def step_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions (the timings depend on both: AVX-512 / AVX2,
+    native bf16 or not)."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return f"{name or platform.processor()}; torch kernels {torch.backends.cpu.get_cpu_capability()}; " \
+           f"native bf16 {'yes' if native_bf16 else 'no'}"
+
+
 def machine(load_before: tuple, load_after: tuple) -> dict:
     """The "machine" record of the results JSON: processor, cores, torch, load around the timing."""
-    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    return {"processor": platform.processor() or platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "load_average_before": load_before, "load_average_after": load_after}
 
 

@@ -6,7 +6,7 @@ tunings once turned a float64 2-D scan into a dtype error on those Xeons only, w
 CPU passed. Here the scan sources are compiled with setup.py's CPU_ARCH_FLAGS, `-march=native`
 replaced by each target below that this CPU can execute, and checked in float64 and float32
 against a step-by-step loop written in this file (an oracle independent of the package's
-reference). Each build runs in a fresh interpreter: the package's own library already owns the
+reference), forward and backward (the loop's gradients by autograd). Each build runs in a fresh interpreter: the package's own library already owns the
 `lesionkit` operator namespace in this one.
 """
 
@@ -85,35 +85,54 @@ CHECK = textwrap.dedent("""
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
+    def check_grads(name, got, want, tol):
+        # got: the kernel's gradients, want: the loop's (autograd), in the inputs' order.
+        for i, (a, b) in enumerate(zip(got, want)):
+            err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+            if not err <= tol:
+                failures.append(f"{name} gradient {i}: relative error {err:.2e}")
+
     failures = []
     for n in (1, 3, 16):  # the n = 1 and n = 16 instances and the generic one
         bsz, dim, height, width = 2, 3, 3, 4
         x, dt = rand(bsz, dim, height, width), rand(bsz, 4, dim, height, width, scale=0.5)
         A, B, C = -rand(4, dim, n).abs() - 0.1, rand(bsz, 4, n, height, width), rand(bsz, 4, n, height, width)
         D, bias = rand(4, dim), rand(4, dim, scale=0.3)
-        want = scan_2d_loop(x, dt, A, B, C, D, bias)
+        inputs = [t.requires_grad_() for t in (x, dt, A, B, C, D, bias)]
+        want = scan_2d_loop(*inputs)
+        grad_out = rand(*want.shape)
+        want_grads = torch.autograd.grad(want, inputs, grad_out)
+        want = want.detach()
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
             acc = torch.float64 if dtype == torch.float64 else torch.float32
-            got = torch.ops.lesionkit.selective_scan_2d(
-                x.to(dtype), dt.to(dtype), A.to(acc), B.to(dtype), C.to(dtype), D.to(acc),
-                bias.to(acc), True, None)[0]
+            args = [t.detach().to(dtype if i in (0, 1, 3, 4) else acc) for i, t in enumerate(inputs)]
+            got, ckpt = torch.ops.lesionkit.selective_scan_2d(*args, True, None)
             err = ((got.double() - want).abs().max() / want.abs().max()).item()
             if not err <= tol:
                 failures.append(f"selective_scan_2d n={n} {dtype}: relative error {err:.2e}")
+            grads = torch.ops.lesionkit.selective_scan_2d_backward(grad_out.to(dtype), *args, True, ckpt)
+            # dx, ddt, dA, dB, dC, dD, dbias: the input order
+            check_grads(f"selective_scan_2d n={n} {dtype}", grads, want_grads, 5 * tol)
 
         length = 37
         u, delta, z = rand(bsz, dim, length), rand(bsz, dim, length, scale=0.5), rand(bsz, dim, length)
         A1, B1, C1 = -rand(dim, n).abs() - 0.1, rand(bsz, n, length), rand(bsz, n, length)
         D1, bias1 = rand(dim), rand(dim, scale=0.3)
-        want = scan_1d_loop(u, delta, A1, B1, C1, D1, z, bias1)
+        inputs = [t.requires_grad_() for t in (u, delta, A1, B1, C1, D1, z, bias1)]
+        want = scan_1d_loop(*inputs)
+        grad_out = rand(*want.shape)
+        want_grads = torch.autograd.grad(want, inputs, grad_out)
+        want = want.detach()
         for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
             acc = torch.float64 if dtype == torch.float64 else torch.float32
-            got = torch.ops.lesionkit.selective_scan(
-                u.to(dtype), delta.to(dtype), A1.to(acc), B1.to(dtype), C1.to(dtype), D1.to(acc),
-                z.to(dtype), bias1.to(acc), True, None)[0]
+            args = [t.detach().to(acc if i in (2, 5, 7) else dtype) for i, t in enumerate(inputs)]
+            got, _, ckpt = torch.ops.lesionkit.selective_scan(*args, True, None)
             err = ((got.double() - want).abs().max() / want.abs().max()).item()
             if not err <= tol:
                 failures.append(f"selective_scan n={n} {dtype}: relative error {err:.2e}")
+            du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.lesionkit.selective_scan_backward(
+                grad_out.to(dtype), None, *args, True, ckpt)
+            check_grads(f"selective_scan n={n} {dtype}", (du, ddelta, dA, dB, dC, dD, dz, dbias), want_grads, 5 * tol)
     print("\\n".join(failures) if failures else "OK")
 """)
 

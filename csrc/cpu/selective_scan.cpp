@@ -40,6 +40,12 @@
 #include <immintrin.h>
 // GCC 12 warns inside its own AVX-512 header (min/max of _mm512_undefined_ps); a false positive.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// AVX2 + FMA without AVX-512 (most laptops, AMD before Zen 4): n = 16 float32 is two 8-lane
+// registers. The compiler's vectorisation of the generic loops left this path 20x slower than
+// the AVX-512 one (docs/ss2d.md).
+#define LK_AVX2 1
 #endif
 
 #include "../selective_scan.h"
@@ -224,6 +230,45 @@ LK_INLINE __mmask16 first_lanes(int64_t m) {
 }
 #endif
 
+#if defined(LK_AVX2)
+// fast_exp on 8 lanes: the scalar version's reduction and polynomial; 2^k added to the exponent
+// bits (the clamp keeps the result a normal float).
+LK_INLINE __m256 fast_exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-86.0f)), _mm256_set1_ps(88.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.693145751953125f), x);
+  r = _mm256_fmadd_ps(k, _mm256_set1_ps(-1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(k), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// Eight horizontal sums at once: lane j of the result is the sum of v[j]'s lanes (two rounds of
+// pairwise hadd, then the 128-bit halves added), as reduce_add16 does for AVX-512.
+LK_INLINE __m256 reduce_add8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Both horizontal sums of v and w in one tree.
+LK_INLINE void reduce_add_pair8(__m256 v, __m256 w, float& sum_v, float& sum_w) {
+  __m256 s = _mm256_hadd_ps(v, w);  // v01 v23 w01 w23 | v45 v67 w45 w67
+  s = _mm256_hadd_ps(s, s);         // v0-3 w0-3 . . | v4-7 w4-7 . .
+  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  sum_v = _mm_cvtss_f32(t);
+  sum_w = _mm_cvtss_f32(_mm_movehdup_ps(t));
+}
+#endif
+
 // Steps [t0, t0 + len) from state h (updated in place); y_i = <C, h> + D u into ws.y. With
 // `history`, the state after step i is also kept at history[(i + 1) * n].
 template <int kN, typename scalar_t, typename acc_t, typename Map>
@@ -254,6 +299,36 @@ LK_INLINE void scan_steps(const Row<scalar_t, acc_t>& row, Map map, int64_t n_ru
       _mm512_mask_storeu_ps(ws.y.data() + lo, mask, y);
     }
     _mm512_storeu_ps(h, hv);
+    return;
+  }
+#elif defined(LK_AVX2)
+  if constexpr (kN == 16 && std::is_same_v<acc_t, float>) {
+    // n = 16 float32 in two registers; blocks of 8 steps reduced at once (reduce_add8).
+    const __m256 A0 = _mm256_loadu_ps(row.A), A1 = _mm256_loadu_ps(row.A + 8);
+    __m256 h0 = _mm256_loadu_ps(h), h1 = _mm256_loadu_ps(h + 8);
+    for (int64_t lo = 0; lo < len; lo += 8) {
+      const int64_t m = std::min<int64_t>(8, len - lo);
+      __m256 prod[8];
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t i = lo + j;
+        const __m256 dt = _mm256_set1_ps(ws.dt[i]), dtu = _mm256_set1_ps(ws.dtu[i]);
+        const float* Bp = row.B + map(t0 + i) * 16;
+        const float* Cp = row.C + map(t0 + i) * 16;
+        h0 = _mm256_fmadd_ps(fast_exp8(_mm256_mul_ps(dt, A0)), h0, _mm256_mul_ps(dtu, _mm256_loadu_ps(Bp)));
+        h1 = _mm256_fmadd_ps(fast_exp8(_mm256_mul_ps(dt, A1)), h1, _mm256_mul_ps(dtu, _mm256_loadu_ps(Bp + 8)));
+        if (history != nullptr) {
+          _mm256_storeu_ps(history + (i + 1) * 16, h0);
+          _mm256_storeu_ps(history + (i + 1) * 16 + 8, h1);
+        }
+        prod[j] = _mm256_fmadd_ps(_mm256_loadu_ps(Cp + 8), h1, _mm256_mul_ps(_mm256_loadu_ps(Cp), h0));
+      }
+      for (int64_t j = m; j < 8; ++j) prod[j] = _mm256_setzero_ps();
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, reduce_add8(prod));
+      for (int64_t j = 0; j < m; ++j) ws.y[lo + j] = sums[j] + row.D * ws.u[lo + j];
+    }
+    _mm256_storeu_ps(h, h0);
+    _mm256_storeu_ps(h + 8, h1);
     return;
   }
 #endif
@@ -374,6 +449,88 @@ void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map ma
   _mm512_storeu_ps(g_io, g);
   _mm512_storeu_ps(grads.dA, dA);
 }
+#elif defined(LK_AVX2)
+// scan_row_backward16 of the AVX-512 path on AVX2: the state, its adjoint and dA in two 8-lane
+// registers each; the same recompute (states and exp(dt A) kept per step) and adjoint pass.
+template <typename scalar_t, typename Map, typename GradY, typename Emit>
+void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map map,
+                         bool softplus_dt, bool needs_y, float* g_io, RowGrads<float>& grads,
+                         Workspace<float>& ws, GradY grad_y, Emit emit) {
+  const __m256 A0 = _mm256_loadu_ps(row.A), A1 = _mm256_loadu_ps(row.A + 8);
+  __m256 g0 = _mm256_loadu_ps(g_io), g1 = _mm256_loadu_ps(g_io + 8);
+  __m256 dA0 = _mm256_loadu_ps(grads.dA), dA1 = _mm256_loadu_ps(grads.dA + 8);
+  float* __restrict__ hist = ws.states.data();
+  float* __restrict__ decay = ws.decay.data();
+  for (int64_t c = scan_chunks(length) - 1; c >= 0; --c) {
+    const int64_t t0 = c * kScanChunk;
+    const int64_t len = std::min(kScanChunk, length - t0);
+    load_steps(row, map, softplus_dt, t0, len, ws, /*with_dsoft=*/softplus_dt);
+    // Recompute: hist[i] is h before step i, decay[i] = exp(dt_i A).
+    __m256 h0 = _mm256_loadu_ps(row.checkpoints + c * 16);
+    __m256 h1 = _mm256_loadu_ps(row.checkpoints + c * 16 + 8);
+    _mm256_storeu_ps(hist, h0);
+    _mm256_storeu_ps(hist + 8, h1);
+    for (int64_t i = 0; i < len; ++i) {
+      const __m256 dt = _mm256_set1_ps(ws.dt[i]), dtu = _mm256_set1_ps(ws.dtu[i]);
+      const __m256 a0 = fast_exp8(_mm256_mul_ps(dt, A0)), a1 = fast_exp8(_mm256_mul_ps(dt, A1));
+      _mm256_storeu_ps(decay + i * 16, a0);
+      _mm256_storeu_ps(decay + i * 16 + 8, a1);
+      const int64_t p = map(t0 + i);
+      h0 = _mm256_fmadd_ps(a0, h0, _mm256_mul_ps(dtu, _mm256_loadu_ps(row.B + p * 16)));
+      h1 = _mm256_fmadd_ps(a1, h1, _mm256_mul_ps(dtu, _mm256_loadu_ps(row.B + p * 16 + 8)));
+      _mm256_storeu_ps(hist + (i + 1) * 16, h0);
+      _mm256_storeu_ps(hist + (i + 1) * 16 + 8, h1);
+      if (needs_y) {
+        float y, unused;
+        const __m256 ch = _mm256_fmadd_ps(_mm256_loadu_ps(row.C + p * 16 + 8), h1,
+                                          _mm256_mul_ps(_mm256_loadu_ps(row.C + p * 16), h0));
+        reduce_add_pair8(ch, _mm256_setzero_ps(), y, unused);
+        ws.y[i] = y + row.D * ws.u[i];
+      }
+    }
+    for (int64_t i = len - 1; i >= 0; --i) {
+      const int64_t t = t0 + i, p = map(t);
+      const float u = ws.u[i], dt = ws.dt[i];
+      const float dy = grad_y(t, p, ws.y[i]);
+      grads.dD += dy * u;
+      const __m256 dyv = _mm256_set1_ps(dy), dtv = _mm256_set1_ps(dt), dtuv = _mm256_set1_ps(ws.dtu[i]);
+      const float* Bp = row.B + p * 16;
+      const float* Cp = row.C + p * 16;
+      float* dCp = grads.dC + p * 16;
+      float* dBp = grads.dB + p * 16;
+      const float* h_now = hist + (i + 1) * 16;
+      const float* h_prev = hist + i * 16;
+      const float* a = decay + i * 16;
+      const __m256 gj0 = _mm256_fmadd_ps(dyv, _mm256_loadu_ps(Cp), g0);  // dL/dh_t
+      const __m256 gj1 = _mm256_fmadd_ps(dyv, _mm256_loadu_ps(Cp + 8), g1);
+      _mm256_storeu_ps(dCp, _mm256_fmadd_ps(dyv, _mm256_loadu_ps(h_now), _mm256_loadu_ps(dCp)));
+      _mm256_storeu_ps(dCp + 8, _mm256_fmadd_ps(dyv, _mm256_loadu_ps(h_now + 8), _mm256_loadu_ps(dCp + 8)));
+      _mm256_storeu_ps(dBp, _mm256_fmadd_ps(gj0, dtuv, _mm256_loadu_ps(dBp)));
+      _mm256_storeu_ps(dBp + 8, _mm256_fmadd_ps(gj1, dtuv, _mm256_loadu_ps(dBp + 8)));
+      const __m256 ga0 = _mm256_mul_ps(gj0, _mm256_loadu_ps(a));
+      const __m256 ga1 = _mm256_mul_ps(gj1, _mm256_loadu_ps(a + 8));
+      const __m256 gha0 = _mm256_mul_ps(ga0, _mm256_loadu_ps(h_prev));
+      const __m256 gha1 = _mm256_mul_ps(ga1, _mm256_loadu_ps(h_prev + 8));
+      dA0 = _mm256_fmadd_ps(gha0, dtv, dA0);
+      dA1 = _mm256_fmadd_ps(gha1, dtv, dA1);
+      g0 = ga0;  // dL/dh_{t-1} from this step
+      g1 = ga1;
+      float sum_ghaA, sum_gB;
+      reduce_add_pair8(_mm256_fmadd_ps(gha1, A1, _mm256_mul_ps(gha0, A0)),
+                       _mm256_fmadd_ps(gj1, _mm256_loadu_ps(Bp + 8), _mm256_mul_ps(gj0, _mm256_loadu_ps(Bp))),
+                       sum_ghaA, sum_gB);
+      const float ddt = sum_ghaA + sum_gB * u;
+      const float du = dy * row.D + sum_gB * dt;
+      const float ddelta = softplus_dt ? ddt * ws.dsoft[i] : ddt;
+      grads.dbias += ddelta;
+      emit(t, p, du, ddelta);
+    }
+  }
+  _mm256_storeu_ps(g_io, g0);
+  _mm256_storeu_ps(g_io + 8, g1);
+  _mm256_storeu_ps(grads.dA, dA0);
+  _mm256_storeu_ps(grads.dA + 8, dA1);
+}
 #endif
 
 // Backward of one row. `grad_y(t, p, y)` returns dL/dy_t given y_t (applying z's gate and
@@ -384,7 +541,7 @@ template <int kN, typename scalar_t, typename acc_t, typename Map, typename Grad
 void scan_row_backward(const Row<scalar_t, acc_t>& row, int64_t length, int64_t n_runtime,
                        Map map, bool softplus_dt, bool needs_y, acc_t* __restrict__ g,
                        RowGrads<acc_t>& grads, Workspace<acc_t>& ws, GradY grad_y, Emit emit) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(LK_AVX2)
   if constexpr (kN == 16 && std::is_same_v<acc_t, float>) {
     scan_row_backward16(row, length, map, softplus_dt, needs_y, g, grads, ws, grad_y, emit);
     return;
