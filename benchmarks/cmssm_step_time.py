@@ -22,6 +22,7 @@ import torch
 
 from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
 from lesionkit.engine.config import OptimConfig
+from lesionkit.engine.evaluation import native_bf16
 from lesionkit.losses import create_loss
 from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model
@@ -102,9 +103,9 @@ def cpu_model() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = native_bf16(torch.device("cpu"))  # the test precision "auto" uses (docs/engine.md)
     return f"{name or platform.processor()}; torch kernels {torch.backends.cpu.get_cpu_capability()}; " \
-           f"native bf16 {'yes' if native_bf16 else 'no'}"
+           f"native bf16 {'yes' if native else 'no'}"
 
 
 def machine(load_before: tuple, load_after: tuple) -> dict:
