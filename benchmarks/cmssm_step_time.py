@@ -22,7 +22,6 @@ import torch
 
 from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
 from lesionkit.engine.config import OptimConfig
-from lesionkit.engine.evaluation import native_bf16
 from lesionkit.losses import create_loss
 from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model
@@ -103,7 +102,11 @@ def cpu_model() -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    native = native_bf16(torch.device("cpu"))  # the test precision "auto" uses (docs/engine.md)
+    try:  # the test precision "auto" uses (docs/engine.md)
+        from lesionkit.engine.evaluation import native_bf16
+        native = native_bf16(torch.device("cpu"))
+    except ImportError:  # a lesionkit from before precision "auto", timed for comparison
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return f"{name or platform.processor()}; torch kernels {torch.backends.cpu.get_cpu_capability()}; " \
            f"native bf16 {'yes' if native else 'no'}"
 
