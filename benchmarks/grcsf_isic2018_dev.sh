@@ -12,7 +12,8 @@
 #   benchmarks/grcsf_isic2018_dev.sh [DEV_PATH] [OUT_DIR]
 #   python benchmarks/grcsf_dev_table.py OUT_DIR        # the tables of docs/grcsf.md
 # DEV_PATH defaults to $LESIONKIT_ISIC2018_DEV, then ../shared/data/isic2018-dev. Finished runs
-# (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes.
+# (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes
+# (A and B: the runs above; C and D: the recipe choice below).
 set -euo pipefail
 DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
 OUT=${2:-runs/grcsf_isic2018_dev}
@@ -40,6 +41,11 @@ LANE_B=(
   "unetpp_focal_s0|unetpp_tiny_isic2018|0|$FOCAL"
   "unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF"
 )
+# The recipe choice on three baseline seeds (LANES="C D", any machine): the shared recipe
+# against GRCSF's first tiny recipe, both on unetpp_tiny, seeds 0-2, side by side.
+LANE_C=("unetpp_s0|unetpp_tiny_isic2018|0|" "unetpp_s1|unetpp_tiny_isic2018|1|" "unetpp_s2|unetpp_tiny_isic2018|2|")
+LANE_D=("unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF" "unetpp_oldgrcsf_s1|unetpp_tiny_isic2018|1|$OLD_GRCSF"
+        "unetpp_oldgrcsf_s2|unetpp_tiny_isic2018|2|$OLD_GRCSF")
 LANES=${LANES:-"A B"}
 
 pretrain() {  # the MAE and the maps, once; lane A waits for them, lane B starts with unetpp
@@ -79,7 +85,13 @@ run_one() {  # name|config|seed|overrides
 lane() { local job; for job in "$@"; do run_one "$job"; done; }
 pids=()
 for l in $LANES; do
-  if [ "$l" = A ]; then (pretrain && lane "${LANE_A[@]}") & else lane "${LANE_B[@]}" & fi
+  case "$l" in
+    A) (pretrain && lane "${LANE_A[@]}") & ;;
+    B) lane "${LANE_B[@]}" & ;;
+    C) lane "${LANE_C[@]}" & ;;
+    D) lane "${LANE_D[@]}" & ;;
+    *) echo "unknown lane $l (A, B, C, D)" >&2; exit 2 ;;
+  esac
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done

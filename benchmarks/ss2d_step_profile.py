@@ -2,8 +2,8 @@
 
 One step = forward (with the block outputs when distilling) + the recipe's loss (BCE 0.3 /
 Dice 0.7 + CFD + IFD for cmssm_tiny; BCE + Dice for unet_tiny) + backward + AdamW, at 128 px,
-batch 8, one thread by default, each model in the precision given (``fp32`` or ``bf16`` =
-CPU autocast, as the trainer runs it; ``+cl`` adds channels-last input and weights, ``+compile``
+batch 8, one thread by default, each model in the precision given (``fp32``, ``bf16`` =
+CPU autocast, as the trainer runs it, or ``auto``, as the recipes resolve it; ``+cl`` adds channels-last input and weights, ``+compile``
 runs the model through ``torch.compile``).
 torch.profiler records ``--steps`` steps after two warm-up steps; every op is put in one
 category (below) by its name, the inclusive time of the ops listed in ``WHOLE`` (their
@@ -92,6 +92,9 @@ def attribute(events) -> dict[str, float]:
 def make_step(spec: str, size: int, batch: int):
     model_name, _, precision = spec.partition(":")
     precision, *flags = (precision or "fp32").split("+")
+    if precision not in ("fp32", "bf16", "auto") or not set(flags) <= {"cl", "compile"}:
+        raise SystemExit(f"case {spec!r}: expected MODEL:PRECISION[+cl][+compile] with PRECISION fp32, "
+                         f"bf16 or auto")
     channels_last = "cl" in flags
     torch.manual_seed(0)
     model = create_model(model_name).train()
