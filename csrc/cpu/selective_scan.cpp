@@ -399,18 +399,67 @@ LK_INLINE void reduce_add_pair(__m512 v, __m512 w, float& sum_v, float& sum_w) {
   sum_v = _mm512_cvtss_f32(s);
   sum_w = _mm_cvtss_f32(_mm512_extractf32x4_ps(s, 2));
 }
+#endif
 
-// scan_row_backward for n = 16 float32, the state and its adjoint in one AVX-512 register each.
-// The recompute keeps exp(dt A) of every step next to the states, so the adjoint pass computes
-// no exp; y is recomputed only when grad_y needs it (z's gate); dA stays in a register for the
+#if defined(__AVX512F__) || defined(LK_AVX2)
+// Sixteen float32 lanes, the width of the n = 16 state: one AVX-512 register, or two AVX2 ones.
+// scan_row_backward16 is written once against it; each operation is the instruction sequence
+// the two paths used before they shared a body (dot and dot_pair fold the AVX2 halves with an
+// FMA before the reduction tree).
+struct Vec16 {
+#if defined(__AVX512F__)
+  __m512 v;
+  static LK_INLINE Vec16 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  LK_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
+  static LK_INLINE Vec16 set1(float x) { return {_mm512_set1_ps(x)}; }
+  static LK_INLINE Vec16 mul(Vec16 a, Vec16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static LK_INLINE Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static LK_INLINE Vec16 exp(Vec16 a) { return {fast_exp16(a.v)}; }
+  // sum_j a_j b_j
+  static LK_INLINE float dot(Vec16 a, Vec16 b) { return _mm512_reduce_add_ps(_mm512_mul_ps(a.v, b.v)); }
+  // sum_j a_j b_j and sum_j c_j d_j in one reduction tree
+  static LK_INLINE void dot_pair(Vec16 a, Vec16 b, Vec16 c, Vec16 d, float& ab, float& cd) {
+    reduce_add_pair(_mm512_mul_ps(a.v, b.v), _mm512_mul_ps(c.v, d.v), ab, cd);
+  }
+#else
+  __m256 lo, hi;
+  static LK_INLINE Vec16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  LK_INLINE void store(float* p) const {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+  }
+  static LK_INLINE Vec16 set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+  static LK_INLINE Vec16 mul(Vec16 a, Vec16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  static LK_INLINE Vec16 fmadd(Vec16 a, Vec16 b, Vec16 c) {
+    return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+  }
+  static LK_INLINE Vec16 exp(Vec16 a) { return {fast_exp8(a.lo), fast_exp8(a.hi)}; }
+  static LK_INLINE __m256 fold(Vec16 a, Vec16 b) {  // (a b)'s two halves added: 8 partial sums
+    return _mm256_fmadd_ps(a.hi, b.hi, _mm256_mul_ps(a.lo, b.lo));
+  }
+  static LK_INLINE float dot(Vec16 a, Vec16 b) {
+    float ab, unused;
+    reduce_add_pair8(fold(a, b), _mm256_setzero_ps(), ab, unused);
+    return ab;
+  }
+  static LK_INLINE void dot_pair(Vec16 a, Vec16 b, Vec16 c, Vec16 d, float& ab, float& cd) {
+    reduce_add_pair8(fold(a, b), fold(c, d), ab, cd);
+  }
+#endif
+};
+
+// scan_row_backward for n = 16 float32, the state and its adjoint in one Vec16 each. The
+// recompute keeps exp(dt A) of every step next to the states, so the adjoint pass computes no
+// exp; y is recomputed only when grad_y needs it (z's gate); dA stays in registers for the
 // whole row; the two per-step reductions over n share one reduction tree.
 template <typename scalar_t, typename Map, typename GradY, typename Emit>
 void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map map,
                          bool softplus_dt, bool needs_y, float* g_io, RowGrads<float>& grads,
                          Workspace<float>& ws, GradY grad_y, Emit emit) {
-  const __m512 A = _mm512_loadu_ps(row.A);
-  __m512 g = _mm512_loadu_ps(g_io);
-  __m512 dA = _mm512_loadu_ps(grads.dA);
+  using V = Vec16;
+  const V A = V::load(row.A);
+  V g = V::load(g_io);
+  V dA = V::load(grads.dA);
   float* __restrict__ hist = ws.states.data();
   float* __restrict__ decay = ws.decay.data();
   for (int64_t c = scan_chunks(length) - 1; c >= 0; --c) {
@@ -418,39 +467,34 @@ void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map ma
     const int64_t len = std::min(kScanChunk, length - t0);
     load_steps(row, map, softplus_dt, t0, len, ws, /*with_dsoft=*/softplus_dt);
     // Recompute: hist[i] is h before step i, decay[i] = exp(dt_i A).
-    __m512 h = _mm512_loadu_ps(row.checkpoints + c * 16);
-    _mm512_storeu_ps(hist, h);
+    V h = V::load(row.checkpoints + c * 16);
+    h.store(hist);
     for (int64_t i = 0; i < len; ++i) {
-      const __m512 a = fast_exp16(_mm512_mul_ps(_mm512_set1_ps(ws.dt[i]), A));
-      _mm512_storeu_ps(decay + i * 16, a);
+      const V a = V::exp(V::mul(V::set1(ws.dt[i]), A));
+      a.store(decay + i * 16);
       const int64_t p = map(t0 + i);
-      h = _mm512_fmadd_ps(a, h, _mm512_mul_ps(_mm512_set1_ps(ws.dtu[i]), _mm512_loadu_ps(row.B + p * 16)));
-      _mm512_storeu_ps(hist + (i + 1) * 16, h);
-      if (needs_y) {
-        ws.y[i] = _mm512_reduce_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row.C + p * 16), h)) +
-                  row.D * ws.u[i];
-      }
+      h = V::fmadd(a, h, V::mul(V::set1(ws.dtu[i]), V::load(row.B + p * 16)));
+      h.store(hist + (i + 1) * 16);
+      if (needs_y) ws.y[i] = V::dot(V::load(row.C + p * 16), h) + row.D * ws.u[i];
     }
     for (int64_t i = len - 1; i >= 0; --i) {
       const int64_t t = t0 + i, p = map(t);
       const float u = ws.u[i], dt = ws.dt[i];
       const float dy = grad_y(t, p, ws.y[i]);
       grads.dD += dy * u;
-      const __m512 dyv = _mm512_set1_ps(dy);
-      const __m512 Bt = _mm512_loadu_ps(row.B + p * 16);
-      const __m512 gj = _mm512_fmadd_ps(dyv, _mm512_loadu_ps(row.C + p * 16), g);  // dL/dh_t
+      const V dyv = V::set1(dy);
+      const V Bt = V::load(row.B + p * 16);
+      const V gj = V::fmadd(dyv, V::load(row.C + p * 16), g);  // dL/dh_t
       float* dCp = grads.dC + p * 16;
       float* dBp = grads.dB + p * 16;
-      _mm512_storeu_ps(dCp,
-                       _mm512_fmadd_ps(dyv, _mm512_loadu_ps(hist + (i + 1) * 16),
-                                       _mm512_loadu_ps(dCp)));
-      _mm512_storeu_ps(dBp, _mm512_fmadd_ps(gj, _mm512_set1_ps(ws.dtu[i]), _mm512_loadu_ps(dBp)));
-      const __m512 a = _mm512_loadu_ps(decay + i * 16);
-      const __m512 gha = _mm512_mul_ps(_mm512_mul_ps(gj, a), _mm512_loadu_ps(hist + i * 16));
-      dA = _mm512_fmadd_ps(gha, _mm512_set1_ps(dt), dA);
-      g = _mm512_mul_ps(gj, a);  // dL/dh_{t-1} from this step
+      V::fmadd(dyv, V::load(hist + (i + 1) * 16), V::load(dCp)).store(dCp);
+      V::fmadd(gj, V::set1(ws.dtu[i]), V::load(dBp)).store(dBp);
+      const V ga = V::mul(gj, V::load(decay + i * 16));
+      const V gha = V::mul(ga, V::load(hist + i * 16));  // through the decay exp(dt A)
+      dA = V::fmadd(gha, V::set1(dt), dA);
+      g = ga;  // dL/dh_{t-1} from this step
       float sum_ghaA, sum_gB;
-      reduce_add_pair(_mm512_mul_ps(gha, A), _mm512_mul_ps(gj, Bt), sum_ghaA, sum_gB);
+      V::dot_pair(gha, A, gj, Bt, sum_ghaA, sum_gB);
       const float ddt = sum_ghaA + sum_gB * u;
       const float du = dy * row.D + sum_gB * dt;
       const float ddelta = softplus_dt ? ddt * ws.dsoft[i] : ddt;
@@ -458,90 +502,8 @@ void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map ma
       emit(t, p, du, ddelta);
     }
   }
-  _mm512_storeu_ps(g_io, g);
-  _mm512_storeu_ps(grads.dA, dA);
-}
-#elif defined(LK_AVX2)
-// scan_row_backward16 of the AVX-512 path on AVX2: the state, its adjoint and dA in two 8-lane
-// registers each; the same recompute (states and exp(dt A) kept per step) and adjoint pass.
-template <typename scalar_t, typename Map, typename GradY, typename Emit>
-void scan_row_backward16(const Row<scalar_t, float>& row, int64_t length, Map map,
-                         bool softplus_dt, bool needs_y, float* g_io, RowGrads<float>& grads,
-                         Workspace<float>& ws, GradY grad_y, Emit emit) {
-  const __m256 A0 = _mm256_loadu_ps(row.A), A1 = _mm256_loadu_ps(row.A + 8);
-  __m256 g0 = _mm256_loadu_ps(g_io), g1 = _mm256_loadu_ps(g_io + 8);
-  __m256 dA0 = _mm256_loadu_ps(grads.dA), dA1 = _mm256_loadu_ps(grads.dA + 8);
-  float* __restrict__ hist = ws.states.data();
-  float* __restrict__ decay = ws.decay.data();
-  for (int64_t c = scan_chunks(length) - 1; c >= 0; --c) {
-    const int64_t t0 = c * kScanChunk;
-    const int64_t len = std::min(kScanChunk, length - t0);
-    load_steps(row, map, softplus_dt, t0, len, ws, /*with_dsoft=*/softplus_dt);
-    // Recompute: hist[i] is h before step i, decay[i] = exp(dt_i A).
-    __m256 h0 = _mm256_loadu_ps(row.checkpoints + c * 16);
-    __m256 h1 = _mm256_loadu_ps(row.checkpoints + c * 16 + 8);
-    _mm256_storeu_ps(hist, h0);
-    _mm256_storeu_ps(hist + 8, h1);
-    for (int64_t i = 0; i < len; ++i) {
-      const __m256 dt = _mm256_set1_ps(ws.dt[i]), dtu = _mm256_set1_ps(ws.dtu[i]);
-      const __m256 a0 = fast_exp8(_mm256_mul_ps(dt, A0)), a1 = fast_exp8(_mm256_mul_ps(dt, A1));
-      _mm256_storeu_ps(decay + i * 16, a0);
-      _mm256_storeu_ps(decay + i * 16 + 8, a1);
-      const int64_t p = map(t0 + i);
-      h0 = _mm256_fmadd_ps(a0, h0, _mm256_mul_ps(dtu, _mm256_loadu_ps(row.B + p * 16)));
-      h1 = _mm256_fmadd_ps(a1, h1, _mm256_mul_ps(dtu, _mm256_loadu_ps(row.B + p * 16 + 8)));
-      _mm256_storeu_ps(hist + (i + 1) * 16, h0);
-      _mm256_storeu_ps(hist + (i + 1) * 16 + 8, h1);
-      if (needs_y) {
-        float y, unused;
-        const __m256 ch = _mm256_fmadd_ps(_mm256_loadu_ps(row.C + p * 16 + 8), h1,
-                                          _mm256_mul_ps(_mm256_loadu_ps(row.C + p * 16), h0));
-        reduce_add_pair8(ch, _mm256_setzero_ps(), y, unused);
-        ws.y[i] = y + row.D * ws.u[i];
-      }
-    }
-    for (int64_t i = len - 1; i >= 0; --i) {
-      const int64_t t = t0 + i, p = map(t);
-      const float u = ws.u[i], dt = ws.dt[i];
-      const float dy = grad_y(t, p, ws.y[i]);
-      grads.dD += dy * u;
-      const __m256 dyv = _mm256_set1_ps(dy), dtv = _mm256_set1_ps(dt), dtuv = _mm256_set1_ps(ws.dtu[i]);
-      const float* Bp = row.B + p * 16;
-      const float* Cp = row.C + p * 16;
-      float* dCp = grads.dC + p * 16;
-      float* dBp = grads.dB + p * 16;
-      const float* h_now = hist + (i + 1) * 16;
-      const float* h_prev = hist + i * 16;
-      const float* a = decay + i * 16;
-      const __m256 gj0 = _mm256_fmadd_ps(dyv, _mm256_loadu_ps(Cp), g0);  // dL/dh_t
-      const __m256 gj1 = _mm256_fmadd_ps(dyv, _mm256_loadu_ps(Cp + 8), g1);
-      _mm256_storeu_ps(dCp, _mm256_fmadd_ps(dyv, _mm256_loadu_ps(h_now), _mm256_loadu_ps(dCp)));
-      _mm256_storeu_ps(dCp + 8, _mm256_fmadd_ps(dyv, _mm256_loadu_ps(h_now + 8), _mm256_loadu_ps(dCp + 8)));
-      _mm256_storeu_ps(dBp, _mm256_fmadd_ps(gj0, dtuv, _mm256_loadu_ps(dBp)));
-      _mm256_storeu_ps(dBp + 8, _mm256_fmadd_ps(gj1, dtuv, _mm256_loadu_ps(dBp + 8)));
-      const __m256 ga0 = _mm256_mul_ps(gj0, _mm256_loadu_ps(a));
-      const __m256 ga1 = _mm256_mul_ps(gj1, _mm256_loadu_ps(a + 8));
-      const __m256 gha0 = _mm256_mul_ps(ga0, _mm256_loadu_ps(h_prev));
-      const __m256 gha1 = _mm256_mul_ps(ga1, _mm256_loadu_ps(h_prev + 8));
-      dA0 = _mm256_fmadd_ps(gha0, dtv, dA0);
-      dA1 = _mm256_fmadd_ps(gha1, dtv, dA1);
-      g0 = ga0;  // dL/dh_{t-1} from this step
-      g1 = ga1;
-      float sum_ghaA, sum_gB;
-      reduce_add_pair8(_mm256_fmadd_ps(gha1, A1, _mm256_mul_ps(gha0, A0)),
-                       _mm256_fmadd_ps(gj1, _mm256_loadu_ps(Bp + 8), _mm256_mul_ps(gj0, _mm256_loadu_ps(Bp))),
-                       sum_ghaA, sum_gB);
-      const float ddt = sum_ghaA + sum_gB * u;
-      const float du = dy * row.D + sum_gB * dt;
-      const float ddelta = softplus_dt ? ddt * ws.dsoft[i] : ddt;
-      grads.dbias += ddelta;
-      emit(t, p, du, ddelta);
-    }
-  }
-  _mm256_storeu_ps(g_io, g0);
-  _mm256_storeu_ps(g_io + 8, g1);
-  _mm256_storeu_ps(grads.dA, dA0);
-  _mm256_storeu_ps(grads.dA + 8, dA1);
+  g.store(g_io);
+  dA.store(grads.dA);
 }
 #endif
 
