@@ -43,7 +43,7 @@ LANE_B=(
 )
 # The recipe choice on three baseline seeds (LANES="C D", any machine): the shared recipe
 # against GRCSF's first tiny recipe, both on unetpp_tiny, seeds 0-2, side by side.
-LANE_C=("unetpp_s0|unetpp_tiny_isic2018|0|" "unetpp_s1|unetpp_tiny_isic2018|1|" "unetpp_s2|unetpp_tiny_isic2018|2|")
+LANE_C=("${LANE_B[@]:0:3}")  # unetpp_s0..2, the shared recipe's runs of lane B
 LANE_D=("unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF" "unetpp_oldgrcsf_s1|unetpp_tiny_isic2018|1|$OLD_GRCSF"
         "unetpp_oldgrcsf_s2|unetpp_tiny_isic2018|2|$OLD_GRCSF")
 LANES=${LANES:-"A B"}

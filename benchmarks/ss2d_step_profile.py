@@ -3,8 +3,8 @@
 One step = forward (with the block outputs when distilling) + the recipe's loss (BCE 0.3 /
 Dice 0.7 + CFD + IFD for cmssm_tiny; BCE + Dice for unet_tiny) + backward + AdamW, at 128 px,
 batch 8, one thread by default, each model in the precision given (``fp32``, ``bf16`` =
-CPU autocast, as the trainer runs it, or ``auto``, as the recipes resolve it; ``+cl`` adds channels-last input and weights, ``+compile``
-runs the model through ``torch.compile``).
+CPU autocast, as the trainer runs it, or ``auto``, as the recipes resolve it; ``+cl`` adds
+channels-last input and weights, ``+compile`` runs the model through ``torch.compile``).
 torch.profiler records ``--steps`` steps after two warm-up steps; every op is put in one
 category (below) by its name, the inclusive time of the ops listed in ``WHOLE`` (their
 internal copies are theirs), the self time of the rest. Steps are also timed without the
