@@ -75,13 +75,12 @@ class FinalPatchExpand2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(_pixel_unshuffle_channels_last(self.expand(x), self.dim_scale))
 
-    def forward_channels_first(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, C/4, 4H, 4W): ``forward`` followed by a permute to channels-first,
         computed the other way round. The LayerNorm over C/4 channels (6 in ``vmunet_tiny``)
         has one row per output pixel; PyTorch's kernel is slow on such short rows (and slower
         in bfloat16), so after the rearrangement the statistics are taken over dim 1 with plain
-        reductions, in float32 (then in ``dtype``, by default the input's). Same values as
-        ``forward``."""
+        reductions, in float32 (then back to the input's dtype). Same values as ``forward``."""
         batch, height, width, _ = x.shape
         s, c = self.dim_scale, self.dim // self.dim_scale
         y = self.expand(x).view(batch, height, width, s, s, c).permute(0, 5, 1, 3, 2, 4)
@@ -89,4 +88,4 @@ class FinalPatchExpand2D(nn.Module):
         mean = y.mean(1, keepdim=True)
         y = y - mean
         y = y * torch.rsqrt(y.square().mean(1, keepdim=True) + self.norm.eps)
-        return (y * self.norm.weight.view(1, c, 1, 1) + self.norm.bias.view(1, c, 1, 1)).to(dtype or x.dtype)
+        return (y * self.norm.weight.view(1, c, 1, 1) + self.norm.bias.view(1, c, 1, 1)).to(x.dtype)

@@ -213,19 +213,6 @@ class VMUNet(nn.Module):
             if layer.upsample is not None:
                 x = layer.upsample(x)
             x = _run(layer.blocks, x, features)
-        return self._head(x)
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """The final 4x expand and the 1x1 convolution to the classes. Under autocast the
-        convolution runs in float32 on the expand's float32 LayerNorm output: oneDNN's bfloat16
-        path for this full-resolution 1x1 convolution with a handful of channels took 10 ms
-        forward + backward against 0.6 ms in float32 (6 -> 1 channels, batch 8 at 128 px, one
-        thread, AMD EPYC Zen 5), 3-4 % of a ``vmunet_tiny`` training step, and float32 logits
-        are what the loss computes in anyway."""
-        if torch.is_autocast_enabled(x.device.type):
-            h = self.final_up.forward_channels_first(x, dtype=self.final_conv.weight.dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                return self.final_conv(h)
         return self.final_conv(self.final_up.forward_channels_first(x))
 
 
