@@ -100,6 +100,10 @@ class SS2D(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.d_model:
             raise ValueError(f"SS2D expects (B, H, W, {self.d_model}) channels-last input, got {tuple(x.shape)}")
         x, z = self.in_proj(x).chunk(2, dim=-1)
+        # z is a strided view (half of each row); SiLU and its gradient on such a view ran 5.7x
+        # slower in bf16 than on a contiguous copy, copy included (4.2 against 0.74 ms forward +
+        # backward at (8, 32, 32, 48), one thread, AMD EPYC Zen 5).
+        z = z.contiguous()
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         y = self.forward_core(x).permute(0, 2, 3, 1)
         y = self.out_norm(y) * F.silu(z)
