@@ -67,24 +67,36 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693145751953125f;       // ln 2 split in two: k * kLn2Hi is exact
 constexpr float kLn2Lo = 1.428606765330187e-06f;   // for |k| <= 128
 // Coefficients of e^r, highest degree first: a least-squares fit of the relative error on
-// |r| <= ln2 / 2 reweighted towards minimax (Lawson), c0 held at 1. The Horner steps below are
-// written out: as a loop, the scalar version slowed the 2D scan 1.6x (GCC 12).
+// |r| <= ln2 / 2 reweighted towards minimax (Lawson), c0 held at 1. exp_poly writes the Horner
+// steps out: as a loop, the scalar version slowed the 2D scan 1.6x (GCC 12).
 constexpr float kPoly[6] = {8.290302940e-03f, 4.189792275e-02f, 1.666763574e-01f, 4.999915063e-01f,
                            9.999997020e-01f, 1.0f};
 }  // namespace expc
+
+// e^r for x = k ln2 + r: the reduction and the polynomial, shared by the three versions below.
+// `Lanes` supplies fma(a, b, c) = a b + c and splat(c) for its type (float, __m256, __m512).
+template <typename Lanes, typename V>
+LK_INLINE V exp_poly(V x, V k) {
+  V r = Lanes::fma(k, Lanes::splat(-expc::kLn2Hi), x);
+  r = Lanes::fma(k, Lanes::splat(-expc::kLn2Lo), r);
+  V p = Lanes::splat(expc::kPoly[0]);
+  p = Lanes::fma(p, r, Lanes::splat(expc::kPoly[1]));
+  p = Lanes::fma(p, r, Lanes::splat(expc::kPoly[2]));
+  p = Lanes::fma(p, r, Lanes::splat(expc::kPoly[3]));
+  p = Lanes::fma(p, r, Lanes::splat(expc::kPoly[4]));
+  return Lanes::fma(p, r, Lanes::splat(expc::kPoly[5]));
+}
+
+struct ScalarLanes {
+  static LK_INLINE float fma(float a, float b, float c) { return std::fma(a, b, c); }
+  static LK_INLINE float splat(float c) { return c; }
+};
 
 LK_INLINE float fast_exp(float x) {
   x = std::min(std::max(x, expc::kLo), expc::kHi);
   float k = x * expc::kLog2e;
   k = (k + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  float r = std::fma(k, -expc::kLn2Hi, x);
-  r = std::fma(k, -expc::kLn2Lo, r);
-  float p = expc::kPoly[0];
-  p = std::fma(p, r, expc::kPoly[1]);
-  p = std::fma(p, r, expc::kPoly[2]);
-  p = std::fma(p, r, expc::kPoly[3]);
-  p = std::fma(p, r, expc::kPoly[4]);
-  p = std::fma(p, r, expc::kPoly[5]);
+  float p = exp_poly<ScalarLanes>(x, k);
   int32_t bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(k) << 23;
@@ -196,20 +208,17 @@ LK_INLINE void load_steps(const Row<scalar_t, acc_t>& row, Map map, bool softplu
 }
 
 #if defined(__AVX512F__)
+struct Lanes16 {
+  static LK_INLINE __m512 fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+  static LK_INLINE __m512 splat(float c) { return _mm512_set1_ps(c); }
+};
+
 // fast_exp on 16 lanes: the same reduction and polynomial, 2^k applied by vscalefps.
 LK_INLINE __m512 fast_exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(expc::kLo)), _mm512_set1_ps(expc::kHi));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(expc::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-expc::kLn2Hi), x);
-  r = _mm512_fmadd_ps(k, _mm512_set1_ps(-expc::kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(expc::kPoly[0]);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(expc::kPoly[1]));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(expc::kPoly[2]));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(expc::kPoly[3]));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(expc::kPoly[4]));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(expc::kPoly[5]));
-  return _mm512_scalef_ps(p, k);
+  return _mm512_scalef_ps(exp_poly<Lanes16>(x, k), k);
 }
 
 // Sixteen horizontal sums at once: lane j of the result is the sum of v[j]'s lanes. A transpose
@@ -244,20 +253,18 @@ LK_INLINE __mmask16 first_lanes(int64_t m) {
 #endif
 
 #if defined(LK_AVX2)
+struct Lanes8 {
+  static LK_INLINE __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+  static LK_INLINE __m256 splat(float c) { return _mm256_set1_ps(c); }
+};
+
 // fast_exp on 8 lanes: the scalar version's reduction and polynomial; 2^k added to the exponent
 // bits (the clamp keeps the result a normal float).
 LK_INLINE __m256 fast_exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(expc::kLo)), _mm256_set1_ps(expc::kHi));
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(expc::kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-expc::kLn2Hi), x);
-  r = _mm256_fmadd_ps(k, _mm256_set1_ps(-expc::kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(expc::kPoly[0]);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(expc::kPoly[1]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(expc::kPoly[2]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(expc::kPoly[3]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(expc::kPoly[4]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(expc::kPoly[5]));
+  const __m256 p = exp_poly<Lanes8>(x, k);
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(k), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
