@@ -17,6 +17,8 @@ from lesionkit.engine.trainers.residual_maps import (
     residual_maps,
     ssim_map,
 )
+from lesionkit.layers.patch_masking import patch_mask_to_pixels, patchify, random_patch_mask
+from lesionkit.layers.residual_maps import _explicit_attention, _image_generator
 from lesionkit.models import create_model
 
 
@@ -100,6 +102,53 @@ def test_maps_are_seeded_per_image_not_per_batch():
     assert residual_maps(mae, torch.rand(1, 3, 48, 40), settings).shape == (1, 2, 48, 40)
 
 
+def test_maps_equal_the_mean_of_full_reconstructions():
+    """The fast path (each image embedded once, the pixel head on masked patches only, sums in
+    patch space) gives the maps of Eq. 3-5 written out with whole MAE forwards."""
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    images = torch.rand(2, 3, 32, 32)
+    settings = ResidualMapSettings(repeats=3)
+    want = []
+    with torch.no_grad():
+        for image in images:
+            gen = _image_generator(image_hash(image), settings.seed)
+            per_ratio = []
+            for ratio in settings.ratios:
+                pm = random_patch_mask(3, 4, ratio, generator=gen)
+                recon = mae(image[None].expand(3, -1, -1, -1), mask=pm).reconstruction
+                hidden = patch_mask_to_pixels(pm.mask, 16, (2, 2)).float()
+                count = hidden.sum(0)
+                mean = torch.where(count > 0, (recon * hidden).sum(0) / count.clamp_min(1), image)
+                per_ratio.append((image - mean).abs().mean(0))
+            want.append(torch.stack(per_ratio))
+    torch.testing.assert_close(residual_maps(mae, images, settings), torch.stack(want).clamp(0, 1), atol=1e-6, rtol=0)
+    # The same patches straight from the model: forward's pixels at the masked patches.
+    pm = random_patch_mask(4, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = mae(images.repeat_interleave(2, 0), mask=pm).reconstruction
+        torch.testing.assert_close(mae.predict_masked_patches(images, pm, 2), patchify(full, 16)[pm.mask],
+                                   atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"mask should cover \(6, 4\) patches"):
+        mae.predict_masked_patches(images, pm, 3)
+
+
+def test_explicit_attention_is_the_same_attention_and_is_undone():
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    x = torch.rand(2, 3, 32, 32)
+    pm = random_patch_mask(2, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    layers = [m for m in mae.modules() if hasattr(m, "fused_attn")]
+    assert len(layers) == 1 + 2 and all(m.fused_attn for m in layers)  # encoder + decoder blocks
+    with torch.no_grad():
+        fused = mae.predict_masked_patches(x, pm)
+        with _explicit_attention(mae, True):
+            assert not any(m.fused_attn for m in layers)
+            explicit = mae.predict_masked_patches(x, pm)
+    assert all(m.fused_attn for m in layers)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+
+
 class RecordingMAE(torch.nn.Module):
     """A stand-in MAE: a new random reconstruction of every patch (visible ones too, as a real
     MAE decodes them) on each call, recording the masks it was given and what it returned."""
@@ -111,10 +160,11 @@ class RecordingMAE(torch.nn.Module):
         self.gen = torch.Generator().manual_seed(7)
         self.calls = []
 
-    def forward(self, x, mask):
-        recon = torch.rand(x.shape, generator=self.gen)
+    def predict_masked_patches(self, x, mask, repeats):
+        assert mask.mask.shape[0] == x.shape[0] * repeats
+        recon = torch.rand((mask.mask.shape[0], *x.shape[1:]), generator=self.gen)
         self.calls.append((mask.mask.clone(), recon))
-        return SimpleNamespace(reconstruction=recon)
+        return patchify(recon, self.patch_size)[mask.mask]
 
 
 @pytest.mark.parametrize("kind", ["absdiff", "mse"])

@@ -68,10 +68,10 @@ BREAKAGES: list[Breakage] = [
         "Eq. 7 without g^h"),
     Breakage(
         "residual_map_plain_mean", "lesionkit/layers/residual_maps.py",
-        "mean = torch.where(count > 0, (recon * masked).sum(1) / count.clamp_min(1), x)",
-        "mean = recon.mean(1)",
+        "mean = torch.where(count > 0, total / count.clamp_min(1), image_patches)",
+        "mean = torch.where(count > 0, total / n, image_patches)",
         ("tests/test_residual_maps.py", "-k", "not command"),
-        "Eq. 3-5: the mean over all n reconstructions instead of over the runs that masked the pixel"),
+        "Eq. 3-5: the masked runs' sum divided by all n runs instead of by the runs that masked the patch"),
     Breakage(
         "amlp_features_ignored", "lesionkit/engine/trainers/amlp.py",
         'if recipe.features == "pixels":', "if True:",

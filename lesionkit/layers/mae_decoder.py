@@ -48,8 +48,12 @@ class MAEDecoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        """``visible`` (B, K, in_dim) in the order of ``ids_restore``'s first K entries; returns (B, N, P*P*C)."""
+    def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int],
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """``visible`` (B, K, in_dim) in the order of ``ids_restore``'s first K entries; returns (B, N, P*P*C).
+
+        With ``select`` (B, N) bool, only the selected tokens go through the final norm and pixel
+        head: (S, P*P*C) for the S selected (row, patch) pairs in row-major order."""
         b, k, _ = visible.shape
         n = ids_restore.shape[1]
         if n != grid_size[0] * grid_size[1] or k > n:
@@ -60,6 +64,8 @@ class MAEDecoder(nn.Module):
         x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, self.embed_dim))  # back to grid order
         pos = sincos_pos_embed_2d(self.embed_dim, grid_size, device=x.device, dtype=x.dtype)
         x = self.blocks(x + pos)  # + E_pos
+        if select is not None:
+            x = x[select]
         return self.pred(self.norm(x))  # Eq. 4
 
 

@@ -9,6 +9,7 @@ choices where the paper is silent are listed in that module's docstring and in d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lesionkit.layers.patch_masking import PatchMask, patch_mask_to_pixels, random_patch_mask
+from lesionkit.layers.patch_masking import PatchMask, patchify, random_patch_mask, unpatchify
 
 RESIDUAL_KINDS = ("absdiff", "mse", "ssim")
 MAP_PRECISIONS = ("fp32", "bf16")
@@ -171,35 +172,58 @@ def residual_maps(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSet
 
 def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSettings) -> torch.Tensor:
     size = mae.cfg.img_size
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     x = images
     if (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     p = mae.patch_size
     grid = (size // p, size // p)
+    num = grid[0] * grid[1]
     n = settings.repeats
     # Each image's masks, ratio by ratio from its own generator (the order of the one-image code).
     masks: list[list] = [[] for _ in settings.ratios]
     for image in images:
         gen = _image_generator(image_hash(image), settings.seed)
         for r, ratio in enumerate(settings.ratios):
-            masks[r].append(random_patch_mask(n, grid[0] * grid[1], ratio, generator=gen))  # on the CPU
-    batch = x.repeat_interleave(n, dim=0)  # image k's n copies at rows k*n .. k*n + n - 1
+            masks[r].append(random_patch_mask(n, num, ratio, generator=gen))  # on the CPU
+    image_patches = patchify(x, p).flatten(0, 1)  # (B * N, P * P * C), the layout of the MAE's pixel head
+    bf16 = settings.precision == "bf16"
     maps = []
-    for pms in masks:
-        pm = PatchMask(*(torch.cat([getattr(m, f) for m in pms]).to(x.device)
-                         for f in ("ids_keep", "ids_restore", "mask")))
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-            recon = mae(batch, mask=pm).reconstruction
-        recon = recon.float().unflatten(0, (b, n))  # (B, n, C, H, W)
-        masked = patch_mask_to_pixels(pm.mask, p, grid).to(recon.dtype).unflatten(0, (b, n))  # (B, n, 1, H, W)
-        count = masked.sum(1)
-        mean = torch.where(count > 0, (recon * masked).sum(1) / count.clamp_min(1), x)
-        maps.append(residual(x, mean, settings.kind)[:, 0])
+    with _explicit_attention(mae, bf16 and x.device.type == "cpu"):
+        for pms in masks:
+            pm = PatchMask(*(torch.cat([getattr(m, f) for m in pms]).to(x.device)
+                             for f in ("ids_keep", "ids_restore", "mask")))
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred = mae.predict_masked_patches(x, pm, n)  # (S, P * P * C): the masked patches only
+            # Eq. 4: each patch's mean over the maskings that hid it, summed in masking order; a
+            # patch no masking hid keeps the image's pixels.
+            row, patch = pm.mask.nonzero(as_tuple=True)
+            target = torch.div(row, n, rounding_mode="floor") * num + patch
+            total = torch.zeros_like(image_patches).index_add_(0, target, pred.float())
+            count = torch.bincount(target, minlength=b * num)[:, None]
+            mean = torch.where(count > 0, total / count.clamp_min(1), image_patches)
+            mean = unpatchify(mean.view(b, num, -1), p, grid, c)
+            maps.append(residual(x, mean, settings.kind)[:, 0])
     rm = torch.stack(maps, dim=1)
     if (h, w) != (size, size):
         rm = F.interpolate(rm, size=(h, w), mode="bilinear", align_corners=False)
     return rm.clamp(0, 1)
+
+
+@contextlib.contextmanager
+def _explicit_attention(module: nn.Module, enabled: bool):
+    """Attention as softmax(q k^T) v (timm's unfused path) inside, where ``enabled``: at the MAE's
+    16-64 tokens per image, PyTorch's CPU flash attention ran 2.2-2.5x slower in bf16 than
+    the explicit products (measured on a 2-core EPYC Zen 5, one thread; docs/grcsf.md)."""
+    layers = [m for m in module.modules() if enabled and isinstance(getattr(m, "fused_attn", None), bool)]
+    before = [m.fused_attn for m in layers]
+    try:
+        for m in layers:
+            m.fused_attn = False
+        yield
+    finally:
+        for m, fused in zip(layers, before):
+            m.fused_attn = fused
 
 
 __all__ = ["IMAGES_PER_FORWARD", "MAP_PRECISIONS", "RESIDUAL_KINDS", "ResidualMapSettings", "image_hash", "residual", "residual_maps", "ssim_map"]

@@ -108,13 +108,40 @@ class MaskedAutoencoder(nn.Module):
                                      device=image.device)
         elif tuple(mask.mask.shape) != (image.shape[0], n):
             raise ValueError(f"mask should cover ({image.shape[0]}, {n}) patches, got {tuple(mask.mask.shape)}")
-        tokens = self.patch_embed(image).flatten(2).transpose(1, 2)  # (B, N, D), row-major
-        tokens = tokens + sincos_pos_embed_2d(self.cfg.embed_dim, grid, device=tokens.device, dtype=tokens.dtype)
-        visible = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
-        encoded = self.norm(self.blocks(visible))
-        patches = self.decoder(encoded, mask.ids_restore, grid)
+        patches = self._decode(self.embed(image), mask, grid)
         reconstruction = unpatchify(patches, self.patch_size, grid, self.cfg.in_chans)
         return MAEOutput(reconstruction=reconstruction, mask=mask.mask, patch_size=self.patch_size)
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """Every patch's token with its position embedding: (B, N, D), patches row-major."""
+        grid = self.grid_size(image)
+        tokens = self.patch_embed(image).flatten(2).transpose(1, 2)
+        return tokens + sincos_pos_embed_2d(self.cfg.embed_dim, grid, device=tokens.device, dtype=tokens.dtype)
+
+    def _decode(self, tokens: torch.Tensor, mask: PatchMask, grid: tuple[int, int],
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        visible = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        encoded = self.norm(self.blocks(visible))
+        return self.decoder(encoded, mask.ids_restore, grid, select)
+
+    def predict_masked_patches(self, image: torch.Tensor, mask: PatchMask, repeats: int = 1) -> torch.Tensor:
+        """The reconstructed pixels of the masked patches only, for ``repeats`` maskings per image.
+
+        ``mask`` has B * repeats rows; rows k * repeats .. (k + 1) * repeats - 1 mask image k.
+        Returns (S, P * P * C), one row per masked (mask row, patch) pair in row-major order (the
+        order of ``mask.mask.nonzero()``), pixels laid out as :func:`unpatchify` reads them. The
+        same values as ``forward(image.repeat_interleave(repeats, 0), mask)`` at those patches,
+        computed with less: each image's patches are embedded once, and the pixel head (the
+        decoder's last norm and linear layer) runs on the masked patches only."""
+        grid = self.grid_size(image)
+        n = grid[0] * grid[1]
+        if repeats < 1:
+            raise ValueError(f"repeats should be >= 1, got {repeats}")
+        if tuple(mask.mask.shape) != (image.shape[0] * repeats, n):
+            raise ValueError(f"mask should cover ({image.shape[0] * repeats}, {n}) patches (repeats={repeats}), "
+                             f"got {tuple(mask.mask.shape)}")
+        tokens = self.embed(image).repeat_interleave(repeats, dim=0)
+        return self._decode(tokens, mask, grid, select=mask.mask)
 
 
 def _mae(name: str, defaults: dict, kwargs: dict) -> MaskedAutoencoder:
