@@ -123,4 +123,18 @@ TORCH_LIBRARY(lesionkit, m) {
   m.def(
       "patch_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int patch_size, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // GRCSF's global compensation (Eq. 1-2) after its squeeze-excitations, per pixel: with
+  // a = re_up * up * up_scale and b = skip * skip_scale (re_up, up, skip (B, C, H, W), the
+  // scales (B, C) broadcast over H, W), R = sum_c a b / max(|a| |b|, eps) and
+  // out = R * skip + skip. Returns out (skip's dtype and layout) and R (B, 1, H, W) in float
+  // (double for double); the backward recomputes a, b and the norms.
+  m.def(
+      "gcu_compensate(Tensor re_up, Tensor up, Tensor up_scale, Tensor skip, Tensor skip_scale, "
+      "float eps) -> (Tensor, Tensor)");
+  // Gradients (d re_up, d up, d up_scale, d skip, d skip_scale); grad_residual may be absent.
+  m.def(
+      "gcu_compensate_backward(Tensor grad_out, Tensor? grad_residual, Tensor re_up, Tensor up, "
+      "Tensor up_scale, Tensor skip, Tensor skip_scale, float eps) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
 }

@@ -24,6 +24,39 @@ def test_gcu_matches_eq_1_2_written_out():
         gcu(skip, down, torch.randn(2, 16, 4, 6))
 
 
+def _se_written_out(se, x):
+    return x * se.fc(x.mean(dim=(2, 3)))[:, :, None, None]
+
+
+def _gcu_written_out(gcu, skip, down, up):
+    re_up = F.interpolate(gcu.align_down(down), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+    a = re_up * _se_written_out(gcu.se_up, gcu.align_up(up))
+    b = _se_written_out(gcu.se_skip, skip)
+    cos = (a * b).sum(1, keepdim=True) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True))
+    return cos * skip + skip, cos
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gcu_gradients_match_eq_1_2_written_out(layout):
+    """The fused kernel's backward (and the SE means' layout-keeping gradient) against autograd
+    through the formula, for the inputs and every parameter, both outputs used."""
+    torch.manual_seed(3)
+    gcu = GlobalCompensationUnit(skip_channels=16, down_channels=8, up_channels=8).to(memory_format=layout)
+    inputs = [torch.randn(2, 16, 8, 12), torch.randn(2, 8, 4, 6), torch.randn(2, 8, 8, 12)]
+    grad_out, grad_r = torch.randn(2, 16, 8, 12), torch.randn(2, 1, 8, 12)
+    results = []
+    for fn in (gcu, lambda *x: _gcu_written_out(gcu, *x)):
+        xs = [t.contiguous(memory_format=layout).requires_grad_() for t in inputs]
+        out, r = fn(*xs)
+        params = list(gcu.parameters())
+        results.append((out, r, torch.autograd.grad((out * grad_out).sum() + (r * grad_r).sum(), xs + params)))
+    (out, r, grads), (want_out, want_r, want_grads) = results
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r, want_r, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_patch_importance_is_one_score_per_patch():
     torch.manual_seed(1)
     phi = PatchImportance(channels=4, patch_size=4, hidden=8)
@@ -60,6 +93,40 @@ def test_rcu_matches_eq_6_written_out():
         attn = K.patch_cross_attention_reference(q, k, v, 4).reshape(2, 16, 8, 8)
         want = want + w * rcu.out(attn * rcu.importance(u))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_rcu_gradients_match_eq_6_written_out(layout):
+    """phi applied after the sum over the maps and the gradient's layout change are the same
+    function and gradient as Eq. 6 written out (V scaled by phi, each map's output projected)."""
+    torch.manual_seed(4)
+    rcu = RegionalCompensationUnit(channels=16, patch_size=4, heads=2).to(memory_format=layout)
+    with torch.no_grad():
+        rcu.weights.copy_(torch.tensor([0.7, -0.3]))
+    maps = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)]
+
+    def written_out(u):
+        q = rcu.query(u).reshape(2, 2, -1, 8, 8)
+        v = rcu.value(u).reshape(2, 2, -1, 8, 8) * rcu.importance(u).reshape(2, 1, 1, 8, 8)
+        out = u
+        for w, key_proj, rm in zip(rcu.weights, rcu.keys, maps):
+            z = F.interpolate((rm - rm.mean(dim=(2, 3), keepdim=True)) / rm.std(dim=(2, 3), keepdim=True, unbiased=False),
+                              size=(8, 8), mode="bilinear", align_corners=False)
+            k = key_proj(z).reshape(2, 2, -1, 8, 8)
+            out = out + w * rcu.out(K.patch_cross_attention_reference(q, k, v, 4).reshape(2, 16, 8, 8))
+        return out
+
+    u0 = torch.randn(2, 16, 8, 8).contiguous(memory_format=layout)
+    cotangent = torch.randn(2, 16, 8, 8).contiguous(memory_format=layout)
+    grads = []
+    for fn in (lambda u: rcu(u, maps), written_out):
+        u = u0.clone().requires_grad_()
+        out = fn(u)
+        grads.append((out, torch.autograd.grad((out * cotangent).sum(), [u, *rcu.parameters()])))
+    (got, got_grads), (want, want_grads) = grads
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_rcu_uses_the_maps_from_the_start_and_only_their_shape_within_an_image():

@@ -355,6 +355,63 @@ PATCH_ATTENTION = OpProperty(
 test_patch_cross_attention_properties = property_test(PATCH_ATTENTION)
 
 
+# --- gcu_compensate ----------------------------------------------------------------------------
+
+@st.composite
+def gcu_cases(draw):
+    # 16 and 32 channels take the AVX-512 sums of the CPU kernel, the others its generic loop.
+    return dict(b=draw(sizes(1, 3)), c=draw(st.sampled_from([1, 3, 5, 16, 32, 17])), h=draw(sizes(1, 6)),
+                w=draw(sizes(1, 6)), dtype=draw(dtypes("float32", "float64", "bfloat16", "float16")),
+                layout=draw(layouts()), zero_pixel=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def gcu_build(case, device):
+    g = generator(case)
+    dtype = getattr(torch, case["dtype"])
+    shape = (case["b"], case["c"], case["h"], case["w"])
+    re_up, up, skip = (_randn(g, *shape, dtype=dtype, device=device) for _ in range(3))
+    if case["zero_pixel"]:  # |b| = 0 there: the clamped branch of max(|a| |b|, eps)
+        skip[:, :, 0, 0] = 0
+    up_scale, skip_scale = (torch.rand(shape[:2], generator=g).to(dtype=dtype, device=device) for _ in range(2))
+    return dict(re_up=with_layout(re_up, case["layout"]), up=up, up_scale=up_scale,
+                skip=with_layout(skip, case["layout"]), skip_scale=skip_scale)
+
+
+def gcu_tolerance(dtype, stage):
+    # float32 sums over at most 32 channels; 16-bit outputs and gradients are rounded once.
+    return {torch.float64: FLOAT64_TOL, torch.float32: (1e-4, 1e-5)}.get(dtype, (2e-2, 2e-2))
+
+
+def _gcu(device, **over):
+    kw = dict(re_up=torch.rand(2, 3, 4, 4, device=device), up=torch.rand(2, 3, 4, 4, device=device),
+              up_scale=torch.rand(2, 3, device=device), skip=torch.rand(2, 3, 4, 4, device=device),
+              skip_scale=torch.rand(2, 3, device=device))
+    kw.update(over)
+    return kw
+
+
+GCU_COMPENSATE = OpProperty(
+    op="gcu_compensate", call=K.gcu_compensate, cases=gcu_cases(), build=gcu_build,
+    grad_inputs=("re_up", "up", "up_scale", "skip", "skip_scale"), tolerance=gcu_tolerance,
+    bad_inputs=(
+        BadInput("wrong rank", lambda d: _gcu(d, skip=torch.rand(2, 3, 4, device=d)), r"skip should be a \(B, C, H, W\)"),
+        BadInput("up of another shape", lambda d: _gcu(d, up=torch.rand(2, 3, 4, 5, device=d)), "up should have skip's shape"),
+        BadInput("scale of another shape", lambda d: _gcu(d, skip_scale=torch.rand(2, 4, device=d)),
+                 r"skip_scale should be \(B, C\)"),
+        BadInput("zero eps", lambda d: _gcu(d, eps=0.0), "eps should be > 0"),
+        BadInput("integer dtype", lambda d: _gcu(d, up_scale=torch.ones(2, 3, dtype=torch.int64, device=d)),
+                 "up_scale should be a floating-point tensor"),
+        BadInput("other device", lambda d: _gcu(d, up=torch.rand(2, 3, 4, 4, device="meta")), "on one device"),
+        BadInput("empty", lambda d: _gcu(d, re_up=torch.rand(2, 3, 0, 4, device=d), up=torch.rand(2, 3, 0, 4, device=d),
+                                         skip=torch.rand(2, 3, 0, 4, device=d)), "", error=None,
+                 expect=lambda out: out.shape == (2, 3, 0, 4)),
+        BadInput("NaN propagates", lambda d: _gcu(d, skip=torch.full((2, 3, 4, 4), math.nan, device=d)), "",
+                 error=None, expect=lambda out: bool(torch.isnan(out).all())),
+    ),
+)
+test_gcu_compensate_properties = property_test(GCU_COMPENSATE)
+
+
 # --- kmeans ------------------------------------------------------------------------------------
 
 @st.composite
@@ -426,4 +483,4 @@ def test_an_output_without_gradient_fails_the_backward_check():
 
 test_bad_inputs = catalogue_test("test_op_properties",
                                  ["PATCHWISE", "SCAN", "SCAN_2D", "CROSS_SCAN", "CROSS_MERGE",
-                                  "PATCH_ATTENTION", "KMEANS"])
+                                  "PATCH_ATTENTION", "KMEANS", "GCU_COMPENSATE"])

@@ -14,6 +14,7 @@ from lesionkit.kernels.backend import (
     use_backend,
 )
 from lesionkit.kernels.cross_scan import cross_merge, cross_scan
+from lesionkit.kernels.gcu_compensate import gcu_compensate
 from lesionkit.kernels.info import format_info, info
 from lesionkit.kernels.kmeans import KMeansResult, kmeans
 from lesionkit.kernels.patch_cross_attention import patch_cross_attention
@@ -21,6 +22,7 @@ from lesionkit.kernels.patchwise_softmax_loss import patchwise_softmax_loss
 from lesionkit.kernels.reference import (
     cross_merge_reference,
     cross_scan_reference,
+    gcu_compensate_reference,
     kmeans_reference,
     patch_cross_attention_reference,
     patchwise_softmax_loss_reference,
@@ -41,6 +43,8 @@ __all__ = [
     "cross_scan_reference",
     "export_mode",
     "format_info",
+    "gcu_compensate",
+    "gcu_compensate_reference",
     "info",
     "kmeans",
     "kmeans_reference",

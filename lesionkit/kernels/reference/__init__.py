@@ -2,6 +2,7 @@
 the fallback where no compiled or Triton kernel can run."""
 
 from lesionkit.kernels.reference.cross_scan import cross_merge_reference, cross_scan_reference
+from lesionkit.kernels.reference.gcu_compensate import gcu_compensate_reference
 from lesionkit.kernels.reference.export_scan import selective_scan_2d_export, selective_scan_export
 from lesionkit.kernels.reference.kmeans import kmeans_reference
 from lesionkit.kernels.reference.patch_cross_attention import (
@@ -20,6 +21,7 @@ from lesionkit.kernels.reference.selective_scan import (
 __all__ = [
     "cross_merge_reference",
     "cross_scan_reference",
+    "gcu_compensate_reference",
     "kmeans_reference",
     "patch_cross_attention_reference",
     "patchwise_softmax_loss_per_image_reference",
