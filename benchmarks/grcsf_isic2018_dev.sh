@@ -13,7 +13,7 @@
 #   python benchmarks/grcsf_dev_table.py OUT_DIR        # the tables of docs/grcsf.md
 # DEV_PATH defaults to $LESIONKIT_ISIC2018_DEV, then ../shared/data/isic2018-dev. Finished runs
 # (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes
-# (A and B: the runs above; C and D: the recipe choice below).
+# (A and B: the runs above; C and D: the recipe choice below; E and F: the three seeds of each arm only).
 set -euo pipefail
 DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
 OUT=${2:-runs/grcsf_isic2018_dev}
@@ -46,6 +46,9 @@ LANE_B=(
 LANE_C=("${LANE_B[@]:0:3}")  # unetpp_s0..2, the shared recipe's runs of lane B
 LANE_D=("unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF" "unetpp_oldgrcsf_s1|unetpp_tiny_isic2018|1|$OLD_GRCSF"
         "unetpp_oldgrcsf_s2|unetpp_tiny_isic2018|2|$OLD_GRCSF")
+# The three-seed table alone (LANES="E F"): lanes A and B cut to their first three runs.
+LANE_E=("${LANE_A[@]:0:3}")
+LANE_F=("${LANE_B[@]:0:3}")
 LANES=${LANES:-"A B"}
 
 pretrain() {  # the MAE and the maps, once; lane A waits for them, lane B starts with unetpp
@@ -90,7 +93,9 @@ for l in $LANES; do
     B) lane "${LANE_B[@]}" & ;;
     C) lane "${LANE_C[@]}" & ;;
     D) lane "${LANE_D[@]}" & ;;
-    *) echo "unknown lane $l (A, B, C, D)" >&2; exit 2 ;;
+    E) (pretrain && lane "${LANE_E[@]}") & ;;
+    F) lane "${LANE_F[@]}" & ;;
+    *) echo "unknown lane $l (A, B, C, D, E, F)" >&2; exit 2 ;;
   esac
   pids+=($!)
 done
