@@ -51,6 +51,7 @@ def test_gcu_gradients_match_eq_1_2_written_out(layout):
         params = list(gcu.parameters())
         results.append((out, r, torch.autograd.grad((out * grad_out).sum() + (r * grad_r).sum(), xs + params)))
     (out, r, grads), (want_out, want_r, want_grads) = results
+    assert out.is_contiguous(memory_format=layout)  # C keeps F's layout
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r, want_r, rtol=1e-5, atol=1e-5)
     for g, w in zip(grads, want_grads):

@@ -18,7 +18,7 @@ from lesionkit.engine.trainers.residual_maps import (
     ssim_map,
 )
 from lesionkit.layers.patch_masking import patch_mask_to_pixels, patchify, random_patch_mask
-from lesionkit.layers.residual_maps import _explicit_attention, _image_generator
+from lesionkit.layers.residual_maps import _explicit_attention, _image_generator, _sum_over_maskings
 from lesionkit.models import create_model
 
 
@@ -131,6 +131,23 @@ def test_maps_equal_the_mean_of_full_reconstructions():
                                    atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"mask should cover \(6, 4\) patches"):
         mae.predict_masked_patches(images, pm, 3)
+
+
+def test_both_sums_over_maskings_agree():
+    """The GPU's dense sum (scatter per masking, then sum) and the CPU's index_add_ give the same
+    per-patch sums, bit for bit (both add the maskings in order)."""
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(3 * 4, 6, generator=g) > 0.5
+    pred = torch.randn(int(mask.sum()), 5, generator=g)
+    dense = _sum_over_maskings(pred, mask, 4, dense=True)
+    torch.testing.assert_close(_sum_over_maskings(pred, mask, 4, dense=False), dense, atol=0, rtol=0)
+    want = torch.zeros(3, 6, 5)
+    rows = iter(pred)
+    for r in range(12):
+        for j in range(6):
+            if mask[r, j]:
+                want[r // 4, j] += next(rows)
+    torch.testing.assert_close(dense, want.flatten(0, 1), atol=1e-6, rtol=0)
 
 
 def test_explicit_attention_is_the_same_attention_and_is_undone():

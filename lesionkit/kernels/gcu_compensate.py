@@ -2,7 +2,7 @@
 
 ``gcu_compensate`` validates its inputs, picks a backend (see :mod:`lesionkit.kernels.backend`)
 and calls ``torch.ops.lesionkit.gcu_compensate`` (cpu) or the pure-PyTorch reference (every
-other device: on a GPU PyTorch's element-wise kernels are not the bottleneck they are on a CPU).
+other device: the kernel was written for what a CPU profile showed; no GPU has measured the op).
 Fake and autograd registrations of the compiled op live here.
 """
 
@@ -60,9 +60,9 @@ def gcu_compensate(re_up: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor
         eps: floor of |a| |b| in the cosine similarity.
 
     Returns:
-        ``(out, R)``: out = R * skip + skip in the inputs' dtype (channels-last from the compiled
-        kernel), and R = cos(re_up * up * up_scale, skip * skip_scale) over the channels, (B, 1, H, W)
-        in float32 (float64 for float64). Mixed dtypes are promoted to a common one.
+        ``(out, R)``: out = R * skip + skip in the inputs' dtype and skip's memory layout, and
+        R = cos(re_up * up * up_scale, skip * skip_scale) over the channels, (B, 1, H, W) in
+        float32 (float64 for float64). Mixed dtypes are promoted to a common one.
     """
     check_gcu_inputs(re_up, up, up_scale, skip, skip_scale, eps)
     tensors = (re_up, up, up_scale, skip, skip_scale)
@@ -72,4 +72,8 @@ def gcu_compensate(re_up: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor
     re_up, up, up_scale, skip, skip_scale = (t.to(common) for t in tensors)
     if select_backend(OP.name, skip.device) == "reference":
         return gcu_compensate_reference(re_up, up, up_scale, skip, skip_scale, eps)
-    return torch.ops.lesionkit.gcu_compensate(re_up, up, up_scale, skip, skip_scale, float(eps))
+    out, residual = torch.ops.lesionkit.gcu_compensate(re_up, up, up_scale, skip, skip_scale, float(eps))
+    # The kernel works channels-last; a channels-first skip gets its output channels-first.
+    if skip.is_contiguous() and not out.is_contiguous():
+        out = out.contiguous()
+    return out, residual

@@ -197,10 +197,8 @@ def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSe
                 pred = mae.predict_masked_patches(x, pm, n)  # (S, P * P * C): the masked patches only
             # Eq. 4: each patch's mean over the maskings that hid it, summed in masking order; a
             # patch no masking hid keeps the image's pixels.
-            row, patch = pm.mask.nonzero(as_tuple=True)
-            target = torch.div(row, n, rounding_mode="floor") * num + patch
-            total = torch.zeros_like(image_patches).index_add_(0, target, pred.float())
-            count = torch.bincount(target, minlength=b * num)[:, None]
+            count = pm.mask.view(b, n, num).sum(1).flatten()[:, None]
+            total = _sum_over_maskings(pred.float(), pm.mask, n, dense=x.device.type != "cpu")
             mean = torch.where(count > 0, total / count.clamp_min(1), image_patches)
             mean = unpatchify(mean.view(b, num, -1), p, grid, c)
             maps.append(residual(x, mean, settings.kind)[:, 0])
@@ -208,6 +206,22 @@ def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSe
     if (h, w) != (size, size):
         rm = F.interpolate(rm, size=(h, w), mode="bilinear", align_corners=False)
     return rm.clamp(0, 1)
+
+
+def _sum_over_maskings(pred: torch.Tensor, mask: torch.Tensor, repeats: int, dense: bool) -> torch.Tensor:
+    """(B * N, D): per image and patch, the sum of ``pred``'s rows (one per True of the
+    (B * repeats, N) ``mask``, row-major) over the image's maskings, in masking order.
+
+    On a CPU index_add_ adds row after row, so the sum is the same on every run; a GPU's adds in
+    any order, so there (``dense``) the rows are scattered per masking and summed instead."""
+    rows, num = mask.shape
+    if dense:
+        hidden = pred.new_zeros(rows * num, pred.shape[-1])
+        hidden[mask.flatten()] = pred
+        return hidden.view(rows // repeats, repeats, num, -1).sum(1).flatten(0, 1)
+    row, patch = mask.nonzero(as_tuple=True)
+    target = torch.div(row, repeats, rounding_mode="floor") * num + patch
+    return pred.new_zeros(rows // repeats * num, pred.shape[-1]).index_add_(0, target, pred)
 
 
 @contextlib.contextmanager
