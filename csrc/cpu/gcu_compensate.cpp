@@ -56,6 +56,8 @@ void check_inputs(const at::Tensor& re_up, const at::Tensor& up, const at::Tenso
 
 at::Tensor channels_last(const at::Tensor& x) { return x.contiguous(at::MemoryFormat::ChannelsLast); }
 
+at::ScalarType acc_type_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 // Tile loads and stores in the accumulation dtype. bfloat16 is converted with integer ops the
 // compiler vectorises (c10's scalar conversion does not vectorise here).
 template <typename scalar_t, typename acc_t>
@@ -302,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> gcu_compensate_cpu(const at::Tensor& re_up_in
                                                       const at::Tensor& up_scale_in, const at::Tensor& skip_in,
                                                       const at::Tensor& skip_scale_in, double eps) {
   check_inputs(re_up_in, up_in, up_scale_in, skip_in, skip_scale_in);
-  const auto acc_type = skip_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_type_of(skip_in);
   auto out = at::empty(skip_in.sizes(), skip_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   auto residual = at::empty({skip_in.size(0), 1, skip_in.size(2), skip_in.size(3)}, skip_in.options().dtype(acc_type));
   if (out.numel() == 0) return {out, residual};
@@ -327,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gcu_compe
     TORCH_CHECK(grad_residual_in->numel() == B * HW, "grad_residual should be (B, 1, H, W), got ",
                 grad_residual_in->sizes());
   }
-  const auto acc_type = skip_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_type_of(skip_in);
   const auto cl = skip_in.options().memory_format(at::MemoryFormat::ChannelsLast);
   auto d_re_up = at::empty(skip_in.sizes(), cl), d_up = at::empty(skip_in.sizes(), cl),
        d_skip = at::empty(skip_in.sizes(), cl);

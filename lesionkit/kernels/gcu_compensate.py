@@ -13,7 +13,7 @@ import torch
 from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
-from lesionkit.kernels.reference.gcu_compensate import check_gcu_inputs, gcu_compensate_reference
+from lesionkit.kernels.reference.gcu_compensate import check_gcu_inputs, gcu_compensate_math
 
 OP = register_op(OpSpec("gcu_compensate", cuda=False, triton=False, auto_gpu_order=("reference",)))
 
@@ -71,7 +71,7 @@ def gcu_compensate(re_up: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor
         common = torch.promote_types(common, t.dtype)
     re_up, up, up_scale, skip, skip_scale = (t.to(common) for t in tensors)
     if select_backend(OP.name, skip.device) == "reference":
-        return gcu_compensate_reference(re_up, up, up_scale, skip, skip_scale, eps)
+        return gcu_compensate_math(re_up, up, up_scale, skip, skip_scale, eps)
     out, residual = torch.ops.lesionkit.gcu_compensate(re_up, up, up_scale, skip, skip_scale, float(eps))
     # The kernel works channels-last; a channels-first skip gets its output channels-first.
     if skip.is_contiguous() and not out.is_contiguous():

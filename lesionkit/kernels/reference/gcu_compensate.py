@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lesionkit.kernels.accumulation import acc_dtype
+
 
 def check_gcu_inputs(re_up: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor, skip: torch.Tensor,
                      skip_scale: torch.Tensor, eps: float) -> None:
@@ -38,7 +40,13 @@ def gcu_compensate_reference(re_up: torch.Tensor, up: torch.Tensor, up_scale: to
                              skip_scale: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, R): out like ``skip`` (its dtype), R (B, 1, H, W) in float32 (float64 for float64)."""
     check_gcu_inputs(re_up, up, up_scale, skip, skip_scale, eps)
-    acc = torch.float64 if skip.dtype == torch.float64 else torch.float32
+    return gcu_compensate_math(re_up, up, up_scale, skip, skip_scale, eps)
+
+
+def gcu_compensate_math(re_up: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor, skip: torch.Tensor,
+                        skip_scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gcu_compensate_reference` without the input checks, for callers that made them."""
+    acc = acc_dtype(skip.dtype)
     f = skip.to(acc)
     a = re_up.to(acc) * up.to(acc) * up_scale.to(acc)[:, :, None, None]
     b = f * skip_scale.to(acc)[:, :, None, None]
