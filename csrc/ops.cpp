@@ -123,6 +123,16 @@ TORCH_LIBRARY(lesionkit, m) {
   m.def(
       "patch_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int patch_size, float scale) -> (Tensor, Tensor, Tensor)");
+  // M key sets over one q and v (GRCSF Eq. 6 with both residual maps): k (M, B, h, dk, H, W),
+  // weights (M,) in the accumulation dtype; out = sum_m weights[m] softmax(scale q k[m]^T) v per
+  // window, (B, h, dv, H, W), and the log-sum-exp of every map (M, B, h, H, W).
+  m.def(
+      "patch_cross_attention_mix(Tensor q, Tensor k, Tensor v, Tensor weights, int patch_size, "
+      "float scale) -> (Tensor, Tensor)");
+  // Gradients (dq, dk, dv, dweights).
+  m.def(
+      "patch_cross_attention_mix_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor weights, Tensor lse, int patch_size, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // GRCSF's global compensation (Eq. 1-2) after its squeeze-excitations, per pixel: with
   // a = re_up * up * up_scale and b = skip * skip_scale (re_up, up, skip (B, C, H, W), the

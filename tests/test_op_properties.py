@@ -355,6 +355,68 @@ PATCH_ATTENTION = OpProperty(
 test_patch_cross_attention_properties = property_test(PATCH_ATTENTION)
 
 
+# --- patch_cross_attention_mix -----------------------------------------------------------------
+
+@st.composite
+def attention_mix_cases(draw):
+    return dict(draw(attention_cases()), maps=draw(sizes(1, 3)), zero_weight=draw(st.booleans()))
+
+
+def attention_mix_build(case, device):
+    kw = attention_build(case, device)
+    g = generator(dict(case, seed=case["seed"] + 1))
+    q = kw["q"]
+    k = _randn(g, case["maps"], *q.shape, dtype=q.dtype, device=device)
+    weights = _randn(g, case["maps"], dtype=torch.float32, device=device)
+    if case["zero_weight"]:  # a key set switched off still gets its weight's gradient
+        weights[0] = 0
+    return dict(q=q, k=with_layout(k, case["layout"]), v=kw["v"], weights=weights, patch_size=kw["patch_size"],
+                scale=kw["scale"])
+
+
+def attention_mix_tolerance(dtype, stage):
+    # As the single attention; 16-bit outputs and gradients are rounded once from float32.
+    return attention_tolerance(dtype, stage) if dtype in (torch.float32, torch.float64) else (2e-2, 2e-2)
+
+
+def _mix(device, **over):
+    kw = dict(q=torch.rand(1, 2, 3, 8, 8, device=device), k=torch.rand(2, 1, 2, 3, 8, 8, device=device),
+              v=torch.rand(1, 2, 4, 8, 8, device=device), weights=torch.rand(2, device=device), patch_size=4)
+    kw.update(over)
+    return kw
+
+
+PATCH_ATTENTION_MIX = OpProperty(
+    op="patch_cross_attention_mix", call=K.patch_cross_attention_mix, cases=attention_mix_cases(),
+    build=attention_mix_build, grad_inputs=("q", "k", "v", "weights"), tolerance=attention_mix_tolerance,
+    regressions=(
+        # The GRCSF shape in small: two maps, 4 key channels, 8 x 8 windows of 64 tokens (the
+        # CPU kernel's full 8-row x 32-column blocks), bfloat16.
+        dict(b=1, heads=1, dk=4, dv=5, p=8, rows=2, cols=1, dtype="bfloat16", layout="contiguous", scale=None,
+             seed=3, maps=2, zero_weight=False),
+    ),
+    bad_inputs=(
+        BadInput("k without the map dimension", lambda d: _mix(d, k=torch.rand(1, 2, 3, 8, 8, device=d)),
+                 r"k should be a \(M, B, h, dk, H, W\)"),
+        BadInput("no key sets", lambda d: _mix(d, k=torch.rand(0, 1, 2, 3, 8, 8, device=d),
+                                               weights=torch.rand(0, device=d)), "M >= 1"),
+        BadInput("a key set of another shape", lambda d: _mix(d, k=torch.rand(2, 1, 2, 5, 8, 8, device=d)),
+                 "same shape"),
+        BadInput("one weight too few", lambda d: _mix(d, weights=torch.rand(1, device=d)),
+                 r"weights should have shape \(M,\) = \(2,\)"),
+        BadInput("integer weights", lambda d: _mix(d, weights=torch.ones(2, dtype=torch.int64, device=d)),
+                 "weights should be a floating"),
+        BadInput("weights on another device", lambda d: _mix(d, weights=torch.rand(2, device="meta")),
+                 "weights should be on q's device"),
+        BadInput("H not a multiple of P", lambda d: _mix(d, patch_size=3), "multiples of patch_size=3"),
+        BadInput("NaN scale", lambda d: _mix(d, scale=math.nan), "scale should be a finite number"),
+        BadInput("NaN weight propagates", lambda d: _mix(d, weights=torch.tensor([math.nan, 1.0], device=d)), "",
+                 error=None, expect=lambda out: bool(torch.isnan(out).all())),
+    ),
+)
+test_patch_cross_attention_mix_properties = property_test(PATCH_ATTENTION_MIX)
+
+
 # --- gcu_compensate ----------------------------------------------------------------------------
 
 @st.composite
@@ -483,4 +545,4 @@ def test_an_output_without_gradient_fails_the_backward_check():
 
 test_bad_inputs = catalogue_test("test_op_properties",
                                  ["PATCHWISE", "SCAN", "SCAN_2D", "CROSS_SCAN", "CROSS_MERGE",
-                                  "PATCH_ATTENTION", "KMEANS", "GCU_COMPENSATE"])
+                                  "PATCH_ATTENTION", "PATCH_ATTENTION_MIX", "KMEANS", "GCU_COMPENSATE"])

@@ -13,6 +13,7 @@ except ImportError:
 import lesionkit.kernels as K
 from lesionkit.kernels import _library
 from lesionkit.kernels.reference.patch_cross_attention import (
+    patch_cross_attention_reference,
     patch_cross_attention_with_lse_reference,
 )
 
@@ -315,3 +316,76 @@ def test_torch_compile_fullgraph(backend, device):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# --- patch_cross_attention_mix: M key sets over one q and v (GRCSF's two residual maps) -------
+
+def make_mix_inputs(maps=2, dtype=torch.float32, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 3, 8, 12, generator=g).to(dtype)
+    k = torch.randn(maps, 2, 2, 3, 8, 12, generator=g).to(dtype)
+    v = torch.randn(2, 2, 5, 8, 12, generator=g).to(dtype)
+    w = torch.tensor([0.7, -0.3, 1.2][:maps])
+    return q, k, v, w
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if _library.HAS_OPS else []))
+def test_mix_is_the_weighted_sum_of_single_attentions(backend):
+    """out = sum_m w_m attn(q, k_m, v) and so are its gradients, including those of the weights."""
+    q, k, v, w = make_mix_inputs(maps=3, dtype=torch.float64)
+    got_leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    with K.use_backend(backend):
+        got = K.patch_cross_attention_mix(*got_leaves, 4, 0.8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    want = sum(leaves[3][m] * patch_cross_attention_reference(leaves[0], leaves[1][m], leaves[2], 4, 0.8)
+               for m in range(3))
+    cotangent = torch.randn_like(want)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, got_leaves, cotangent), torch.autograd.grad(want, leaves, cotangent)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not _library.HAS_OPS, reason="compiled library not built")
+def test_mix_gradcheck_float64():
+    q, k, v, w = (t.double().requires_grad_() for t in make_mix_inputs())
+    with K.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda *a: K.patch_cross_attention_mix(*a, 4), (q, k, v, w))
+
+
+@pytest.mark.skipif(not _library.HAS_OPS, reason="compiled library not built")
+def test_mix_compiled_op_checks_its_inputs_and_passes_opcheck():
+    op = torch.ops.lesionkit.patch_cross_attention_mix
+    q, k, v, w = make_mix_inputs()
+    with pytest.raises(RuntimeError, match=r"k should be a \(M, B, h, dk, H, W\)"):
+        op(q, k[0], v, w, 4, 1.0)
+    with pytest.raises(RuntimeError, match=r"weights should be a Float tensor of shape \(2,\)"):
+        op(q, k, v, w[:1], 4, 1.0)
+    with pytest.raises(RuntimeError, match="weights should be a Float tensor"):
+        op(q, k, v, w.double(), 4, 1.0)
+    out, lse = op(q, k, v, w, 4, 1.0)
+    assert lse.shape == (2, 2, 2, 8, 12) and lse.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="lse should be a Float tensor of shape"):
+        torch.ops.lesionkit.patch_cross_attention_mix_backward(out, q, k, v, w, lse[:1], 4, 1.0)
+    q.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(op.default, (q, k, v, w, 4, 0.5))
+    torch.library.opcheck(torch.ops.lesionkit.patch_cross_attention_mix_backward.default,
+                          (torch.randn_like(out), q.detach(), k, v, w.detach(), lse, 4, 1.0))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if _library.HAS_OPS else []))
+def test_mix_torch_compile_fullgraph(backend):
+    q, k, v, w = make_mix_inputs()
+
+    def step(q, k, v, w):
+        return K.patch_cross_attention_mix(q * 1.5, k, v, w, 4).square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    with K.use_backend(backend):
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    with K.use_backend("reference"):
+        want = step(*ref_leaves)
+    for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, ref_leaves))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -399,10 +400,226 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward_cp
   return {dq, dk, dv};
 }
 
+
+// ---- patch_cross_attention_mix: out = sum_m w_m softmax(scale q k_m^T) v -----------------------
+//
+// The M key sets share q and v, so the mixture of their probabilities is formed first and v
+// multiplied once: forward, one (dv x T x T) product instead of M; backward, G = dO v^T and
+// dV = dO^T (sum_m w_m P_m) once each. Per map only the dk-wide products remain (the scores,
+// dQ, dK). The softmax row term is E_m,i = sum_j P_m,ij G_ij (no per-map output is kept), and
+// dw_m = sum_i E_m,i.
+
+// q (B, h, dk, H, W), k (M, B, h, dk, H, W), v (B, h, dv, H, W), weights (M,) acc dtype.
+WindowGrid check_mix_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& weights, int64_t patch_size) {
+  TORCH_CHECK(k.dim() == 6 && k.size(0) >= 1,
+              "k should be a (M, B, h, dk, H, W) tensor with M >= 1, got shape ", k.sizes());
+  const WindowGrid g = check_patch_attention_inputs(q, k.select(0, 0), v, patch_size);
+  const auto acc = patch_attention_acc_type(q.scalar_type());
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == k.size(0) && weights.scalar_type() == acc &&
+                  weights.device() == q.device(),
+              "weights should be a ", acc, " tensor of shape (", k.size(0), ",) on ", q.device(),
+              ", got ", weights.scalar_type(), " ", weights.sizes(), " on ", weights.device());
+  return g;
+}
+
+template <typename scalar_t>
+void mix_forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                      const at::opmath_type<scalar_t>* weights, int64_t maps, scalar_t* out,
+                      at::opmath_type<scalar_t>* lse, const WindowGrid& g, double scale_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.tokens(), P = g.patch;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const int64_t units = g.batch * g.heads * g.windows();
+  const int64_t k_map = g.batch * g.heads * g.dk * g.height * g.width;  // one key set
+  const int64_t lse_map = g.batch * g.heads * g.height * g.width;
+  std::vector<acc_t> w(weights, weights + maps);
+
+  at::parallel_for(0, units, std::max<int64_t>(1, window_grain(g) / maps),
+                   [&, scale, T, P](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), ot(g.dv * T), s(T * T), mix(T * T),
+        pt(T * T);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const WindowAt at = window_at(g, unit);
+      gather(q, g.dk, g, at, qt.data());
+      gather(v, g.dv, g, at, vt.data());
+      for (int64_t m = 0; m < maps; ++m) {
+        gather(k + m * k_map, g.dk, g, at, kt.data());
+        matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, s.data(), T);
+        acc_t* lse_plane = lse + m * lse_map + at.plane * g.height * g.width + at.origin;
+        const acc_t wm = w[m];
+        for (int64_t i = 0; i < T; ++i) {
+          acc_t* row = s.data() + i * T;
+          acc_t* mrow = mix.data() + i * T;
+          acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
+          for (int64_t j = 0; j < T; ++j) mx = std::max(mx, row[j] * scale);
+          const acc_t l = exp_row(row, T, scale, mx);
+          const acc_t c = wm / l;  // w_m times the softmax's normalisation
+          if (m == 0) {
+#pragma omp simd
+            for (int64_t j = 0; j < T; ++j) mrow[j] = c * row[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < T; ++j) mrow[j] += c * row[j];
+          }
+          lse_plane[(i / P) * g.width + i % P] = mx + std::log(l);
+        }
+      }
+      transpose(mix.data(), pt.data(), T);
+      // O = V Mix^T: o_i = sum_j (sum_m w_m p_m,ij) v_j
+      matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
+      scatter(ot.data(), g.dv, g, at, out);
+    }
+  });
+}
+
+template <typename scalar_t>
+void mix_backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k,
+                       const scalar_t* v, const at::opmath_type<scalar_t>* weights, int64_t maps,
+                       const at::opmath_type<scalar_t>* lse, scalar_t* dq, scalar_t* dk,
+                       scalar_t* dv, at::opmath_type<scalar_t>* dw_units, const WindowGrid& g,
+                       double scale_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.tokens(), P = g.patch;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const int64_t units = g.batch * g.heads * g.windows();
+  const int64_t k_map = g.batch * g.heads * g.dk * g.height * g.width;
+  const int64_t lse_map = g.batch * g.heads * g.height * g.width;
+  std::vector<acc_t> w(weights, weights + maps);
+
+  at::parallel_for(0, units, std::max<int64_t>(1, window_grain(g) / maps),
+                   [&, scale, T, P](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), dot(g.dv * T);
+    std::vector<acc_t> p(T * T), G(T * T), mix(T * T), ds(T * T), dst(T * T), rowterm(T);
+    std::vector<acc_t> dqt(g.dk * T), dqm(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const WindowAt at = window_at(g, unit);
+      gather(q, g.dk, g, at, qt.data());
+      gather(v, g.dv, g, at, vt.data());
+      gather(grad_out, g.dv, g, at, dot.data());
+      // G_ij = dO_i . v_j, shared by every map (dP_m = w_m G).
+      matmul(T, T, g.dv, dot.data(), 1, T, vt.data(), T, G.data(), T);
+      for (int64_t m = 0; m < maps; ++m) {
+        gather(k + m * k_map, g.dk, g, at, kt.data());
+        matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, p.data(), T);
+        const acc_t* lse_plane = lse + m * lse_map + at.plane * g.height * g.width + at.origin;
+        const acc_t wm = w[m];
+        acc_t dw = 0;
+        for (int64_t i = 0; i < T; ++i) {
+          acc_t* row = p.data() + i * T;
+          exp_row(row, T, scale, lse_plane[(i / P) * g.width + i % P]);
+          const acc_t* grow = G.data() + i * T;
+          acc_t e = 0;
+#pragma omp simd reduction(+ : e)
+          for (int64_t j = 0; j < T; ++j) e += row[j] * grow[j];
+          dw += e;
+          acc_t* mrow = mix.data() + i * T;
+          acc_t* drow = ds.data() + i * T;
+          const acc_t c = scale * wm;
+          if (m == 0) {
+#pragma omp simd
+            for (int64_t j = 0; j < T; ++j) mrow[j] = wm * row[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < T; ++j) mrow[j] += wm * row[j];
+          }
+          // dS_m,ij = scale w_m P_m,ij (G_ij - E_m,i)
+#pragma omp simd
+          for (int64_t j = 0; j < T; ++j) drow[j] = c * row[j] * (grow[j] - e);
+        }
+        dw_units[unit * maps + m] = dw;
+        transpose(ds.data(), dst.data(), T);
+        // dQ_i += sum_j dS_m,ij k_m,j;  dK_m,j = sum_i dS_m,ij q_i
+        matmul(g.dk, T, T, kt.data(), T, 1, dst.data(), T, m == 0 ? dqt.data() : dqm.data(), T);
+        if (m > 0) {
+#pragma omp simd
+          for (int64_t x = 0; x < g.dk * T; ++x) dqt[x] += dqm[x];
+        }
+        matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
+        scatter(dkt.data(), g.dk, g, at, dk + m * k_map);
+      }
+      // dV_j = sum_i (sum_m w_m P_m,ij) dO_i
+      matmul(g.dv, T, T, dot.data(), T, 1, mix.data(), T, dvt.data(), T);
+      scatter(dqt.data(), g.dk, g, at, dq);
+      scatter(dvt.data(), g.dv, g, at, dv);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_cross_attention_mix_cpu(const at::Tensor& q_in,
+                                                                 const at::Tensor& k_in,
+                                                                 const at::Tensor& v_in,
+                                                                 const at::Tensor& weights_in,
+                                                                 int64_t patch_size, double scale) {
+  const WindowGrid g = check_mix_inputs(q_in, k_in, v_in, weights_in, patch_size);
+  const int64_t maps = k_in.size(0);
+  auto out = at::empty({g.batch, g.heads, g.dv, g.height, g.width}, v_in.options());
+  auto lse = at::empty({maps, g.batch, g.heads, g.height, g.width},
+                       q_in.options().dtype(patch_attention_acc_type(q_in.scalar_type())));
+  if (g.batch == 0 || g.heads == 0) return {out, lse};
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto weights = weights_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "patch_cross_attention_mix_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    mix_forward_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                               v.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(), maps,
+                               out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(), g,
+                               scale);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_mix_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& weights_in, const at::Tensor& lse_in,
+    int64_t patch_size, double scale) {
+  const WindowGrid g = check_mix_inputs(q_in, k_in, v_in, weights_in, patch_size);
+  const int64_t maps = k_in.size(0);
+  const std::vector<int64_t> out_shape{g.batch, g.heads, g.dv, g.height, g.width};
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
+                  grad_out_in.scalar_type() == q_in.scalar_type() &&
+                  grad_out_in.device() == q_in.device(),
+              "grad_out should be a ", q_in.scalar_type(), " tensor of shape ",
+              at::IntArrayRef(out_shape), " on ", q_in.device(), ", got ",
+              grad_out_in.scalar_type(), " ", grad_out_in.sizes(), " on ", grad_out_in.device());
+  const auto acc = patch_attention_acc_type(q_in.scalar_type());
+  const std::vector<int64_t> lse_shape{maps, g.batch, g.heads, g.height, g.width};
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_shape) && lse_in.scalar_type() == acc &&
+                  lse_in.device() == q_in.device(),
+              "lse should be a ", acc, " tensor of shape ", at::IntArrayRef(lse_shape), " on ",
+              q_in.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ",
+              lse_in.device());
+  auto dq = at::empty(q_in.sizes(), q_in.options());
+  auto dk = at::empty(k_in.sizes(), k_in.options());
+  auto dv = at::empty(v_in.sizes(), v_in.options());
+  const int64_t units = g.batch * g.heads * g.windows();
+  auto dw_units = at::zeros({units, maps}, weights_in.options());
+  if (g.batch == 0 || g.heads == 0) return {dq, dk, dv, dw_units.sum(0)};
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto grad_out = grad_out_in.contiguous(), lse = lse_in.contiguous();
+  const auto weights = weights_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "patch_cross_attention_mix_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    mix_backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                weights.const_data_ptr<acc_t>(), maps, lse.const_data_ptr<acc_t>(),
+                                dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                                dv.mutable_data_ptr<scalar_t>(), dw_units.mutable_data_ptr<acc_t>(),
+                                g, scale);
+  });
+  // Per-window partial sums, added in a fixed order (the result does not depend on threads).
+  return {dq, dk, dv, dw_units.sum(0)};
+}
+
 }  // namespace
 }  // namespace lesionkit
 
 TORCH_LIBRARY_IMPL(lesionkit, CPU, m) {
   m.impl("patch_cross_attention", &lesionkit::patch_cross_attention_cpu);
   m.impl("patch_cross_attention_backward", &lesionkit::patch_cross_attention_backward_cpu);
+  m.impl("patch_cross_attention_mix", &lesionkit::patch_cross_attention_mix_cpu);
+  m.impl("patch_cross_attention_mix_backward", &lesionkit::patch_cross_attention_mix_backward_cpu);
 }

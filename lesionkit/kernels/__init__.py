@@ -17,13 +17,14 @@ from lesionkit.kernels.cross_scan import cross_merge, cross_scan
 from lesionkit.kernels.gcu_compensate import gcu_compensate
 from lesionkit.kernels.info import format_info, info
 from lesionkit.kernels.kmeans import KMeansResult, kmeans
-from lesionkit.kernels.patch_cross_attention import patch_cross_attention
+from lesionkit.kernels.patch_cross_attention import patch_cross_attention, patch_cross_attention_mix
 from lesionkit.kernels.patchwise_softmax_loss import patchwise_softmax_loss
 from lesionkit.kernels.reference import (
     cross_merge_reference,
     cross_scan_reference,
     gcu_compensate_reference,
     kmeans_reference,
+    patch_cross_attention_mix_reference,
     patch_cross_attention_reference,
     patchwise_softmax_loss_reference,
     selective_scan_2d_export,
@@ -49,6 +50,8 @@ __all__ = [
     "kmeans",
     "kmeans_reference",
     "patch_cross_attention",
+    "patch_cross_attention_mix",
+    "patch_cross_attention_mix_reference",
     "patch_cross_attention_reference",
     "patchwise_softmax_loss",
     "patchwise_softmax_loss_reference",

@@ -15,7 +15,10 @@ from lesionkit.kernels import _library
 from lesionkit.kernels.accumulation import acc_dtype
 from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.patch_cross_attention import (
+    _common_dtype,
     check_patch_attention_inputs,
+    check_patch_attention_mix_inputs,
+    patch_cross_attention_mix_with_lse_reference,
     patch_cross_attention_with_lse_reference,
     resolve_scale,
 )
@@ -23,6 +26,9 @@ from lesionkit.kernels.reference.patch_cross_attention import (
 # auto on a GPU takes the reference: on the first H200 run (README "GPU, first run", P 16) its
 # forward + backward took 5.9 ms, the Triton kernels' 33.7 ms and the CUDA kernels' 42.4 ms.
 OP = register_op(OpSpec("patch_cross_attention", auto_gpu_order=("reference", "triton", "cuda")))
+# The M-key-set form has a CPU kernel only (written for what a CPU profile of GRCSF showed); on
+# other devices it runs the reference.
+OP_MIX = register_op(OpSpec("patch_cross_attention_mix", cuda=False, triton=False, auto_gpu_order=("reference",)))
 
 
 
@@ -71,6 +77,36 @@ if _library.HAS_OPS:
         setup_context=_setup_context,
     )
 
+    @torch.library.register_fake("lesionkit::patch_cross_attention_mix")
+    def _(q, k, v, weights, patch_size, scale):
+        batch, heads, _, height, width = q.shape
+        torch._check(height % patch_size == 0 and width % patch_size == 0)
+        out = v.new_empty((batch, heads, v.shape[2], height, width))
+        return out, q.new_empty((k.shape[0], batch, heads, height, width), dtype=acc_dtype(q.dtype))
+
+    @torch.library.register_fake("lesionkit::patch_cross_attention_mix_backward")
+    def _(grad_out, q, k, v, weights, lse, patch_size, scale):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(weights))
+
+    def _mix_setup_context(ctx, inputs, output):
+        q, k, v, weights, patch_size, scale = inputs
+        ctx.save_for_backward(q, k, v, weights, output[1])
+        ctx.patch_size, ctx.scale = patch_size, scale
+        ctx.mark_non_differentiable(output[1])
+
+    def _mix_backward(ctx, grad_out, _grad_lse):
+        q, k, v, weights, lse = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None
+        grads = torch.ops.lesionkit.patch_cross_attention_mix_backward(
+            grad_out.contiguous(), q, k, v, weights, lse, ctx.patch_size, ctx.scale)
+        return (*grads, None, None)
+
+    torch.library.register_autograd("lesionkit::patch_cross_attention_mix", _mix_backward,
+                                    setup_context=_mix_setup_context)
+
 _triton = lazy_triton_module("patch_cross_attention", lambda t: torch.library.register_autograd(
     "lesionkit::patch_cross_attention_triton", _make_backward(t.patch_cross_attention_backward_triton),
     setup_context=_setup_context))
@@ -106,3 +142,36 @@ def patch_cross_attention(
     if backend == "triton":
         return _triton().patch_cross_attention_triton(q, k, v, patch_size, scale)[0]
     return torch.ops.lesionkit.patch_cross_attention(q, k, v, patch_size, scale)[0]
+
+
+def patch_cross_attention_mix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    patch_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Weighted sum of M patch cross-attentions that share q and v (GRCSF Eq. 6, both maps).
+
+    out = sum_m weights[m] * patch_cross_attention(q, k[m], v, patch_size, scale), computed as
+    (sum_m weights[m] P_m) v per window, so v is multiplied once (and its gradient products are
+    made once) however many key sets there are.
+
+    Args:
+        q: (B, h, dk, H, W) queries; k: (M, B, h, dk, H, W), M key sets; v: (B, h, dv, H, W)
+            values; H and W multiples of `patch_size`. Mixed dtypes are promoted to a common one.
+        weights: (M,) the weight of each key set's attention (differentiable); cast to the
+            accumulation dtype (float32, float64 for float64 inputs).
+        patch_size, scale: as in :func:`patch_cross_attention`.
+
+    Returns:
+        (B, h, dv, H, W) in the inputs' dtype (accumulation in float32, float64 for float64).
+    """
+    check_patch_attention_mix_inputs(q, k, v, weights, patch_size, scale)
+    q, k, v = _common_dtype(q, k, v)
+    weights = weights.to(acc_dtype(q.dtype))
+    scale = resolve_scale(scale, q.shape[2])
+    if select_backend(OP_MIX.name, q.device) == "reference":
+        return patch_cross_attention_mix_with_lse_reference(q, k, v, weights, patch_size, scale)[0]
+    return torch.ops.lesionkit.patch_cross_attention_mix(q, k, v, weights, patch_size, scale)[0]

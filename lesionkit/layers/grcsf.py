@@ -4,8 +4,10 @@
   down-sampled feature S, re-upscaled to F's size (RU) and gated by the SE-weighted decoder
   feature U, disagrees with SE(F): R = CS(RU * SE(U), SE(F)), C = R * F + F.
 - :class:`RegionalCompensationUnit` (RCU, Eq. 6) fuses two residual maps into a decoder
-  feature U by patch cross-attention (:func:`lesionkit.kernels.patch_cross_attention`) scaled by
-  a per-patch importance score: M = W1 * proj(attn(RM1) * phi) + W2 * proj(attn(RM2) * phi) + U.
+  feature U by patch cross-attention scaled by a per-patch importance score:
+  M = W1 * proj(attn(RM1) * phi) + W2 * proj(attn(RM2) * phi) + U. Both maps' attentions share
+  U's queries and values, so they run as one op
+  (:func:`lesionkit.kernels.patch_cross_attention_mix`: (W1 P1 + W2 P2) V, V multiplied once).
 
 Choices of ours where the paper is silent (each a constructor argument): S and U are brought to
 F's channel count by 1x1 convolutions before the cosine similarity; SE uses reduction 16; in
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lesionkit.kernels import gcu_compensate, patch_cross_attention
+from lesionkit.kernels import gcu_compensate, patch_cross_attention_mix
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -213,16 +215,16 @@ class RegionalCompensationUnit(nn.Module):
         # channels-last views into it in every forward and backward).
         query = self.query(feature).reshape(b, h, -1, height, width).contiguous()
         value = self.value(feature).reshape(b, h, -1, height, width).contiguous()
-        mixed = None
-        for weight, key_proj, rm in zip(self.weights, self.keys, residual_maps):
+        keys = []
+        for key_proj, rm in zip(self.keys, residual_maps):
             rm = rm.float()
             if self.map_norm == "image":  # at the map's own size, before resizing
                 rm = standardise_per_image(rm)
             rm = F.interpolate(rm, size=(height, width), mode="bilinear",
                                align_corners=False).to(feature.dtype)
-            key = key_proj(rm).reshape(b, h, -1, height, width).contiguous()
-            attended = weight * patch_cross_attention(query, key, value, self.patch_size)
-            mixed = attended if mixed is None else mixed + attended
+            keys.append(key_proj(rm).reshape(b, h, -1, height, width))
+        # sum_m W_m attn(Q, K_m, V) = (sum_m W_m P_m) V: both maps in one op, V multiplied once.
+        mixed = patch_cross_attention_mix(query, torch.stack(keys), value, self.weights, self.patch_size)
         if self.importance is not None:
             # phi is one number per patch and the attention stays inside a patch, so
             # attn(Q, K, V * phi) = attn(Q, K, V) * phi: scale the sum over the maps once. (Scaling

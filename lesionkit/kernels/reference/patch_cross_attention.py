@@ -101,3 +101,60 @@ def patch_cross_attention_reference(
         q, k, v = q.to(common), k.to(common), v.to(common)
     scale = resolve_scale(scale, q.shape[2])
     return patch_cross_attention_with_lse_reference(q, k, v, patch_size, scale)[0]
+
+
+def check_patch_attention_mix_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+                                     patch_size: int, scale: float | None) -> None:
+    """:func:`check_patch_attention_inputs` for M key sets k (M, B, h, dk, H, W) and weights (M,)."""
+    for name, t in (("k", k), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} should be a tensor, got {type(t).__name__}")
+    if k.dim() != 6 or k.shape[0] == 0:
+        raise ValueError(f"k should be a (M, B, h, dk, H, W) tensor with M >= 1 key sets, got shape "
+                         f"{tuple(k.shape)}")
+    check_patch_attention_inputs(q, k[0], v, patch_size, scale)
+    if weights.shape != (k.shape[0],):
+        raise ValueError(f"weights should have shape (M,) = ({k.shape[0]},), one per key set, got "
+                         f"{tuple(weights.shape)}")
+    if not weights.dtype.is_floating_point:
+        raise ValueError(f"weights should be a floating tensor, got {weights.dtype}")
+    if weights.device != q.device:
+        raise ValueError(f"weights should be on q's device {q.device}, got {weights.device}")
+
+
+def patch_cross_attention_mix_with_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, patch_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_m weights[m] softmax(scale q k[m]^T) v per window (v's dtype) and the log-sum-exp of
+    every key set (M, B, h, H, W); math in float32 (float64 for float64), `scale` resolved."""
+    acc = acc_dtype(q.dtype)
+    maps, b = k.shape[:2]
+    height, width = q.shape[-2:]
+    qw = partition_windows(q.to(acc), patch_size)  # (B, h, N, T, dk)
+    kw = partition_windows(k.to(acc).flatten(0, 1), patch_size).unflatten(0, (maps, b))
+    vw = partition_windows(v.to(acc), patch_size)
+    scores = torch.matmul(qw, kw.transpose(-1, -2)) * scale  # (M, B, h, N, T, T)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    mix = (weights.to(acc).reshape(maps, 1, 1, 1, 1, 1) * probs).sum(0)
+    out = merge_windows(torch.matmul(mix, vw), patch_size, height, width).to(v.dtype)
+    lse = merge_windows(lse.flatten(0, 1).unsqueeze(-1), patch_size, height, width).squeeze(2)
+    return out, lse.unflatten(0, (maps, b))
+
+
+def patch_cross_attention_mix_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, patch_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference of :func:`lesionkit.kernels.patch_cross_attention_mix` (same arguments)."""
+    check_patch_attention_mix_inputs(q, k, v, weights, patch_size, scale)
+    q, k, v = _common_dtype(q, k, v)
+    scale = resolve_scale(scale, q.shape[2])
+    return patch_cross_attention_mix_with_lse_reference(q, k, v, weights, patch_size, scale)[0]
+
+
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    common = tensors[0].dtype
+    for t in tensors[1:]:
+        common = torch.promote_types(common, t.dtype)
+    return tuple(t.to(common) for t in tensors)
