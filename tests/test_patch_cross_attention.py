@@ -389,3 +389,33 @@ def test_mix_torch_compile_fullgraph(backend):
         want = step(*ref_leaves)
     for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, ref_leaves))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not _library.HAS_OPS, reason="compiled library not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mix_reads_and_writes_channels_last_views(dtype):
+    """Views of channels-last (B, h*d, H, W) tensors, as the RCU's 1x1 projections give them, go
+    in without a copy and the output and gradients come back in the same layout, same values."""
+    q, k, v, w = make_mix_inputs(dtype=dtype)
+
+    def channels_last_view(t):  # (..., B, h, d, H, W) -> the same values, channels fastest
+        _, h, d, height, width = t.shape[-5:]
+        flat = t.reshape(-1, h * d, height, width).contiguous(memory_format=torch.channels_last)
+        return flat.reshape(t.shape)
+
+    views = [channels_last_view(q), channels_last_view(k), channels_last_view(v)]
+    assert views[0].stride(2) == 1 and views[2].stride(2) == 1 and views[1].stride(3) == 1
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    cl_leaves = [views[0].detach().requires_grad_(), views[1].detach().requires_grad_(),
+                 views[2].detach().requires_grad_(), w.clone().requires_grad_()]
+    with K.use_backend("cpu"):
+        want = K.patch_cross_attention_mix(*leaves, 4)
+        got = K.patch_cross_attention_mix(*cl_leaves, 4)
+    assert got.stride() == views[2].stride()
+    cotangent = channels_last_view(torch.randn_like(want))
+    grads = torch.autograd.grad(got, cl_leaves, cotangent)
+    for g, x in zip(grads[:3], cl_leaves[:3]):
+        assert g.stride() == x.stride()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(grads, torch.autograd.grad(want, leaves, cotangent.contiguous())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -408,6 +409,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward_cp
 // dV = dO^T (sum_m w_m P_m) once each. Per map only the dk-wide products remain (the scores,
 // dQ, dK). The softmax row term is E_m,i = sum_j P_m,ij G_ij (no per-map output is kept), and
 // dw_m = sum_i E_m,i.
+//
+// Unlike the single attention above, these kernels read q, k, v and grad_out through their
+// strides and write out, dq, dk, dv in the layout of q, k, v (at::empty_like): a channels-last
+// caller (GRCSF's RCU, whose projections are 1x1 convolutions of a channels-last feature) makes
+// no layout copy on the way in or out.
+
+// Strides of a (B, h, d, H, W) operand.
+struct Strides {
+  int64_t b, h, c, y, x;
+};
+
+inline Strides strides_of(const at::Tensor& t) {  // t is 5-D, or a (M, ...) 6-D tensor's map
+  const int64_t o = t.dim() - 5;
+  return {t.stride(o), t.stride(o + 1), t.stride(o + 2), t.stride(o + 3), t.stride(o + 4)};
+}
+
+// The top-left element of window (row, col) of plane `plane` (= batch * heads + head).
+inline int64_t window_offset(const WindowGrid& g, const Strides& s, int64_t plane, int64_t unit) {
+  const int64_t w = unit % g.windows();
+  return (plane / g.heads) * s.b + (plane % g.heads) * s.h + (w / g.cols) * g.patch * s.y +
+         (w % g.cols) * g.patch * s.x;
+}
+
+// One window of a strided operand -> tile (C, T). Rows of P contiguous values (x stride 1, the
+// NCHW case) copy as rows; channel-contiguous pixels (channels-last) are read pixel by pixel.
+template <typename scalar_t, typename acc_t>
+void gather_strided(const scalar_t* src, const Strides& s, int64_t channels, const WindowGrid& g,
+                    int64_t plane, int64_t unit, acc_t* tile) {
+  const int64_t P = g.patch, T = g.tokens();
+  const scalar_t* base = src + window_offset(g, s, plane, unit);
+  if (s.x == 1) {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t y = 0; y < P; ++y) {
+        const scalar_t* row = base + c * s.c + y * s.y;
+        acc_t* dst = tile + c * T + y * P;
+#pragma omp simd
+        for (int64_t x = 0; x < P; ++x) dst[x] = static_cast<acc_t>(row[x]);
+      }
+    }
+    return;
+  }
+  for (int64_t y = 0; y < P; ++y) {
+    for (int64_t x = 0; x < P; ++x) {
+      const scalar_t* px = base + y * s.y + x * s.x;
+      acc_t* dst = tile + y * P + x;
+      for (int64_t c = 0; c < channels; ++c) dst[c * T] = static_cast<acc_t>(px[c * s.c]);
+    }
+  }
+}
+
+// tile (C, T) -> one window of a strided operand.
+template <typename scalar_t, typename acc_t>
+void scatter_strided(const acc_t* tile, int64_t channels, const WindowGrid& g, const Strides& s,
+                     int64_t plane, int64_t unit, scalar_t* dst) {
+  const int64_t P = g.patch, T = g.tokens();
+  scalar_t* base = dst + window_offset(g, s, plane, unit);
+  if (s.x == 1) {
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t y = 0; y < P; ++y) {
+        scalar_t* row = base + c * s.c + y * s.y;
+        const acc_t* src = tile + c * T + y * P;
+#pragma omp simd
+        for (int64_t x = 0; x < P; ++x) row[x] = static_cast<scalar_t>(src[x]);
+      }
+    }
+    return;
+  }
+  for (int64_t y = 0; y < P; ++y) {
+    for (int64_t x = 0; x < P; ++x) {
+      scalar_t* px = base + y * s.y + x * s.x;
+      const acc_t* src = tile + y * P + x;
+      for (int64_t c = 0; c < channels; ++c) px[c * s.c] = static_cast<scalar_t>(src[c * T]);
+    }
+  }
+}
+
+// A strided operand: its data and strides; k's map m starts m * map_stride further.
+template <typename T>
+struct Operand {
+  T* data;
+  Strides s;
+  int64_t map_stride = 0;
+};
 
 // q (B, h, dk, H, W), k (M, B, h, dk, H, W), v (B, h, dv, H, W), weights (M,) acc dtype.
 WindowGrid check_mix_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -424,14 +508,13 @@ WindowGrid check_mix_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 template <typename scalar_t>
-void mix_forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                      const at::opmath_type<scalar_t>* weights, int64_t maps, scalar_t* out,
+void mix_forward_impl(Operand<const scalar_t> q, Operand<const scalar_t> k, Operand<const scalar_t> v,
+                      const at::opmath_type<scalar_t>* weights, int64_t maps, Operand<scalar_t> out,
                       at::opmath_type<scalar_t>* lse, const WindowGrid& g, double scale_in) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.tokens(), P = g.patch;
   const acc_t scale = static_cast<acc_t>(scale_in);
   const int64_t units = g.batch * g.heads * g.windows();
-  const int64_t k_map = g.batch * g.heads * g.dk * g.height * g.width;  // one key set
   const int64_t lse_map = g.batch * g.heads * g.height * g.width;
   std::vector<acc_t> w(weights, weights + maps);
 
@@ -441,10 +524,10 @@ void mix_forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v,
         pt(T * T);
     for (int64_t unit = begin; unit < end; ++unit) {
       const WindowAt at = window_at(g, unit);
-      gather(q, g.dk, g, at, qt.data());
-      gather(v, g.dv, g, at, vt.data());
+      gather_strided(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
+      gather_strided(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
       for (int64_t m = 0; m < maps; ++m) {
-        gather(k + m * k_map, g.dk, g, at, kt.data());
+        gather_strided(k.data + m * k.map_stride, k.s, g.dk, g, at.plane, unit, kt.data());
         matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, s.data(), T);
         acc_t* lse_plane = lse + m * lse_map + at.plane * g.height * g.width + at.origin;
         const acc_t wm = w[m];
@@ -469,39 +552,39 @@ void mix_forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v,
       transpose(mix.data(), pt.data(), T);
       // O = V Mix^T: o_i = sum_j (sum_m w_m p_m,ij) v_j
       matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
-      scatter(ot.data(), g.dv, g, at, out);
+      scatter_strided(ot.data(), g.dv, g, out.s, at.plane, unit, out.data);
     }
   });
 }
 
 template <typename scalar_t>
-void mix_backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k,
-                       const scalar_t* v, const at::opmath_type<scalar_t>* weights, int64_t maps,
-                       const at::opmath_type<scalar_t>* lse, scalar_t* dq, scalar_t* dk,
-                       scalar_t* dv, at::opmath_type<scalar_t>* dw_units, const WindowGrid& g,
-                       double scale_in) {
+void mix_backward_impl(Operand<const scalar_t> grad_out, Operand<const scalar_t> q,
+                       Operand<const scalar_t> k, Operand<const scalar_t> v,
+                       const at::opmath_type<scalar_t>* weights, int64_t maps,
+                       const at::opmath_type<scalar_t>* lse, Operand<scalar_t> dq,
+                       Operand<scalar_t> dk, Operand<scalar_t> dv,
+                       at::opmath_type<scalar_t>* dw_units, const WindowGrid& g, double scale_in) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = g.tokens(), P = g.patch;
   const acc_t scale = static_cast<acc_t>(scale_in);
   const int64_t units = g.batch * g.heads * g.windows();
-  const int64_t k_map = g.batch * g.heads * g.dk * g.height * g.width;
   const int64_t lse_map = g.batch * g.heads * g.height * g.width;
   std::vector<acc_t> w(weights, weights + maps);
 
   at::parallel_for(0, units, std::max<int64_t>(1, window_grain(g) / maps),
                    [&, scale, T, P](int64_t begin, int64_t end) {
     std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), dot(g.dv * T);
-    std::vector<acc_t> p(T * T), G(T * T), mix(T * T), ds(T * T), dst(T * T), rowterm(T);
+    std::vector<acc_t> p(T * T), G(T * T), mix(T * T), ds(T * T), dst(T * T);
     std::vector<acc_t> dqt(g.dk * T), dqm(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
     for (int64_t unit = begin; unit < end; ++unit) {
       const WindowAt at = window_at(g, unit);
-      gather(q, g.dk, g, at, qt.data());
-      gather(v, g.dv, g, at, vt.data());
-      gather(grad_out, g.dv, g, at, dot.data());
+      gather_strided(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
+      gather_strided(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
+      gather_strided(grad_out.data, grad_out.s, g.dv, g, at.plane, unit, dot.data());
       // G_ij = dO_i . v_j, shared by every map (dP_m = w_m G).
       matmul(T, T, g.dv, dot.data(), 1, T, vt.data(), T, G.data(), T);
       for (int64_t m = 0; m < maps; ++m) {
-        gather(k + m * k_map, g.dk, g, at, kt.data());
+        gather_strided(k.data + m * k.map_stride, k.s, g.dk, g, at.plane, unit, kt.data());
         matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, p.data(), T);
         const acc_t* lse_plane = lse + m * lse_map + at.plane * g.height * g.width + at.origin;
         const acc_t wm = w[m];
@@ -537,78 +620,85 @@ void mix_backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar
           for (int64_t x = 0; x < g.dk * T; ++x) dqt[x] += dqm[x];
         }
         matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
-        scatter(dkt.data(), g.dk, g, at, dk + m * k_map);
+        scatter_strided(dkt.data(), g.dk, g, dk.s, at.plane, unit, dk.data + m * dk.map_stride);
       }
       // dV_j = sum_i (sum_m w_m P_m,ij) dO_i
       matmul(g.dv, T, T, dot.data(), T, 1, mix.data(), T, dvt.data(), T);
-      scatter(dqt.data(), g.dk, g, at, dq);
-      scatter(dvt.data(), g.dv, g, at, dv);
+      scatter_strided(dqt.data(), g.dk, g, dq.s, at.plane, unit, dq.data);
+      scatter_strided(dvt.data(), g.dv, g, dv.s, at.plane, unit, dv.data);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> patch_cross_attention_mix_cpu(const at::Tensor& q_in,
-                                                                 const at::Tensor& k_in,
-                                                                 const at::Tensor& v_in,
+template <typename T>
+Operand<const T> read_operand(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), strides_of(t), t.dim() == 6 ? t.stride(0) : 0};
+}
+
+template <typename T>
+Operand<T> write_operand(at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), strides_of(t), t.dim() == 6 ? t.stride(0) : 0};
+}
+
+// Inputs are read through their strides; an input whose elements overlap (an expanded view)
+// is fine to read, but outputs shaped like it are allocated dense by at::empty_like.
+std::tuple<at::Tensor, at::Tensor> patch_cross_attention_mix_cpu(const at::Tensor& q,
+                                                                 const at::Tensor& k,
+                                                                 const at::Tensor& v,
                                                                  const at::Tensor& weights_in,
                                                                  int64_t patch_size, double scale) {
-  const WindowGrid g = check_mix_inputs(q_in, k_in, v_in, weights_in, patch_size);
-  const int64_t maps = k_in.size(0);
-  auto out = at::empty({g.batch, g.heads, g.dv, g.height, g.width}, v_in.options());
+  const WindowGrid g = check_mix_inputs(q, k, v, weights_in, patch_size);
+  const int64_t maps = k.size(0);
+  auto out = at::empty_like(v);
   auto lse = at::empty({maps, g.batch, g.heads, g.height, g.width},
-                       q_in.options().dtype(patch_attention_acc_type(q_in.scalar_type())));
+                       q.options().dtype(patch_attention_acc_type(q.scalar_type())));
   if (g.batch == 0 || g.heads == 0) return {out, lse};
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const auto weights = weights_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "patch_cross_attention_mix_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    mix_forward_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                               v.const_data_ptr<scalar_t>(), weights.const_data_ptr<acc_t>(), maps,
-                               out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(), g,
-                               scale);
+    mix_forward_impl<scalar_t>(read_operand<scalar_t>(q), read_operand<scalar_t>(k),
+                               read_operand<scalar_t>(v), weights.const_data_ptr<acc_t>(), maps,
+                               write_operand<scalar_t>(out), lse.mutable_data_ptr<acc_t>(), g, scale);
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_mix_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& weights_in, const at::Tensor& lse_in,
-    int64_t patch_size, double scale) {
-  const WindowGrid g = check_mix_inputs(q_in, k_in, v_in, weights_in, patch_size);
-  const int64_t maps = k_in.size(0);
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& weights_in, const at::Tensor& lse_in, int64_t patch_size, double scale) {
+  const WindowGrid g = check_mix_inputs(q, k, v, weights_in, patch_size);
+  const int64_t maps = k.size(0);
   const std::vector<int64_t> out_shape{g.batch, g.heads, g.dv, g.height, g.width};
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape) &&
-                  grad_out_in.scalar_type() == q_in.scalar_type() &&
-                  grad_out_in.device() == q_in.device(),
-              "grad_out should be a ", q_in.scalar_type(), " tensor of shape ",
-              at::IntArrayRef(out_shape), " on ", q_in.device(), ", got ",
-              grad_out_in.scalar_type(), " ", grad_out_in.sizes(), " on ", grad_out_in.device());
-  const auto acc = patch_attention_acc_type(q_in.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) &&
+                  grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
+              "grad_out should be a ", q.scalar_type(), " tensor of shape ",
+              at::IntArrayRef(out_shape), " on ", q.device(), ", got ", grad_out.scalar_type(), " ",
+              grad_out.sizes(), " on ", grad_out.device());
+  const auto acc = patch_attention_acc_type(q.scalar_type());
   const std::vector<int64_t> lse_shape{maps, g.batch, g.heads, g.height, g.width};
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_shape) && lse_in.scalar_type() == acc &&
-                  lse_in.device() == q_in.device(),
+                  lse_in.device() == q.device(),
               "lse should be a ", acc, " tensor of shape ", at::IntArrayRef(lse_shape), " on ",
-              q_in.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ",
+              q.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes(), " on ",
               lse_in.device());
-  auto dq = at::empty(q_in.sizes(), q_in.options());
-  auto dk = at::empty(k_in.sizes(), k_in.options());
-  auto dv = at::empty(v_in.sizes(), v_in.options());
+  auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
   const int64_t units = g.batch * g.heads * g.windows();
   auto dw_units = at::zeros({units, maps}, weights_in.options());
   if (g.batch == 0 || g.heads == 0) return {dq, dk, dv, dw_units.sum(0)};
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto grad_out = grad_out_in.contiguous(), lse = lse_in.contiguous();
+  const auto lse = lse_in.contiguous();
   const auto weights = weights_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "patch_cross_attention_mix_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    mix_backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                                k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+    mix_backward_impl<scalar_t>(read_operand<scalar_t>(grad_out), read_operand<scalar_t>(q),
+                                read_operand<scalar_t>(k), read_operand<scalar_t>(v),
                                 weights.const_data_ptr<acc_t>(), maps, lse.const_data_ptr<acc_t>(),
-                                dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                                dv.mutable_data_ptr<scalar_t>(), dw_units.mutable_data_ptr<acc_t>(),
-                                g, scale);
+                                write_operand<scalar_t>(dq), write_operand<scalar_t>(dk),
+                                write_operand<scalar_t>(dv), dw_units.mutable_data_ptr<acc_t>(), g,
+                                scale);
   });
   // Per-window partial sums, added in a fixed order (the result does not depend on threads).
   return {dq, dk, dv, dw_units.sum(0)};

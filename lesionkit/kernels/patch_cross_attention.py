@@ -77,18 +77,17 @@ if _library.HAS_OPS:
         setup_context=_setup_context,
     )
 
+    # The mix kernels read their inputs through their strides and write each output in the
+    # layout of the input it belongs to (empty_like: out and dv like v, dq like q, dk like k).
     @torch.library.register_fake("lesionkit::patch_cross_attention_mix")
     def _(q, k, v, weights, patch_size, scale):
         batch, heads, _, height, width = q.shape
         torch._check(height % patch_size == 0 and width % patch_size == 0)
-        out = v.new_empty((batch, heads, v.shape[2], height, width))
-        return out, q.new_empty((k.shape[0], batch, heads, height, width), dtype=acc_dtype(q.dtype))
+        return torch.empty_like(v), q.new_empty((k.shape[0], batch, heads, height, width), dtype=acc_dtype(q.dtype))
 
     @torch.library.register_fake("lesionkit::patch_cross_attention_mix_backward")
     def _(grad_out, q, k, v, weights, lse, patch_size, scale):
-        return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                torch.empty_like(k, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(weights))
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(weights)
 
     def _mix_setup_context(ctx, inputs, output):
         q, k, v, weights, patch_size, scale = inputs
@@ -101,7 +100,7 @@ if _library.HAS_OPS:
         if grad_out is None:
             return None, None, None, None, None, None
         grads = torch.ops.lesionkit.patch_cross_attention_mix_backward(
-            grad_out.contiguous(), q, k, v, weights, lse, ctx.patch_size, ctx.scale)
+            grad_out, q, k, v, weights, lse, ctx.patch_size, ctx.scale)
         return (*grads, None, None)
 
     torch.library.register_autograd("lesionkit::patch_cross_attention_mix", _mix_backward,
