@@ -147,4 +147,15 @@ TORCH_LIBRARY(lesionkit, m) {
       "gcu_compensate_backward(Tensor grad_out, Tensor? grad_residual, Tensor re_up, Tensor up, "
       "Tensor up_scale, Tensor skip, Tensor skip_scale, float eps) -> (Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
+
+  // LayerNorm over the last dimension with float statistics (double for double): x (..., C) in
+  // any floating dtype, weight and bias (C,) in the accumulation dtype. Returns the output in
+  // out_dtype and the per-row mean and 1 / sqrt(var + eps) (x.shape[:-1], accumulation dtype).
+  m.def(
+      "layer_norm_last(Tensor x, Tensor weight, Tensor bias, float eps, ScalarType out_dtype) -> "
+      "(Tensor, Tensor, Tensor)");
+  // Gradients (dx in x's dtype, dweight, dbias).
+  m.def(
+      "layer_norm_last_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -474,6 +474,65 @@ GCU_COMPENSATE = OpProperty(
 test_gcu_compensate_properties = property_test(GCU_COMPENSATE)
 
 
+# --- layer_norm_last ---------------------------------------------------------------------------
+
+@st.composite
+def layer_norm_cases(draw):
+    # 16 and 48 channels fill the 16-lane sums exactly, the others leave a tail; 1 channel is a
+    # constant row (variance 0: the output is the bias).
+    return dict(rows=draw(sizes(1, 40)), c=draw(st.sampled_from([1, 3, 6, 16, 24, 48, 17])),
+                dtype=draw(dtypes("float32", "float64", "bfloat16")), layout=draw(layouts()),
+                eps=draw(st.sampled_from([1e-5, 1e-6, 0.1])), seed=draw(st.integers(0, 2**16)))
+
+
+def layer_norm_build(case, device):
+    g = generator(case)
+    dtype = getattr(torch, case["dtype"])
+    x = 3.0 * _randn(g, 2, case["rows"], case["c"], dtype=dtype, device=device) + 1.5
+    weight = 1.0 + 0.5 * _randn(g, case["c"], dtype=dtype, device=device)
+    bias = 0.5 * _randn(g, case["c"], dtype=dtype, device=device)
+    return dict(x=with_layout(x, case["layout"]), weight=weight, bias=bias, eps=case["eps"])
+
+
+def layer_norm_tolerance(dtype, stage):
+    # float32 sums over at most 48 channels; 16-bit outputs and gradients are rounded once.
+    return {torch.float64: FLOAT64_TOL, torch.float32: (1e-4, 1e-5)}.get(dtype, (2e-2, 2e-2))
+
+
+def _ln(device, **over):
+    kw = dict(x=torch.rand(2, 5, 4, device=device), weight=torch.rand(4, device=device),
+              bias=torch.rand(4, device=device))
+    kw.update(over)
+    return kw
+
+
+LAYER_NORM = OpProperty(
+    op="layer_norm_last", call=K.layer_norm_last, cases=layer_norm_cases(), build=layer_norm_build,
+    grad_inputs=("x", "weight", "bias"), tolerance=layer_norm_tolerance,
+    regressions=(
+        # More rows than one 256-row block of the kernel, so the weight gradient adds two blocks.
+        dict(rows=300, c=24, dtype="bfloat16", layout="contiguous", eps=1e-5, seed=5),
+    ),
+    bad_inputs=(
+        BadInput("scalar x", lambda d: _ln(d, x=torch.tensor(1.0, device=d)), "at least one dimension"),
+        BadInput("weight of another size", lambda d: _ln(d, weight=torch.rand(5, device=d)),
+                 r"weight should have shape \(C,\) = \(4,\)"),
+        BadInput("integer x", lambda d: _ln(d, x=torch.ones(2, 5, 4, dtype=torch.int64, device=d)),
+                 "x should be a floating-point tensor"),
+        BadInput("bias on another device", lambda d: _ln(d, bias=torch.rand(4, device="meta")),
+                 "bias should be on x's device"),
+        BadInput("zero eps", lambda d: _ln(d, eps=0.0), "eps should be > 0"),
+        BadInput("integer out_dtype", lambda d: _ln(d, out_dtype=torch.int32), "out_dtype should be a floating"),
+        BadInput("empty rows", lambda d: _ln(d, x=torch.rand(0, 5, 4, device=d)), "", error=None,
+                 expect=lambda out: out.shape == (0, 5, 4)),
+        BadInput("NaN stays in its row", lambda d: _ln(d, x=torch.cat([torch.full((1, 5, 4), math.nan),
+                                                                       torch.rand(1, 5, 4)]).to(d)),
+                 "", error=None, expect=lambda out: bool(torch.isnan(out[0]).all() and torch.isfinite(out[1]).all())),
+    ),
+)
+test_layer_norm_last_properties = property_test(LAYER_NORM)
+
+
 # --- kmeans ------------------------------------------------------------------------------------
 
 @st.composite
@@ -545,4 +604,4 @@ def test_an_output_without_gradient_fails_the_backward_check():
 
 test_bad_inputs = catalogue_test("test_op_properties",
                                  ["PATCHWISE", "SCAN", "SCAN_2D", "CROSS_SCAN", "CROSS_MERGE",
-                                  "PATCH_ATTENTION", "PATCH_ATTENTION_MIX", "KMEANS", "GCU_COMPENSATE"])
+                                  "PATCH_ATTENTION", "PATCH_ATTENTION_MIX", "KMEANS", "GCU_COMPENSATE", "LAYER_NORM"])

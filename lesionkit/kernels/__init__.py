@@ -17,6 +17,7 @@ from lesionkit.kernels.cross_scan import cross_merge, cross_scan
 from lesionkit.kernels.gcu_compensate import gcu_compensate
 from lesionkit.kernels.info import format_info, info
 from lesionkit.kernels.kmeans import KMeansResult, kmeans
+from lesionkit.kernels.layer_norm import layer_norm_last
 from lesionkit.kernels.patch_cross_attention import patch_cross_attention, patch_cross_attention_mix
 from lesionkit.kernels.patchwise_softmax_loss import patchwise_softmax_loss
 from lesionkit.kernels.reference import (
@@ -24,6 +25,7 @@ from lesionkit.kernels.reference import (
     cross_scan_reference,
     gcu_compensate_reference,
     kmeans_reference,
+    layer_norm_last_reference,
     patch_cross_attention_mix_reference,
     patch_cross_attention_reference,
     patchwise_softmax_loss_reference,
@@ -49,6 +51,8 @@ __all__ = [
     "info",
     "kmeans",
     "kmeans_reference",
+    "layer_norm_last",
+    "layer_norm_last_reference",
     "patch_cross_attention",
     "patch_cross_attention_mix",
     "patch_cross_attention_mix_reference",

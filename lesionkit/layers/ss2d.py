@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lesionkit.kernels import selective_scan_2d
+from lesionkit.layers.layer_norm import LayerNorm
 
 DIRECTIONS = 4
 
@@ -70,7 +71,7 @@ class SS2D(nn.Module):
         a_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(k * d_inner, 1)
         self.A_logs = mark_no_weight_decay(nn.Parameter(a_log))
         self.Ds = mark_no_weight_decay(nn.Parameter(torch.ones(k * d_inner)))
-        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_norm = LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lesionkit.layers.ss2d import SS2D
+from lesionkit.layers.layer_norm import LayerNorm
 
 
 def gate_logit(gate: float) -> float:
@@ -95,12 +96,12 @@ class VSSBlock(nn.Module):
     def __init__(self, hidden_dim: int, drop_path: float = 0.0, d_state: int = 16, attn_drop_rate: float = 0.0,
                  se: bool = False, se_reduction: int = 16, cmn: bool = False, cmn_ratio: float = 4.0) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(hidden_dim)
+        self.ln_1 = LayerNorm(hidden_dim)
         self.self_attention = SS2D(hidden_dim, d_state=d_state, dropout=attn_drop_rate)
         self.se = SqueezeExcitation(hidden_dim, se_reduction) if se else None
         self.drop_path = DropPath(drop_path)
         if cmn:
-            self.ln_2 = nn.LayerNorm(hidden_dim)
+            self.ln_2 = LayerNorm(hidden_dim)
             self.cmn = ChannelMixing(hidden_dim, cmn_ratio)
         else:
             self.ln_2 = self.cmn = None

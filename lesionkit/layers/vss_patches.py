@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lesionkit.layers.layer_norm import LayerNorm
+
 
 def _pixel_unshuffle_channels_last(x: torch.Tensor, scale: int) -> torch.Tensor:
     """(B, H, W, s*s*c) -> (B, s*H, s*W, c), channel index laid out as (p1, p2, c)."""
@@ -22,7 +24,7 @@ class PatchEmbed2D(nn.Module):
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -34,7 +36,7 @@ class PatchMerging2D(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = LayerNorm(4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape
@@ -56,7 +58,7 @@ class PatchExpand2D(nn.Module):
         self.dim = 2 * dim
         self.dim_scale = dim_scale
         self.expand = nn.Linear(self.dim, dim_scale * self.dim, bias=False)
-        self.norm = nn.LayerNorm(self.dim // dim_scale)
+        self.norm = LayerNorm(self.dim // dim_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(_pixel_unshuffle_channels_last(self.expand(x), self.dim_scale))
@@ -70,7 +72,7 @@ class FinalPatchExpand2D(nn.Module):
         self.dim = dim
         self.dim_scale = dim_scale
         self.expand = nn.Linear(dim, dim_scale * dim, bias=False)
-        self.norm = nn.LayerNorm(dim // dim_scale)
+        self.norm = LayerNorm(dim // dim_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(_pixel_unshuffle_channels_last(self.expand(x), self.dim_scale))

@@ -5,6 +5,7 @@ from lesionkit.kernels.reference.cross_scan import cross_merge_reference, cross_
 from lesionkit.kernels.reference.gcu_compensate import gcu_compensate_reference
 from lesionkit.kernels.reference.export_scan import selective_scan_2d_export, selective_scan_export
 from lesionkit.kernels.reference.kmeans import kmeans_reference
+from lesionkit.kernels.reference.layer_norm import layer_norm_last_reference
 from lesionkit.kernels.reference.patch_cross_attention import (
     patch_cross_attention_mix_reference,
     patch_cross_attention_reference,
@@ -24,6 +25,7 @@ __all__ = [
     "cross_scan_reference",
     "gcu_compensate_reference",
     "kmeans_reference",
+    "layer_norm_last_reference",
     "patch_cross_attention_mix_reference",
     "patch_cross_attention_reference",
     "patchwise_softmax_loss_per_image_reference",
