@@ -229,192 +229,6 @@ inline WindowAt window_at(const WindowGrid& g, int64_t unit) {
   return {plane, (w / g.cols) * g.patch * g.width + (w % g.cols) * g.patch};
 }
 
-// src (planes, C, H, W) -> tile (C, T) for one window.
-template <typename scalar_t, typename acc_t>
-void gather(const scalar_t* src, int64_t channels, const WindowGrid& g, WindowAt at, acc_t* tile) {
-  const int64_t P = g.patch, T = g.tokens(), HW = g.height * g.width;
-  const scalar_t* base = src + at.plane * channels * HW + at.origin;
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t y = 0; y < P; ++y) {
-      const scalar_t* row = base + c * HW + y * g.width;
-      acc_t* dst = tile + c * T + y * P;
-#pragma omp simd
-      for (int64_t x = 0; x < P; ++x) dst[x] = static_cast<acc_t>(row[x]);
-    }
-  }
-}
-
-// tile (C, T) -> dst (planes, C, H, W) for one window.
-template <typename scalar_t, typename acc_t>
-void scatter(const acc_t* tile, int64_t channels, const WindowGrid& g, WindowAt at, scalar_t* dst) {
-  const int64_t P = g.patch, T = g.tokens(), HW = g.height * g.width;
-  scalar_t* base = dst + at.plane * channels * HW + at.origin;
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t y = 0; y < P; ++y) {
-      scalar_t* row = base + c * HW + y * g.width;
-      const acc_t* src = tile + c * T + y * P;
-#pragma omp simd
-      for (int64_t x = 0; x < P; ++x) row[x] = static_cast<scalar_t>(src[x]);
-    }
-  }
-}
-
-template <typename scalar_t>
-void forward_impl(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
-                  at::opmath_type<scalar_t>* lse, const WindowGrid& g, double scale_in) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = g.tokens(), P = g.patch;
-  const acc_t scale = static_cast<acc_t>(scale_in);
-  const int64_t units = g.batch * g.heads * g.windows();
-
-  // scale and the sizes are captured by value: through a reference, the float scale could alias
-  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
-  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), ot(g.dv * T), s(T * T), pt(T * T);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const WindowAt at = window_at(g, unit);
-      gather(q, g.dk, g, at, qt.data());
-      gather(k, g.dk, g, at, kt.data());
-      gather(v, g.dv, g, at, vt.data());
-      // S = Q^T K over channels: S[i, j] = q_i . k_j
-      matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, s.data(), T);
-      acc_t* lse_plane = lse + at.plane * g.height * g.width + at.origin;
-      for (int64_t i = 0; i < T; ++i) {
-        acc_t* row = s.data() + i * T;
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < T; ++j) m = std::max(m, row[j] * scale);
-        const acc_t l = exp_row(row, T, scale, m);
-        const acc_t inv = acc_t(1) / l;
-#pragma omp simd
-        for (int64_t j = 0; j < T; ++j) row[j] *= inv;
-        lse_plane[(i / P) * g.width + i % P] = m + std::log(l);
-      }
-      transpose(s.data(), pt.data(), T);  // P transposed, for the value product
-      // O = V P^T: o_i = sum_j p_ij v_j, channel-major
-      matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
-      scatter(ot.data(), g.dv, g, at, out);
-    }
-  });
-}
-
-template <typename scalar_t>
-void backward_impl(const scalar_t* grad_out, const scalar_t* q, const scalar_t* k,
-                   const scalar_t* v, const scalar_t* out, const at::opmath_type<scalar_t>* lse,
-                   scalar_t* dq, scalar_t* dk, scalar_t* dv, const WindowGrid& g, double scale_in) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = g.tokens(), P = g.patch;
-  const acc_t scale = static_cast<acc_t>(scale_in);
-  const int64_t units = g.batch * g.heads * g.windows();
-
-  // scale and the sizes are captured by value: through a reference, the float scale could alias
-  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
-  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
-    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), dot(g.dv * T), ot(g.dv * T);
-    std::vector<acc_t> p(T * T), dp(T * T), ds(T * T), dst(T * T), rowterm(T);
-    std::vector<acc_t> dqt(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const WindowAt at = window_at(g, unit);
-      gather(q, g.dk, g, at, qt.data());
-      gather(k, g.dk, g, at, kt.data());
-      gather(v, g.dv, g, at, vt.data());
-      gather(grad_out, g.dv, g, at, dot.data());
-      gather(out, g.dv, g, at, ot.data());
-      // D_i = dO_i . O_i, the softmax backward's row term.
-      std::fill(rowterm.begin(), rowterm.end(), acc_t(0));
-      for (int64_t c = 0; c < g.dv; ++c) {
-        const acc_t* a = dot.data() + c * T;
-        const acc_t* b = ot.data() + c * T;
-#pragma omp simd
-        for (int64_t i = 0; i < T; ++i) rowterm[i] += a[i] * b[i];
-      }
-      // Recompute P_ij = exp(scale q_i . k_j - lse_i).
-      matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, p.data(), T);
-      const acc_t* lse_plane = lse + at.plane * g.height * g.width + at.origin;
-      for (int64_t i = 0; i < T; ++i) {
-        const acc_t l = lse_plane[(i / P) * g.width + i % P];
-        acc_t* row = p.data() + i * T;
-        exp_row(row, T, scale, l);
-      }
-      // dV_j = sum_i P_ij dO_i;  dP_ij = dO_i . v_j
-      matmul(g.dv, T, T, dot.data(), T, 1, p.data(), T, dvt.data(), T);
-      matmul(T, T, g.dv, dot.data(), 1, T, vt.data(), T, dp.data(), T);
-      // dS_ij = scale P_ij (dP_ij - D_i), kept row-major and transposed
-      for (int64_t i = 0; i < T; ++i) {
-        const acc_t d = rowterm[i];
-#pragma omp simd
-        for (int64_t j = 0; j < T; ++j) ds[i * T + j] = scale * p[i * T + j] * (dp[i * T + j] - d);
-      }
-      transpose(ds.data(), dst.data(), T);
-      // dQ_i = sum_j dS_ij k_j;  dK_j = sum_i dS_ij q_i
-      matmul(g.dk, T, T, kt.data(), T, 1, dst.data(), T, dqt.data(), T);
-      matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
-      scatter(dqt.data(), g.dk, g, at, dq);
-      scatter(dkt.data(), g.dk, g, at, dk);
-      scatter(dvt.data(), g.dv, g, at, dv);
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> patch_cross_attention_cpu(const at::Tensor& q_in,
-                                                             const at::Tensor& k_in,
-                                                             const at::Tensor& v_in,
-                                                             int64_t patch_size, double scale) {
-  const WindowGrid g = check_patch_attention_inputs(q_in, k_in, v_in, patch_size);
-  auto out = at::empty({g.batch, g.heads, g.dv, g.height, g.width}, v_in.options());
-  auto lse = at::empty({g.batch, g.heads, g.height, g.width},
-                       q_in.options().dtype(patch_attention_acc_type(q_in.scalar_type())));
-  if (g.batch == 0 || g.heads == 0) return {out, lse};
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "patch_cross_attention_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    forward_impl<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                           v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                           lse.mutable_data_ptr<acc_t>(), g, scale);
-  });
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    int64_t patch_size, double scale) {
-  const WindowGrid g = check_patch_attention_inputs(q_in, k_in, v_in, patch_size);
-  check_patch_attention_backward_inputs(g, q_in, grad_out_in, out_in, lse_in);
-  auto dq = at::empty(q_in.sizes(), q_in.options());
-  auto dk = at::empty(k_in.sizes(), k_in.options());
-  auto dv = at::empty(v_in.sizes(), v_in.options());
-  if (g.batch == 0 || g.heads == 0) return {dq, dk, dv};
-  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const auto grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
-  const auto lse = lse_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "patch_cross_attention_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    backward_impl<scalar_t>(grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                            k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                            out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
-                            dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                            dv.mutable_data_ptr<scalar_t>(), g, scale);
-  });
-  return {dq, dk, dv};
-}
-
-
-// ---- patch_cross_attention_mix: out = sum_m w_m softmax(scale q k_m^T) v -----------------------
-//
-// The M key sets share q and v, so the mixture of their probabilities is formed first and v
-// multiplied once: forward, one (dv x T x T) product instead of M; backward, G = dO v^T and
-// dV = dO^T (sum_m w_m P_m) once each. Per map only the dk-wide products remain (the scores,
-// dQ, dK). The softmax row term is E_m,i = sum_j P_m,ij G_ij (no per-map output is kept), and
-// dw_m = sum_i E_m,i.
-//
-// Unlike the single attention above, these kernels read q, k, v and grad_out through their
-// strides and write out, dq, dk, dv in the layout of q, k, v (at::empty_like): a channels-last
-// caller (GRCSF's RCU, whose projections are 1x1 convolutions of a channels-last feature) makes
-// no layout copy on the way in or out.
-
 // Strides of a (B, h, d, H, W) operand.
 struct Strides {
   int64_t b, h, c, y, x;
@@ -432,11 +246,11 @@ inline int64_t window_offset(const WindowGrid& g, const Strides& s, int64_t plan
          (w % g.cols) * g.patch * s.x;
 }
 
-// One window of a strided operand -> tile (C, T). Rows of P contiguous values (x stride 1, the
+// One window of an operand -> tile (C, T). Rows of P contiguous values (x stride 1, the
 // NCHW case) copy as rows; channel-contiguous pixels (channels-last) are read pixel by pixel.
 template <typename scalar_t, typename acc_t>
-void gather_strided(const scalar_t* src, const Strides& s, int64_t channels, const WindowGrid& g,
-                    int64_t plane, int64_t unit, acc_t* tile) {
+void gather(const scalar_t* src, const Strides& s, int64_t channels, const WindowGrid& g,
+            int64_t plane, int64_t unit, acc_t* tile) {
   const int64_t P = g.patch, T = g.tokens();
   const scalar_t* base = src + window_offset(g, s, plane, unit);
   if (s.x == 1) {
@@ -459,10 +273,10 @@ void gather_strided(const scalar_t* src, const Strides& s, int64_t channels, con
   }
 }
 
-// tile (C, T) -> one window of a strided operand.
+// tile (C, T) -> one window of an operand.
 template <typename scalar_t, typename acc_t>
-void scatter_strided(const acc_t* tile, int64_t channels, const WindowGrid& g, const Strides& s,
-                     int64_t plane, int64_t unit, scalar_t* dst) {
+void scatter(const acc_t* tile, int64_t channels, const WindowGrid& g, const Strides& s,
+             int64_t plane, int64_t unit, scalar_t* dst) {
   const int64_t P = g.patch, T = g.tokens();
   scalar_t* base = dst + window_offset(g, s, plane, unit);
   if (s.x == 1) {
@@ -492,6 +306,175 @@ struct Operand {
   Strides s;
   int64_t map_stride = 0;
 };
+
+template <typename T>
+Operand<const T> read_operand(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), strides_of(t), t.dim() == 6 ? t.stride(0) : 0};
+}
+
+template <typename T>
+Operand<T> write_operand(at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), strides_of(t), t.dim() == 6 ? t.stride(0) : 0};
+}
+
+template <typename scalar_t>
+void forward_impl(Operand<const scalar_t> q, Operand<const scalar_t> k, Operand<const scalar_t> v,
+                  Operand<scalar_t> out, at::opmath_type<scalar_t>* lse, const WindowGrid& g,
+                  double scale_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.tokens(), P = g.patch;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const int64_t units = g.batch * g.heads * g.windows();
+
+  // scale and the sizes are captured by value: through a reference, the float scale could alias
+  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
+  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), ot(g.dv * T), s(T * T), pt(T * T);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const WindowAt at = window_at(g, unit);
+      gather(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
+      gather(k.data, k.s, g.dk, g, at.plane, unit, kt.data());
+      gather(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
+      // S = Q^T K over channels: S[i, j] = q_i . k_j
+      matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, s.data(), T);
+      acc_t* lse_plane = lse + at.plane * g.height * g.width + at.origin;
+      for (int64_t i = 0; i < T; ++i) {
+        acc_t* row = s.data() + i * T;
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < T; ++j) m = std::max(m, row[j] * scale);
+        const acc_t l = exp_row(row, T, scale, m);
+        const acc_t inv = acc_t(1) / l;
+#pragma omp simd
+        for (int64_t j = 0; j < T; ++j) row[j] *= inv;
+        lse_plane[(i / P) * g.width + i % P] = m + std::log(l);
+      }
+      transpose(s.data(), pt.data(), T);  // P transposed, for the value product
+      // O = V P^T: o_i = sum_j p_ij v_j, channel-major
+      matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
+      scatter(ot.data(), g.dv, g, out.s, at.plane, unit, out.data);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(Operand<const scalar_t> grad_out, Operand<const scalar_t> q,
+                   Operand<const scalar_t> k, Operand<const scalar_t> v, Operand<const scalar_t> out,
+                   const at::opmath_type<scalar_t>* lse, Operand<scalar_t> dq, Operand<scalar_t> dk,
+                   Operand<scalar_t> dv, const WindowGrid& g, double scale_in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = g.tokens(), P = g.patch;
+  const acc_t scale = static_cast<acc_t>(scale_in);
+  const int64_t units = g.batch * g.heads * g.windows();
+
+  // scale and the sizes are captured by value: through a reference, the float scale could alias
+  // the tiles in the compiler's eyes and the softmax loops would not vectorise.
+  at::parallel_for(0, units, window_grain(g), [&, scale, T, P](int64_t begin, int64_t end) {
+    std::vector<acc_t> qt(g.dk * T), kt(g.dk * T), vt(g.dv * T), dot(g.dv * T), ot(g.dv * T);
+    std::vector<acc_t> p(T * T), dp(T * T), ds(T * T), dst(T * T), rowterm(T);
+    std::vector<acc_t> dqt(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const WindowAt at = window_at(g, unit);
+      gather(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
+      gather(k.data, k.s, g.dk, g, at.plane, unit, kt.data());
+      gather(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
+      gather(grad_out.data, grad_out.s, g.dv, g, at.plane, unit, dot.data());
+      gather(out.data, out.s, g.dv, g, at.plane, unit, ot.data());
+      // D_i = dO_i . O_i, the softmax backward's row term.
+      std::fill(rowterm.begin(), rowterm.end(), acc_t(0));
+      for (int64_t c = 0; c < g.dv; ++c) {
+        const acc_t* a = dot.data() + c * T;
+        const acc_t* b = ot.data() + c * T;
+#pragma omp simd
+        for (int64_t i = 0; i < T; ++i) rowterm[i] += a[i] * b[i];
+      }
+      // Recompute P_ij = exp(scale q_i . k_j - lse_i).
+      matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, p.data(), T);
+      const acc_t* lse_plane = lse + at.plane * g.height * g.width + at.origin;
+      for (int64_t i = 0; i < T; ++i) {
+        const acc_t l = lse_plane[(i / P) * g.width + i % P];
+        acc_t* row = p.data() + i * T;
+        exp_row(row, T, scale, l);
+      }
+      // dV_j = sum_i P_ij dO_i;  dP_ij = dO_i . v_j
+      matmul(g.dv, T, T, dot.data(), T, 1, p.data(), T, dvt.data(), T);
+      matmul(T, T, g.dv, dot.data(), 1, T, vt.data(), T, dp.data(), T);
+      // dS_ij = scale P_ij (dP_ij - D_i), kept row-major and transposed
+      for (int64_t i = 0; i < T; ++i) {
+        const acc_t d = rowterm[i];
+#pragma omp simd
+        for (int64_t j = 0; j < T; ++j) ds[i * T + j] = scale * p[i * T + j] * (dp[i * T + j] - d);
+      }
+      transpose(ds.data(), dst.data(), T);
+      // dQ_i = sum_j dS_ij k_j;  dK_j = sum_i dS_ij q_i
+      matmul(g.dk, T, T, kt.data(), T, 1, dst.data(), T, dqt.data(), T);
+      matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
+      scatter(dqt.data(), g.dk, g, dq.s, at.plane, unit, dq.data);
+      scatter(dkt.data(), g.dk, g, dk.s, at.plane, unit, dk.data);
+      scatter(dvt.data(), g.dv, g, dv.s, at.plane, unit, dv.data);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_cross_attention_cpu(const at::Tensor& q_in,
+                                                             const at::Tensor& k_in,
+                                                             const at::Tensor& v_in,
+                                                             int64_t patch_size, double scale) {
+  const WindowGrid g = check_patch_attention_inputs(q_in, k_in, v_in, patch_size);
+  auto out = at::empty({g.batch, g.heads, g.dv, g.height, g.width}, v_in.options());
+  auto lse = at::empty({g.batch, g.heads, g.height, g.width},
+                       q_in.options().dtype(patch_attention_acc_type(q_in.scalar_type())));
+  if (g.batch == 0 || g.heads == 0) return {out, lse};
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "patch_cross_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_impl<scalar_t>(read_operand<scalar_t>(q), read_operand<scalar_t>(k),
+                           read_operand<scalar_t>(v), write_operand<scalar_t>(out),
+                           lse.mutable_data_ptr<acc_t>(), g, scale);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_cross_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    int64_t patch_size, double scale) {
+  const WindowGrid g = check_patch_attention_inputs(q_in, k_in, v_in, patch_size);
+  check_patch_attention_backward_inputs(g, q_in, grad_out_in, out_in, lse_in);
+  auto dq = at::empty(q_in.sizes(), q_in.options());
+  auto dk = at::empty(k_in.sizes(), k_in.options());
+  auto dv = at::empty(v_in.sizes(), v_in.options());
+  if (g.batch == 0 || g.heads == 0) return {dq, dk, dv};
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  const auto lse = lse_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "patch_cross_attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_impl<scalar_t>(read_operand<scalar_t>(grad_out), read_operand<scalar_t>(q),
+                            read_operand<scalar_t>(k), read_operand<scalar_t>(v),
+                            read_operand<scalar_t>(out), lse.const_data_ptr<acc_t>(),
+                            write_operand<scalar_t>(dq), write_operand<scalar_t>(dk),
+                            write_operand<scalar_t>(dv), g, scale);
+  });
+  return {dq, dk, dv};
+}
+
+
+// ---- patch_cross_attention_mix: out = sum_m w_m softmax(scale q k_m^T) v -----------------------
+//
+// The M key sets share q and v, so the mixture of their probabilities is formed first and v
+// multiplied once: forward, one (dv x T x T) product instead of M; backward, G = dO v^T and
+// dV = dO^T (sum_m w_m P_m) once each. Per map only the dk-wide products remain (the scores,
+// dQ, dK). The softmax row term is E_m,i = sum_j P_m,ij G_ij (no per-map output is kept), and
+// dw_m = sum_i E_m,i.
+//
+// Unlike the single attention above (which makes its inputs contiguous), these kernels pass
+// q, k, v and grad_out to gather / scatter with their own strides and write out, dq, dk, dv in
+// the layout of q, k, v (at::empty_like): a channels-last caller (GRCSF's RCU, whose
+// projections are 1x1 convolutions of a channels-last feature) makes no layout copy on the way
+// in or out.
 
 // q (B, h, dk, H, W), k (M, B, h, dk, H, W), v (B, h, dv, H, W), weights (M,) acc dtype.
 WindowGrid check_mix_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -524,10 +507,11 @@ void mix_forward_impl(Operand<const scalar_t> q, Operand<const scalar_t> k, Oper
         pt(T * T);
     for (int64_t unit = begin; unit < end; ++unit) {
       const WindowAt at = window_at(g, unit);
-      gather_strided(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
-      gather_strided(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
+      gather(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
+      gather(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
+      std::fill(mix.begin(), mix.end(), acc_t(0));
       for (int64_t m = 0; m < maps; ++m) {
-        gather_strided(k.data + m * k.map_stride, k.s, g.dk, g, at.plane, unit, kt.data());
+        gather(k.data + m * k.map_stride, k.s, g.dk, g, at.plane, unit, kt.data());
         matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, s.data(), T);
         acc_t* lse_plane = lse + m * lse_map + at.plane * g.height * g.width + at.origin;
         const acc_t wm = w[m];
@@ -539,20 +523,15 @@ void mix_forward_impl(Operand<const scalar_t> q, Operand<const scalar_t> k, Oper
           for (int64_t j = 0; j < T; ++j) mx = std::max(mx, row[j] * scale);
           const acc_t l = exp_row(row, T, scale, mx);
           const acc_t c = wm / l;  // w_m times the softmax's normalisation
-          if (m == 0) {
 #pragma omp simd
-            for (int64_t j = 0; j < T; ++j) mrow[j] = c * row[j];
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < T; ++j) mrow[j] += c * row[j];
-          }
+          for (int64_t j = 0; j < T; ++j) mrow[j] += c * row[j];
           lse_plane[(i / P) * g.width + i % P] = mx + std::log(l);
         }
       }
       transpose(mix.data(), pt.data(), T);
       // O = V Mix^T: o_i = sum_j (sum_m w_m p_m,ij) v_j
       matmul(g.dv, T, T, vt.data(), T, 1, pt.data(), T, ot.data(), T);
-      scatter_strided(ot.data(), g.dv, g, out.s, at.plane, unit, out.data);
+      scatter(ot.data(), g.dv, g, out.s, at.plane, unit, out.data);
     }
   });
 }
@@ -578,13 +557,14 @@ void mix_backward_impl(Operand<const scalar_t> grad_out, Operand<const scalar_t>
     std::vector<acc_t> dqt(g.dk * T), dqm(g.dk * T), dkt(g.dk * T), dvt(g.dv * T);
     for (int64_t unit = begin; unit < end; ++unit) {
       const WindowAt at = window_at(g, unit);
-      gather_strided(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
-      gather_strided(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
-      gather_strided(grad_out.data, grad_out.s, g.dv, g, at.plane, unit, dot.data());
+      gather(q.data, q.s, g.dk, g, at.plane, unit, qt.data());
+      gather(v.data, v.s, g.dv, g, at.plane, unit, vt.data());
+      gather(grad_out.data, grad_out.s, g.dv, g, at.plane, unit, dot.data());
       // G_ij = dO_i . v_j, shared by every map (dP_m = w_m G).
       matmul(T, T, g.dv, dot.data(), 1, T, vt.data(), T, G.data(), T);
+      std::fill(mix.begin(), mix.end(), acc_t(0));
       for (int64_t m = 0; m < maps; ++m) {
-        gather_strided(k.data + m * k.map_stride, k.s, g.dk, g, at.plane, unit, kt.data());
+        gather(k.data + m * k.map_stride, k.s, g.dk, g, at.plane, unit, kt.data());
         matmul(T, T, g.dk, qt.data(), 1, T, kt.data(), T, p.data(), T);
         const acc_t* lse_plane = lse + m * lse_map + at.plane * g.height * g.width + at.origin;
         const acc_t wm = w[m];
@@ -600,13 +580,8 @@ void mix_backward_impl(Operand<const scalar_t> grad_out, Operand<const scalar_t>
           acc_t* mrow = mix.data() + i * T;
           acc_t* drow = ds.data() + i * T;
           const acc_t c = scale * wm;
-          if (m == 0) {
 #pragma omp simd
-            for (int64_t j = 0; j < T; ++j) mrow[j] = wm * row[j];
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < T; ++j) mrow[j] += wm * row[j];
-          }
+          for (int64_t j = 0; j < T; ++j) mrow[j] += wm * row[j];
           // dS_m,ij = scale w_m P_m,ij (G_ij - E_m,i)
 #pragma omp simd
           for (int64_t j = 0; j < T; ++j) drow[j] = c * row[j] * (grow[j] - e);
@@ -620,24 +595,14 @@ void mix_backward_impl(Operand<const scalar_t> grad_out, Operand<const scalar_t>
           for (int64_t x = 0; x < g.dk * T; ++x) dqt[x] += dqm[x];
         }
         matmul(g.dk, T, T, qt.data(), T, 1, ds.data(), T, dkt.data(), T);
-        scatter_strided(dkt.data(), g.dk, g, dk.s, at.plane, unit, dk.data + m * dk.map_stride);
+        scatter(dkt.data(), g.dk, g, dk.s, at.plane, unit, dk.data + m * dk.map_stride);
       }
       // dV_j = sum_i (sum_m w_m P_m,ij) dO_i
       matmul(g.dv, T, T, dot.data(), T, 1, mix.data(), T, dvt.data(), T);
-      scatter_strided(dqt.data(), g.dk, g, dq.s, at.plane, unit, dq.data);
-      scatter_strided(dvt.data(), g.dv, g, dv.s, at.plane, unit, dv.data);
+      scatter(dqt.data(), g.dk, g, dq.s, at.plane, unit, dq.data);
+      scatter(dvt.data(), g.dv, g, dv.s, at.plane, unit, dv.data);
     }
   });
-}
-
-template <typename T>
-Operand<const T> read_operand(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), strides_of(t), t.dim() == 6 ? t.stride(0) : 0};
-}
-
-template <typename T>
-Operand<T> write_operand(at::Tensor& t) {
-  return {t.mutable_data_ptr<T>(), strides_of(t), t.dim() == 6 ? t.stride(0) : 0};
 }
 
 // Inputs are read through their strides; an input whose elements overlap (an expanded view)

@@ -10,4 +10,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-__all__ = ["acc_dtype"]
+def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in their promoted common dtype (each one unchanged if it already has it)."""
+    common = tensors[0].dtype
+    for t in tensors[1:]:
+        common = torch.promote_types(common, t.dtype)
+    return tuple(t.to(common) for t in tensors)
+
+
+__all__ = ["acc_dtype", "common_dtype"]

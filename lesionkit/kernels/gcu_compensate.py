@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lesionkit.kernels import _library
-from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.accumulation import acc_dtype, common_dtype
 from lesionkit.kernels.backend import OpSpec, register_op, select_backend
 from lesionkit.kernels.reference.gcu_compensate import check_gcu_inputs, gcu_compensate_math
 
@@ -65,11 +65,7 @@ def gcu_compensate(re_up: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor
         float32 (float64 for float64). Mixed dtypes are promoted to a common one.
     """
     check_gcu_inputs(re_up, up, up_scale, skip, skip_scale, eps)
-    tensors = (re_up, up, up_scale, skip, skip_scale)
-    common = tensors[0].dtype
-    for t in tensors[1:]:
-        common = torch.promote_types(common, t.dtype)
-    re_up, up, up_scale, skip, skip_scale = (t.to(common) for t in tensors)
+    re_up, up, up_scale, skip, skip_scale = common_dtype(re_up, up, up_scale, skip, skip_scale)
     if select_backend(OP.name, skip.device) == "reference":
         return gcu_compensate_math(re_up, up, up_scale, skip, skip_scale, eps)
     out, residual = torch.ops.lesionkit.gcu_compensate(re_up, up, up_scale, skip, skip_scale, float(eps))

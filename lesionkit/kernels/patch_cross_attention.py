@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 
 from lesionkit.kernels import _library
-from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.accumulation import acc_dtype, common_dtype
 from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.patch_cross_attention import (
-    _common_dtype,
     check_patch_attention_inputs,
     check_patch_attention_mix_inputs,
     patch_cross_attention_mix_with_lse_reference,
@@ -131,9 +130,7 @@ def patch_cross_attention(
         (B, h, dv, H, W) in the inputs' dtype (accumulation in float32, float64 for float64).
     """
     check_patch_attention_inputs(q, k, v, patch_size, scale)
-    if not q.dtype == k.dtype == v.dtype:
-        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(common), k.to(common), v.to(common)
+    q, k, v = common_dtype(q, k, v)
     scale = resolve_scale(scale, q.shape[2])
     backend = select_backend(OP.name, q.device)
     if backend == "reference":
@@ -168,7 +165,7 @@ def patch_cross_attention_mix(
         (B, h, dv, H, W) in the inputs' dtype (accumulation in float32, float64 for float64).
     """
     check_patch_attention_mix_inputs(q, k, v, weights, patch_size, scale)
-    q, k, v = _common_dtype(q, k, v)
+    q, k, v = common_dtype(q, k, v)
     weights = weights.to(acc_dtype(q.dtype))
     scale = resolve_scale(scale, q.shape[2])
     if select_backend(OP_MIX.name, q.device) == "reference":

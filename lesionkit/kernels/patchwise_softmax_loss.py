@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lesionkit.kernels import _library
-from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.accumulation import acc_dtype, common_dtype
 from lesionkit.kernels.backend import OpSpec, lazy_triton_module, register_op, select_backend
 from lesionkit.kernels.reference.patchwise_softmax_loss import (
     check_patchwise_inputs,
@@ -92,9 +92,7 @@ def patchwise_softmax_loss(
         reduction: "mean" or "sum" over the batch, or "none" for the (B,) per-image losses.
     """
     check_patchwise_inputs(pred, target, patch_size, beta, mask, reduction)
-    if pred.dtype != target.dtype:
-        common = torch.promote_types(pred.dtype, target.dtype)
-        pred, target = pred.to(common), target.to(common)
+    pred, target = common_dtype(pred, target)
     backend = select_backend(OP.name, pred.device)
     if backend == "reference":
         loss = patchwise_softmax_loss_per_image_reference(

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from lesionkit.kernels.accumulation import acc_dtype
+from lesionkit.kernels.accumulation import acc_dtype, common_dtype
 
 
 def check_patch_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -96,9 +96,7 @@ def patch_cross_attention_reference(
 ) -> torch.Tensor:
     """Reference of :func:`lesionkit.kernels.patch_cross_attention` (same arguments)."""
     check_patch_attention_inputs(q, k, v, patch_size, scale)
-    if not q.dtype == k.dtype == v.dtype:
-        common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        q, k, v = q.to(common), k.to(common), v.to(common)
+    q, k, v = common_dtype(q, k, v)
     scale = resolve_scale(scale, q.shape[2])
     return patch_cross_attention_with_lse_reference(q, k, v, patch_size, scale)[0]
 
@@ -148,13 +146,7 @@ def patch_cross_attention_mix_reference(
 ) -> torch.Tensor:
     """Reference of :func:`lesionkit.kernels.patch_cross_attention_mix` (same arguments)."""
     check_patch_attention_mix_inputs(q, k, v, weights, patch_size, scale)
-    q, k, v = _common_dtype(q, k, v)
+    q, k, v = common_dtype(q, k, v)
     scale = resolve_scale(scale, q.shape[2])
     return patch_cross_attention_mix_with_lse_reference(q, k, v, weights, patch_size, scale)[0]
 
-
-def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    common = tensors[0].dtype
-    for t in tensors[1:]:
-        common = torch.promote_types(common, t.dtype)
-    return tuple(t.to(common) for t in tensors)
