@@ -12,6 +12,7 @@ from lesionkit.engine.param_groups import parameter_groups
 from lesionkit.kernels.reference.selective_scan import selective_scan_sequential_reference
 from lesionkit.layers.ss2d import SS2D
 from lesionkit.layers.vss_block import VSSBlock
+from lesionkit.layers.vss_patches import FinalPatchExpand2D, _NormHead
 from lesionkit.models import create_model
 from lesionkit.models.vmunet_checkpoint import load_pretrained
 
@@ -240,6 +241,66 @@ def test_vmunet_forward_is_the_official_one(in_chans):
     assert got.shape == (2, 1, 64, 32)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (no_skips - want).abs().max() > 1e-2  # the skips carry information here
+
+
+
+def _final_head_case(classes, dtype=torch.float64):
+    torch.manual_seed(0)
+    up = FinalPatchExpand2D(24).to(dtype)
+    head = torch.nn.Conv2d(6, classes, 1).to(dtype)
+    with torch.no_grad():  # away from LayerNorm's initial identity, so gamma and beta matter
+        up.norm.weight.normal_(1.0, 0.5)
+        up.norm.bias.normal_(0.0, 0.5)
+    x = (torch.randn(2, 3, 5, 24, dtype=dtype) * 2 + 0.5).requires_grad_(True)
+    return up, head, x
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_final_head_is_layer_norm_then_conv(classes):
+    # forward_head folds the final LayerNorm and the 1x1 head into one function with a written
+    # backward; values and every gradient must be those of LayerNorm -> rearrange -> conv.
+    up, head, x = _final_head_case(classes)
+    params = [x, up.expand.weight, up.norm.weight, up.norm.bias, head.weight, head.bias]
+    want = head(up.forward(x).permute(0, 3, 1, 2))
+    got = up.forward_head(x, head)
+    assert got.shape == want.shape == (2, classes, 12, 20)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(want)
+    for g_got, g_want in zip(torch.autograd.grad(got, params, grad_out), torch.autograd.grad(want, params, grad_out)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():  # the inference path (no autograd function) gives the same values
+        torch.testing.assert_close(up.forward_head(x, head), want.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_final_head_gradcheck_and_bf16():
+    rows = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    gamma, beta = (torch.randn(6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _NormHead.apply(*a, 1e-5), (rows, gamma, beta, weight, bias))
+    up, head, x = _final_head_case(1, torch.float32)
+    want = head(up.forward_channels_first(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = up.forward_head(x, head)
+    assert got.dtype == torch.bfloat16  # what the convolution returns under autocast
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_final_head_is_not_folded_where_it_cannot_be():
+    up, _, x = _final_head_case(1)
+    hooked = torch.nn.Conv2d(6, 1, 1).double()
+    hooked.register_forward_hook(lambda *_: None)
+    assert up.folds(torch.nn.Conv2d(6, 1, 1)) and not up.folds(hooked)
+    assert not up.folds(torch.nn.Conv2d(6, 1, 3, padding=1)) and not up.folds(torch.nn.Conv2d(12, 1, 1))
+    with pytest.raises(ValueError, match="head should be a 1x1"):
+        up.forward_head(x, hooked)
+    model = create_model("vmunet", dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), d_state=4)
+    model = _randomise(model, seed=1).eval()
+    seen = []
+    model.final_conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 32, 32))
+    assert seen == [out.shape]  # a hooked head runs as a module, so its hook fires
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -91,3 +91,97 @@ class FinalPatchExpand2D(nn.Module):
         y = y - mean
         y = y * torch.rsqrt(y.square().mean(1, keepdim=True) + self.norm.eps)
         return (y * self.norm.weight.view(1, c, 1, 1) + self.norm.bias.view(1, c, 1, 1)).to(x.dtype)
+
+    def folds(self, head: nn.Module) -> bool:
+        """Whether ``forward_head`` can take ``head``: a plain 1x1 convolution of the C/4 channels."""
+        return (type(head) is nn.Conv2d and head.kernel_size == (1, 1) and head.stride == (1, 1)
+                and head.padding == (0, 0) and head.dilation == (1, 1) and head.groups == 1
+                and head.in_channels == self.dim // self.dim_scale and not head._forward_hooks
+                and not head._forward_pre_hooks)
+
+    def forward_head(self, x: torch.Tensor, head: nn.Conv2d) -> torch.Tensor:
+        """(B, H, W, C) -> (B, K, 4H, 4W): ``head(forward_channels_first(x))`` for a 1x1 convolution
+        ``head`` from C/4 to K channels, computed without the rearranged C/4-channel map.
+
+        Each output pixel's C/4 values are one contiguous row of the expansion's output, so the
+        LayerNorm and the head are a function of those rows alone, and a linear head after a
+        LayerNorm folds into it: head(LN(y)) = rstd (y - mean) @ (W * gamma)^T + (W @ beta + b).
+        Only the K head outputs are rearranged (not the C/4 normalised channels), and the
+        backward (:class:`_NormHead`) is written out: per row one K-wide product and one
+        C/4-wide update, where autograd through the channels-first form made a dozen passes over
+        the (B, C/4, 4H, 4W) map. float32 statistics and products (float64 for float64), output in the expansion's dtype
+        (what the convolution returns there, also under autocast)."""
+        if not self.folds(head):
+            raise ValueError(f"head should be a 1x1 nn.Conv2d from {self.dim // self.dim_scale} channels "
+                             f"(stride 1, no padding, one group), got {head}")
+        batch, height, width, _ = x.shape
+        s, c = self.dim_scale, self.dim // self.dim_scale
+        rows = self.expand(x).reshape(-1, c)
+        weight = head.weight.view(head.out_channels, c)
+        bias = head.bias if head.bias is not None else weight.new_zeros(head.out_channels)
+        args = (rows, self.norm.weight, self.norm.bias, weight, bias, self.norm.eps)
+        if torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            out = _NormHead.apply(*args)
+        else:  # export, compile and inference: the same arithmetic as plain ops
+            out = _norm_head(*args)[0]
+        k = head.out_channels
+        out = out.view(k, batch, height, width, s, s).permute(1, 0, 2, 4, 3, 5)
+        return out.reshape(batch, k, height * s, width * s)
+
+
+def _norm_head(rows: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor, eps: float):
+    """(R, c) rows -> (K, R) = linear(LayerNorm(rows)) transposed, and what the backward keeps.
+
+    The rows are turned into (c, R) first: with c as small as 6, every broadcast of a per-row
+    statistic over the (R, c) layout ran at a fraction of the memory speed, over (c, R) it is a
+    plain row-wise operation."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    c = rows.shape[-1]
+    x = torch.empty((c, rows.shape[0]), dtype=acc, device=rows.device)
+    x.copy_(rows.t())
+    xc = x - x.sum(0, keepdim=True) / c
+    rstd = torch.rsqrt(xc.square().sum(0, keepdim=True) / c + eps)  # (1, R)
+    w = weight.to(acc)
+    folded = w * ln_weight.to(acc)  # (K, c): the head's weights through gamma
+    shift = w @ ln_bias.to(acc) + bias.to(acc)  # (K,)
+    s = (folded @ xc) * rstd  # (K, R): sum_c folded_c xhat_c
+    return torch.addcmul(shift[:, None], s, torch.ones((), dtype=acc, device=s.device)).to(rows.dtype), xc, rstd, s
+
+
+class _NormHead(torch.autograd.Function):
+    """linear(LayerNorm(rows)) with the LayerNorm backward written for a K-wide linear after it:
+    with xhat = (x - mean) rstd and g the output gradient, dL/dxhat = g @ F (F = W * gamma), and
+    the LayerNorm backward rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) needs
+    mean(dxhat) = g @ mean_c(F) and sum_c dxhat xhat = sum_k g_k s_k, s the forward's products.
+    Rows (R, c) in, (K, R) out."""
+
+    @staticmethod
+    def forward(ctx, rows, ln_weight, ln_bias, weight, bias, eps):
+        out, xc, rstd, s = _norm_head(rows, ln_weight, ln_bias, weight, bias, eps)
+        ctx.save_for_backward(xc, rstd, s, ln_weight, ln_bias, weight)
+        ctx.dtypes = (rows.dtype, ln_weight.dtype, ln_bias.dtype, weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, rstd, s, ln_weight, ln_bias, weight = ctx.saved_tensors
+        acc = xc.dtype
+        g = grad_out.to(acc)  # (K, R)
+        c = xc.shape[0]
+        w, gamma, beta = weight.to(acc), ln_weight.to(acc), ln_bias.to(acc)
+        folded = w * gamma
+        centred = folded - folded.mean(-1, keepdim=True)  # (K, c)
+        g_rstd = g * rstd
+        coef = rstd.square() * (g * s).sum(0, keepdim=True) / c  # rstd^2 mean_c(dxhat xhat), (1, R)
+        grad_rows = torch.addcmul(centred.t() @ g_rstd, xc, coef, value=-1)  # (c, R)
+        g_sum = g.sum(1)  # (K,)
+        g_xhat = g_rstd @ xc.t()  # (K, c): sum over rows of g_k xhat_c
+        grad_weight = g_xhat * gamma + g_sum[:, None] * beta
+        grad_gamma = (w * g_xhat).sum(0)
+        grad_beta = (w * g_sum[:, None]).sum(0)
+        d_rows, d_gamma, d_beta, d_w, d_b = ctx.dtypes
+        return (grad_rows.t().to(d_rows), grad_gamma.to(d_gamma), grad_beta.to(d_beta), grad_weight.to(d_w),
+                g_sum.to(d_b), None)
+
+

@@ -213,6 +213,8 @@ class VMUNet(nn.Module):
             if layer.upsample is not None:
                 x = layer.upsample(x)
             x = _run(layer.blocks, x, features)
+        if self.final_up.folds(self.final_conv):  # the final LayerNorm and 1x1 head as one function
+            return self.final_up.forward_head(x, self.final_conv)
         return self.final_conv(self.final_up.forward_channels_first(x))
 
 
