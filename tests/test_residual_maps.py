@@ -17,7 +17,9 @@ from lesionkit.engine.trainers.residual_maps import (
     residual_maps,
     ssim_map,
 )
+from lesionkit.layers.mae_decoder import MAEDecoder
 from lesionkit.layers.patch_masking import patch_mask_to_pixels, patchify, random_patch_mask
+from lesionkit.layers.pos_embed import sincos_pos_embed_2d
 from lesionkit.layers.residual_maps import _explicit_attention, _image_generator, _sum_over_maskings
 from lesionkit.models import create_model
 
@@ -103,10 +105,12 @@ def test_maps_are_seeded_per_image_not_per_batch():
 
 
 def test_maps_equal_the_mean_of_full_reconstructions():
-    """The fast path (each image embedded once, the pixel head on masked patches only, sums in
-    patch space) gives the maps of Eq. 3-5 written out with whole MAE forwards."""
+    """The fast path (each image embedded once, the decoder's last block and pixel head on masked
+    patches only, the maskings' features averaged before the pixel head, sums in patch space)
+    gives the maps of Eq. 3-5 written out with whole MAE forwards."""
     torch.manual_seed(0)
     mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    torch.nn.init.normal_(mae.decoder.pred.bias, std=0.2)  # MAE starts it at 0, which would hide a misplaced mean
     images = torch.rand(2, 3, 32, 32)
     settings = ResidualMapSettings(repeats=3)
     want = []
@@ -166,6 +170,73 @@ def test_explicit_attention_is_the_same_attention_and_is_undone():
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_decoder_last_block_on_the_selected_tokens_only(explicit):
+    """The decoder runs its last block for the masked tokens only (their queries against every
+    token's keys and values): the same values as the whole block, and that path is the one taken
+    when every row selects as many tokens; rows that select different numbers, and training,
+    run the whole block."""
+    torch.manual_seed(0)
+    decoder = MAEDecoder(24, 4, 3, embed_dim=32, depth=2, num_heads=4)
+    for p in decoder.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    decoder.eval()
+    pm = random_patch_mask(3, 16, 0.75, generator=torch.Generator().manual_seed(2))
+    visible = torch.randn(3, 4, 24)
+    last = decoder.blocks[-1]
+    with torch.no_grad(), _explicit_attention(decoder, explicit):
+        whole = decoder(visible, pm.ids_restore, (4, 4))  # (3, 16, 48), every block whole
+        want = decoder.pred(decoder.norm(_whole_blocks_at(decoder, visible, pm)))
+        last.forward = _refuse  # the selected path must not call the block itself
+        got = decoder(visible, pm.ids_restore, (4, 4), pm.mask)
+        del last.forward
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, whole[pm.mask], atol=1e-6, rtol=0)
+        uneven = pm.mask.clone()
+        uneven[0, (~uneven[0]).nonzero()[0]] = True  # one more token in the first row
+        torch.testing.assert_close(decoder(visible, pm.ids_restore, (4, 4), uneven), whole[uneven], atol=1e-6, rtol=0)
+    decoder.train()
+    calls = []
+    last.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        decoder(visible, pm.ids_restore, (4, 4), pm.mask)
+    assert calls == [1]
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the whole last block ran")
+
+
+def _whole_blocks_at(decoder, visible, pm):
+    b, k, _ = visible.shape
+    x = decoder.embed(visible)
+    x = torch.cat([x, decoder.mask_token.expand(b, 16 - k, -1)], dim=1)
+    x = torch.gather(x, 1, pm.ids_restore[..., None].expand(-1, -1, decoder.embed_dim))
+    return decoder.blocks(x + sincos_pos_embed_2d(decoder.embed_dim, (4, 4)))[pm.mask]
+
+
+def test_pixel_head_of_the_mean_feature_is_the_mean_of_the_pixels():
+    """residual_maps averages the decoder's features over the maskings and runs the pixel head
+    once per patch; the head is linear, so that is the mean of the maskings' pixels."""
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    torch.nn.init.normal_(mae.decoder.pred.bias, std=0.5)  # MAE starts it at 0, which would hide a misplaced mean
+    images = torch.rand(2, 3, 32, 32)
+    pm = random_patch_mask(8, 4, 0.5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feats = mae.masked_patch_features(images, pm, 4)
+        pixels = mae.predict_masked_patches(images, pm, 4)
+        torch.testing.assert_close(mae.patch_pixels(feats), pixels, atol=0, rtol=0)
+        count = pm.mask.view(2, 4, 4).sum(1).flatten()[:, None]
+        hidden = count[:, 0] > 0
+        assert hidden.sum() >= 6  # patches no masking hid keep the image's pixels in the maps
+        mean_of_pixels = _sum_over_maskings(pixels, pm.mask, 4, dense=False) / count.clamp_min(1)
+        pixels_of_mean = mae.patch_pixels(_sum_over_maskings(feats, pm.mask, 4, dense=False) / count.clamp_min(1))
+    torch.testing.assert_close(pixels_of_mean[hidden], mean_of_pixels[hidden], atol=1e-5, rtol=0)
+    assert feats.shape == (int(pm.mask.sum()), mae.cfg.decoder_embed_dim)
+
+
 class RecordingMAE(torch.nn.Module):
     """A stand-in MAE: a new random reconstruction of every patch (visible ones too, as a real
     MAE decodes them) on each call, recording the masks it was given and what it returned."""
@@ -177,11 +248,14 @@ class RecordingMAE(torch.nn.Module):
         self.gen = torch.Generator().manual_seed(7)
         self.calls = []
 
-    def predict_masked_patches(self, x, mask, repeats):
+    def masked_patch_features(self, x, mask, repeats):
         assert mask.mask.shape[0] == x.shape[0] * repeats
         recon = torch.rand((mask.mask.shape[0], *x.shape[1:]), generator=self.gen)
         self.calls.append((mask.mask.clone(), recon))
         return patchify(recon, self.patch_size)[mask.mask]
+
+    def patch_pixels(self, features):  # the features here are the pixels already
+        return features
 
 
 @pytest.mark.parametrize("kind", ["absdiff", "mse"])

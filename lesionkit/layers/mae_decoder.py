@@ -49,11 +49,13 @@ class MAEDecoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, visible: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int],
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, pixels: bool = True) -> torch.Tensor:
         """``visible`` (B, K, in_dim) in the order of ``ids_restore``'s first K entries; returns (B, N, P*P*C).
 
         With ``select`` (B, N) bool, only the selected tokens go through the final norm and pixel
-        head: (S, P*P*C) for the S selected (row, patch) pairs in row-major order."""
+        head: (S, P*P*C) for the S selected (row, patch) pairs in row-major order. With
+        ``pixels=False`` the pixel head is left out: the normalised tokens (..., embed_dim) that
+        ``self.pred`` (a linear layer) maps to pixels."""
         b, k, _ = visible.shape
         n = ids_restore.shape[1]
         if n != grid_size[0] * grid_size[1] or k > n:
@@ -63,10 +65,48 @@ class MAEDecoder(nn.Module):
         x = torch.cat([x, self.mask_token.expand(b, n - k, -1).to(x.dtype)], dim=1)  # Eq. 3: Concat(Z_V, Z_M)
         x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, self.embed_dim))  # back to grid order
         pos = sincos_pos_embed_2d(self.embed_dim, grid_size, device=x.device, dtype=x.dtype)
-        x = self.blocks(x + pos)  # + E_pos
-        if select is not None:
-            x = x[select]
-        return self.pred(self.norm(x))  # Eq. 4
+        x = x + pos  # + E_pos
+        if select is None:
+            x = self.blocks(x)
+        else:
+            x = self.blocks[:-1](x) if len(self.blocks) > 1 else x
+            x = _block_at(self.blocks[-1], x, select)
+        x = self.norm(x)
+        return self.pred(x) if pixels else x  # Eq. 4
+
+
+def _block_at(block: nn.Module, x: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """``block(x)[select]`` for a timm ViT block, computed for the selected tokens only: their
+    queries attend to every token's keys and values, and the projection and MLP run on them
+    alone (a block mixes tokens only in the attention's keys and values). Needs the same number
+    of selected tokens in every row (a mask ratio's maskings); otherwise, in training, or for
+    blocks with parts this does not model (gates, attention masks), the whole block runs."""
+    counts = select.sum(1)
+    attn = block.attn
+    plain = (not block.training and counts.numel() > 0 and bool((counts == counts[0]).all())
+             and getattr(attn, "gate", None) is None and isinstance(block.ls1, nn.Identity)
+             and isinstance(block.ls2, nn.Identity))
+    if not plain:
+        return block(x)[select]
+    b, n, d = x.shape
+    m = int(counts[0])
+    h = block.norm1(x)
+    heads, head_dim = attn.num_heads, attn.head_dim
+    width = heads * head_dim
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    q = nn.functional.linear(h[select], w[:width], None if bias is None else bias[:width])
+    kv = nn.functional.linear(h, w[width:], None if bias is None else bias[width:])
+    q = attn.q_norm(q.view(b, m, heads, head_dim).transpose(1, 2))
+    k, v = kv.view(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    k = attn.k_norm(k)
+    if attn.fused_attn:
+        o = nn.functional.scaled_dot_product_attention(q, k, v)
+    else:
+        o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    o = attn.proj(attn.norm(o.transpose(1, 2).reshape(b, m, width)))
+    y = x[select].view(b, m, d) + o
+    y = y + block.mlp(block.norm2(y))
+    return y.view(b * m, d)
 
 
 __all__ = ["MAEDecoder"]

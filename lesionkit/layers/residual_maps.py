@@ -194,12 +194,15 @@ def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSe
             pm = PatchMask(*(torch.cat([getattr(m, f) for m in pms]).to(x.device)
                              for f in ("ids_keep", "ids_restore", "mask")))
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = mae.predict_masked_patches(x, pm, n)  # (S, P * P * C): the masked patches only
+                feats = mae.masked_patch_features(x, pm, n)  # (S, F): the masked patches only
             # Eq. 4: each patch's mean over the maskings that hid it, summed in masking order; a
-            # patch no masking hid keeps the image's pixels.
+            # patch no masking hid keeps the image's pixels. The pixel head is linear, so it maps
+            # the mean of the features to the mean of the pixels: it runs once per patch.
             count = pm.mask.view(b, n, num).sum(1).flatten()[:, None]
-            total = _sum_over_maskings(pred.float(), pm.mask, n, dense=x.device.type != "cpu")
-            mean = torch.where(count > 0, total / count.clamp_min(1), image_patches)
+            total = _sum_over_maskings(feats.float(), pm.mask, n, dense=x.device.type != "cpu")
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                pixels = mae.patch_pixels(total / count.clamp_min(1))
+            mean = torch.where(count > 0, pixels.float(), image_patches)
             mean = unpatchify(mean.view(b, num, -1), p, grid, c)
             maps.append(residual(x, mean, settings.kind)[:, 0])
     rm = torch.stack(maps, dim=1)

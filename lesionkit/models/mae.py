@@ -119,10 +119,10 @@ class MaskedAutoencoder(nn.Module):
         return tokens + sincos_pos_embed_2d(self.cfg.embed_dim, grid, device=tokens.device, dtype=tokens.dtype)
 
     def _decode(self, tokens: torch.Tensor, mask: PatchMask, grid: tuple[int, int],
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, pixels: bool = True) -> torch.Tensor:
         visible = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
         encoded = self.norm(self.blocks(visible))
-        return self.decoder(encoded, mask.ids_restore, grid, select)
+        return self.decoder(encoded, mask.ids_restore, grid, select, pixels)
 
     def predict_masked_patches(self, image: torch.Tensor, mask: PatchMask, repeats: int = 1) -> torch.Tensor:
         """The reconstructed pixels of the masked patches only, for ``repeats`` maskings per image.
@@ -131,8 +131,17 @@ class MaskedAutoencoder(nn.Module):
         Returns (S, P * P * C), one row per masked (mask row, patch) pair in row-major order (the
         order of ``mask.mask.nonzero()``), pixels laid out as :func:`unpatchify` reads them. The
         same values as ``forward(image.repeat_interleave(repeats, 0), mask)`` at those patches,
-        computed with less: each image's patches are embedded once, and the pixel head (the
-        decoder's last norm and linear layer) runs on the masked patches only."""
+        computed with less: each image's patches are embedded once, and the decoder's last block
+        (queries of the masked patches against every token), its norm and the pixel head run on
+        the masked patches only."""
+        return self.patch_pixels(self.masked_patch_features(image, mask, repeats))
+
+    def masked_patch_features(self, image: torch.Tensor, mask: PatchMask, repeats: int = 1) -> torch.Tensor:
+        """``predict_masked_patches`` without the pixel head: (S, decoder width), the decoder's
+        normalised tokens at the masked patches, which :meth:`patch_pixels` maps to pixels. The
+        head is linear, so the mean of several maskings' pixels of a patch is the pixels of the
+        mean of their features (GRCSF's maps average five; ``residual_maps`` runs the head once
+        per patch instead of once per masking that hid it)."""
         grid = self.grid_size(image)
         n = grid[0] * grid[1]
         if repeats < 1:
@@ -141,7 +150,11 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"mask should cover ({image.shape[0] * repeats}, {n}) patches (repeats={repeats}), "
                              f"got {tuple(mask.mask.shape)}")
         tokens = self.embed(image).repeat_interleave(repeats, dim=0)
-        return self._decode(tokens, mask, grid, select=mask.mask)
+        return self._decode(tokens, mask, grid, select=mask.mask, pixels=False)
+
+    def patch_pixels(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., decoder width) normalised decoder tokens -> (..., P * P * C) pixels (the pixel head)."""
+        return self.decoder.pred(features)
 
 
 def _mae(name: str, defaults: dict, kwargs: dict) -> MaskedAutoencoder:
