@@ -20,7 +20,8 @@ from lesionkit.engine.trainers.residual_maps import (
 from lesionkit.layers.mae_decoder import MAEDecoder
 from lesionkit.layers.patch_masking import patch_mask_to_pixels, patchify, random_patch_mask
 from lesionkit.layers.pos_embed import sincos_pos_embed_2d
-from lesionkit.layers.residual_maps import _explicit_attention, _image_generator, _sum_over_maskings
+from lesionkit.layers.residual_maps import (_explicit_attention, _gelu_in_place, _GELUInPlace, _image_generator,
+                                            _sum_over_maskings)
 from lesionkit.models import create_model
 
 
@@ -169,6 +170,26 @@ def test_explicit_attention_is_the_same_attention_and_is_undone():
     assert all(m.fused_attn for m in layers)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
 
+
+
+
+def test_gelu_in_place_gives_the_same_maps_and_is_undone():
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    x = torch.rand(2, 3, 32, 32)
+    pm = random_patch_mask(2, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    acts = [m.act for m in mae.modules() if hasattr(m, "fc1")]
+    assert len(acts) == 1 + 2 and all(type(a) is torch.nn.GELU for a in acts)  # encoder + decoder MLPs
+    with torch.no_grad():
+        want = mae.predict_masked_patches(x, pm)
+        with _gelu_in_place(mae):
+            assert all(isinstance(m.act, _GELUInPlace) for m in mae.modules() if hasattr(m, "fc1"))
+            got = mae.predict_masked_patches(x, pm)
+    assert [m.act for m in mae.modules() if hasattr(m, "fc1")] == acts
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    h = torch.randn(5, 7)
+    want = torch.nn.functional.gelu(h)
+    assert _GELUInPlace()(h) is h and torch.equal(h, want)
 
 
 @pytest.mark.parametrize("explicit", [False, True])
