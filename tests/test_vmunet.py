@@ -270,6 +270,9 @@ def test_final_head_is_layer_norm_then_conv(classes):
         torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
     with torch.no_grad():  # the inference path (no autograd function) gives the same values
         torch.testing.assert_close(up.forward_head(x, head), want.detach(), rtol=1e-10, atol=1e-10)
+        # a channels-last model (model.to(memory_format=torch.channels_last)) has a strided head weight
+        channels_last = head.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(up.forward_head(x, channels_last), want.detach(), rtol=1e-10, atol=1e-10)
 
 
 def test_final_head_gradcheck_and_bf16():

@@ -68,8 +68,8 @@ BREAKAGES: list[Breakage] = [
         "Eq. 7 without g^h"),
     Breakage(
         "residual_map_plain_mean", "lesionkit/layers/residual_maps.py",
-        "mean = torch.where(count > 0, total / count.clamp_min(1), image_patches)",
-        "mean = torch.where(count > 0, total / n, image_patches)",
+        "pixels = mae.patch_pixels(total / count.clamp_min(1))",
+        "pixels = mae.patch_pixels(total / n)",
         ("tests/test_residual_maps.py", "-k", "not command"),
         "Eq. 3-5: the masked runs' sum divided by all n runs instead of by the runs that masked the patch"),
     Breakage(
@@ -131,6 +131,17 @@ BREAKAGES: list[Breakage] = [
         "epoch = self.epoch + 1 if epoch is None else epoch",
         ("tests/test_amlp_trainer.py", "-k", "amr"),
         "AMR's ratio jumps once an epoch instead of growing every step"),
+    Breakage(
+        "final_head_ln_backward_xhat_term", "lesionkit/layers/vss_patches.py",
+        "grad_rows = torch.addcmul(centred.t() @ g_rstd, xc, coef, value=-1)",
+        "grad_rows = centred.t() @ g_rstd",
+        ("tests/test_vmunet.py", "-k", "final_head"),
+        "the folded final LayerNorm + head's backward without the LayerNorm's xhat term"),
+    Breakage(
+        "maps_last_block_keys_unnormalised", "lesionkit/layers/mae_decoder.py",
+        "kv = nn.functional.linear(h, w[width:]", "kv = nn.functional.linear(x, w[width:]",
+        ("tests/test_residual_maps.py", "-k", "not command"),
+        "the decoder's selected-token last block takes keys and values from the un-normalised tokens"),
 ]
 
 

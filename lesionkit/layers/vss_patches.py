@@ -109,15 +109,15 @@ class FinalPatchExpand2D(nn.Module):
         Only the K head outputs are rearranged (not the C/4 normalised channels), and the
         backward (:class:`_NormHead`) is written out: per row one K-wide product and one
         C/4-wide update, where autograd through the channels-first form made a dozen passes over
-        the (B, C/4, 4H, 4W) map. float32 statistics and products (float64 for float64), output in the expansion's dtype
-        (what the convolution returns there, also under autocast)."""
+        the (B, C/4, 4H, 4W) map. float32 statistics and products (float64 for float64), output
+        in the expansion's dtype (what the convolution returns there, also under autocast)."""
         if not self.folds(head):
             raise ValueError(f"head should be a 1x1 nn.Conv2d from {self.dim // self.dim_scale} channels "
                              f"(stride 1, no padding, one group), got {head}")
         batch, height, width, _ = x.shape
         s, c = self.dim_scale, self.dim // self.dim_scale
         rows = self.expand(x).reshape(-1, c)
-        weight = head.weight.view(head.out_channels, c)
+        weight = head.weight.reshape(head.out_channels, c)
         bias = head.bias if head.bias is not None else weight.new_zeros(head.out_channels)
         args = (rows, self.norm.weight, self.norm.bias, weight, bias, self.norm.eps)
         if torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
@@ -146,7 +146,7 @@ def _norm_head(rows: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tenso
     folded = w * ln_weight.to(acc)  # (K, c): the head's weights through gamma
     shift = w @ ln_bias.to(acc) + bias.to(acc)  # (K,)
     s = (folded @ xc) * rstd  # (K, R): sum_c folded_c xhat_c
-    return torch.addcmul(shift[:, None], s, torch.ones((), dtype=acc, device=s.device)).to(rows.dtype), xc, rstd, s
+    return (s + shift[:, None]).to(rows.dtype), xc, rstd, s
 
 
 class _NormHead(torch.autograd.Function):
