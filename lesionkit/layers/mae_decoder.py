@@ -68,9 +68,10 @@ class MAEDecoder(nn.Module):
         x = x + pos  # + E_pos
         if select is None:
             x = self.blocks(x)
+        elif len(self.blocks) == 0:
+            x = x[select]
         else:
-            x = self.blocks[:-1](x) if len(self.blocks) > 1 else x
-            x = _block_at(self.blocks[-1], x, select)
+            x = _block_at(self.blocks[-1], self.blocks[:-1](x), select)
         x = self.norm(x)
         return self.pred(x) if pixels else x  # Eq. 4
 

@@ -228,19 +228,24 @@ def _sum_over_maskings(pred: torch.Tensor, mask: torch.Tensor, repeats: int, den
 
 
 @contextlib.contextmanager
+def _attributes_set(changes: list[tuple[object, str, object]]):
+    """Inside, each (object, name, value) of ``changes`` is set; the old values come back after."""
+    before = [getattr(obj, name) for obj, name, _ in changes]
+    try:
+        for obj, name, value in changes:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name, _), old in zip(changes, before):
+            setattr(obj, name, old)
+
+
 def _explicit_attention(module: nn.Module, enabled: bool):
     """Attention as softmax(q k^T) v (timm's unfused path) inside, where ``enabled``: at the MAE's
     16-64 tokens per image, PyTorch's CPU flash attention ran 2.2-2.5x slower in bf16 than
     the explicit products (measured on a 2-core EPYC Zen 5, one thread; docs/grcsf.md)."""
-    layers = [m for m in module.modules() if enabled and isinstance(getattr(m, "fused_attn", None), bool)]
-    before = [m.fused_attn for m in layers]
-    try:
-        for m in layers:
-            m.fused_attn = False
-        yield
-    finally:
-        for m, fused in zip(layers, before):
-            m.fused_attn = fused
+    return _attributes_set([(m, "fused_attn", False) for m in module.modules()
+                            if enabled and isinstance(getattr(m, "fused_attn", None), bool)])
 
 
 class _GELUInPlace(nn.GELU):
@@ -251,20 +256,12 @@ class _GELUInPlace(nn.GELU):
         return torch.ops.aten.gelu_(x, approximate=self.approximate)
 
 
-@contextlib.contextmanager
 def _gelu_in_place(module: nn.Module):
     """Inside, the GELUs of ``module``'s MLPs (``mlp.act`` of timm's blocks) work in place: the
     maps' forward runs without autograd, and not allocating the (tokens, 4 x width) result of
     each was 1.09x the bf16 maps' speed (one thread, Zen 5; docs/grcsf.md)."""
-    mlps = [m for m in module.modules() if type(getattr(m, "act", None)) is nn.GELU and hasattr(m, "fc1")]
-    before = [m.act for m in mlps]
-    try:
-        for m in mlps:
-            m.act = _GELUInPlace(approximate=m.act.approximate)
-        yield
-    finally:
-        for m, act in zip(mlps, before):
-            m.act = act
+    return _attributes_set([(m, "act", _GELUInPlace(approximate=m.act.approximate)) for m in module.modules()
+                            if type(getattr(m, "act", None)) is nn.GELU and hasattr(m, "fc1")])
 
 
 __all__ = ["IMAGES_PER_FORWARD", "MAP_PRECISIONS", "RESIDUAL_KINDS", "ResidualMapSettings", "image_hash", "residual", "residual_maps", "ssim_map"]
