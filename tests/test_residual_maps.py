@@ -237,6 +237,21 @@ def _whole_blocks_at(decoder, visible, pm):
     return decoder.blocks(x + sincos_pos_embed_2d(decoder.embed_dim, (4, 4)))[pm.mask]
 
 
+def test_masked_patch_features_take_the_callers_embedding():
+    """residual_maps embeds a chunk's images once and passes the tokens for every ratio's masks;
+    the features are those of embedding inside, and tokens of the wrong shape are refused."""
+    torch.manual_seed(0)
+    mae = create_model("mae_vit_tiny", img_size=32, depth=1).eval()
+    images = torch.rand(2, 3, 32, 32)
+    pm = random_patch_mask(6, 4, 0.5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        tokens = mae.embed(images)
+        torch.testing.assert_close(mae.masked_patch_features(images, pm, 3, tokens),
+                                   mae.masked_patch_features(images, pm, 3), atol=0, rtol=0)
+        with pytest.raises(ValueError, match="tokens should be embed"):
+            mae.masked_patch_features(images, pm, 3, tokens[:, :3])
+
+
 def test_pixel_head_of_the_mean_feature_is_the_mean_of_the_pixels():
     """residual_maps averages the decoder's features over the maskings and runs the pixel head
     once per patch; the head is linear, so that is the mean of the maskings' pixels."""
@@ -269,8 +284,11 @@ class RecordingMAE(torch.nn.Module):
         self.gen = torch.Generator().manual_seed(7)
         self.calls = []
 
-    def masked_patch_features(self, x, mask, repeats):
-        assert mask.mask.shape[0] == x.shape[0] * repeats
+    def embed(self, x):
+        return x
+
+    def masked_patch_features(self, x, mask, repeats, tokens=None):
+        assert mask.mask.shape[0] == x.shape[0] * repeats and tokens is x
         recon = torch.rand((mask.mask.shape[0], *x.shape[1:]), generator=self.gen)
         self.calls.append((mask.mask.clone(), recon))
         return patchify(recon, self.patch_size)[mask.mask]

@@ -73,6 +73,12 @@ BREAKAGES: list[Breakage] = [
         ("tests/test_residual_maps.py", "-k", "not command"),
         "Eq. 3-5: the masked runs' sum divided by all n runs instead of by the runs that masked the patch"),
     Breakage(
+        "maps_unhidden_patch_residual", "lesionkit/layers/residual_maps.py",
+        "res = torch.where(count > 0, res, 0.0)", "res = res",
+        ("tests/test_residual_maps.py", "-k", "not command"),
+        "Eq. 4: a patch no masking hid compared with the pixel head's output for a zero feature "
+        "instead of keeping its own pixels (residual 0)"),
+    Breakage(
         "amlp_features_ignored", "lesionkit/engine/trainers/amlp.py",
         'if recipe.features == "pixels":', "if True:",
         ("tests/test_amlp_trainer.py", "-k", "features"),

@@ -190,11 +190,13 @@ def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSe
     bf16 = settings.precision == "bf16"
     maps = []
     with _explicit_attention(mae, bf16 and x.device.type == "cpu"), _gelu_in_place(mae):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            tokens = mae.embed(x)  # once for every ratio's maskings
         for pms in masks:
             pm = PatchMask(*(torch.cat([getattr(m, f) for m in pms]).to(x.device)
                              for f in ("ids_keep", "ids_restore", "mask")))
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                feats = mae.masked_patch_features(x, pm, n)  # (S, F): the masked patches only
+                feats = mae.masked_patch_features(x, pm, n, tokens)  # (S, F): the masked patches only
             # Eq. 4: each patch's mean over the maskings that hid it, summed in masking order; a
             # patch no masking hid keeps the image's pixels. The pixel head is linear, so it maps
             # the mean of the features to the mean of the pixels: it runs once per patch.
@@ -202,9 +204,15 @@ def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSe
             total = _sum_over_maskings(feats.float(), pm.mask, n, dense=x.device.type != "cpu")
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 pixels = mae.patch_pixels(total / count.clamp_min(1))
-            mean = torch.where(count > 0, pixels.float(), image_patches)
-            mean = unpatchify(mean.view(b, num, -1), p, grid, c)
-            maps.append(residual(x, mean, settings.kind)[:, 0])
+            if settings.kind in ("absdiff", "mse"):  # pixelwise: taken in the patches' layout
+                diff = image_patches - pixels.float()
+                res = (diff.abs_() if settings.kind == "absdiff" else diff.square_()).view(-1, p * p, c).mean(-1)
+                res = torch.where(count > 0, res, 0.0)  # an unhidden patch keeps its pixels: residual 0
+                maps.append(unpatchify(res.view(b, num, p * p), p, grid, 1)[:, 0])
+            else:
+                mean = torch.where(count > 0, pixels.float(), image_patches)
+                mean = unpatchify(mean.view(b, num, -1), p, grid, c)
+                maps.append(residual(x, mean, settings.kind)[:, 0])
     rm = torch.stack(maps, dim=1)
     if (h, w) != (size, size):
         rm = F.interpolate(rm, size=(h, w), mode="bilinear", align_corners=False)

@@ -119,8 +119,15 @@ class MaskedAutoencoder(nn.Module):
         return tokens + sincos_pos_embed_2d(self.cfg.embed_dim, grid, device=tokens.device, dtype=tokens.dtype)
 
     def _decode(self, tokens: torch.Tensor, mask: PatchMask, grid: tuple[int, int],
-                select: torch.Tensor | None = None, pixels: bool = True) -> torch.Tensor:
-        visible = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+                select: torch.Tensor | None = None, pixels: bool = True, repeats: int = 1) -> torch.Tensor:
+        """The MAE on ``mask``'s rows; row r masks image r // ``repeats`` of ``tokens`` (B, N, D)."""
+        if repeats == 1:
+            visible = torch.gather(tokens, 1, mask.ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        else:  # each row's visible tokens straight from its image's: no per-masking copy of them all
+            rows, keep = mask.ids_keep.shape
+            image_of_row = torch.arange(rows, device=tokens.device) // repeats
+            flat = (image_of_row[:, None] * tokens.shape[1] + mask.ids_keep).flatten()
+            visible = tokens.reshape(-1, tokens.shape[-1]).index_select(0, flat).view(rows, keep, -1)
         encoded = self.norm(self.blocks(visible))
         return self.decoder(encoded, mask.ids_restore, grid, select, pixels)
 
@@ -136,12 +143,14 @@ class MaskedAutoencoder(nn.Module):
         the masked patches only."""
         return self.patch_pixels(self.masked_patch_features(image, mask, repeats))
 
-    def masked_patch_features(self, image: torch.Tensor, mask: PatchMask, repeats: int = 1) -> torch.Tensor:
+    def masked_patch_features(self, image: torch.Tensor, mask: PatchMask, repeats: int = 1,
+                              tokens: torch.Tensor | None = None) -> torch.Tensor:
         """``predict_masked_patches`` without the pixel head: (S, decoder width), the decoder's
         normalised tokens at the masked patches, which :meth:`patch_pixels` maps to pixels. The
         head is linear, so the mean of several maskings' pixels of a patch is the pixels of the
         mean of their features (GRCSF's maps average five; ``residual_maps`` runs the head once
-        per patch instead of once per masking that hid it)."""
+        per patch instead of once per masking that hid it). ``tokens``: ``embed(image)`` where
+        the caller has it already (one embedding for several masks of the same images)."""
         grid = self.grid_size(image)
         n = grid[0] * grid[1]
         if repeats < 1:
@@ -149,8 +158,12 @@ class MaskedAutoencoder(nn.Module):
         if tuple(mask.mask.shape) != (image.shape[0] * repeats, n):
             raise ValueError(f"mask should cover ({image.shape[0] * repeats}, {n}) patches (repeats={repeats}), "
                              f"got {tuple(mask.mask.shape)}")
-        tokens = self.embed(image).repeat_interleave(repeats, dim=0)
-        return self._decode(tokens, mask, grid, select=mask.mask, pixels=False)
+        if tokens is None:
+            tokens = self.embed(image)
+        elif tuple(tokens.shape) != (image.shape[0], n, self.cfg.embed_dim):
+            raise ValueError(f"tokens should be embed(image), ({image.shape[0]}, {n}, {self.cfg.embed_dim}), "
+                             f"got {tuple(tokens.shape)}")
+        return self._decode(tokens, mask, grid, select=mask.mask, pixels=False, repeats=repeats)
 
     def patch_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """(..., decoder width) normalised decoder tokens -> (..., P * P * C) pixels (the pixel head)."""
