@@ -168,6 +168,18 @@ def test_masks_binarise_above_127_in_any_mode(tmp_path):
     assert size == (1, 4) and m.shape == (1, 2, 8) and set(m.unique().tolist()) == {0.0, 1.0}
 
 
+def test_0_1_label_masks_mark_lesion_with_1(tmp_path):
+    # Label masks (nnU-Net, many exports) store lesion as 1, not 255: > 127 would read them empty.
+    a = np.array([[0, 1, 1, 0]], np.uint8)
+    Image.fromarray(a, "L").save(tmp_path / "l.png")
+    Image.fromarray(a.astype(np.uint16)).save(tmp_path / "w.png")
+    Image.fromarray(a.astype(np.float32) * 0.9, "F").save(tmp_path / "f.tif")
+    for name in ("l.png", "w.png", "f.tif"):
+        assert load_mask(tmp_path / name)[0].flatten().tolist() == [0, 1, 1, 0], name
+    Image.fromarray(np.zeros((1, 4), np.uint8), "L").save(tmp_path / "empty.png")  # empty stays empty
+    assert load_mask(tmp_path / "empty.png")[0].sum() == 0
+
+
 def test_full_resolution_jpeg_decodes_at_reduced_scale(tmp_path, monkeypatch):
     src = SyntheticLesions(1, image_size=(200, 300), seed=4)
     write_dataset(src, tmp_path, "isic2018", save_size=(2000, 3000))

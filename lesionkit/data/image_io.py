@@ -4,7 +4,8 @@ Images: any mode PIL reads (RGB, grayscale, palette, RGBA, CMYK, 16-bit) -> floa
 [0, 1], EXIF orientation applied. JPEGs are decoded at a reduced scale (``Image.draft``, DCT
 scaling by 1/2, 1/4 or 1/8) when the requested size allows, which makes full-resolution ISIC
 images (up to 6000 x 4000) several times faster to load. Masks: binarised at > 127 on the 8-bit
-scale (> 32767 for 16-bit), any colour channel counting for 24-bit masks -> float32 (1, H, W).
+scale (> 32767 for 16-bit), at 0.5 when every value lies in [0, 1] (0/1 label masks), any colour
+channel counting for 24-bit masks -> float32 (1, H, W).
 """
 
 from __future__ import annotations
@@ -94,27 +95,44 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None
     return t, orig
 
 
+def mask_levels(img: Image.Image) -> np.ndarray:
+    """A mask image as one 2-D array: bool for 1-bit masks, the stored values for 16-bit, 32-bit
+    and float masks, and for any other mode the 8-bit levels, the brightest colour channel
+    counting (palette masks through their palette; alpha ignored)."""
+    if img.mode == "1":
+        return np.array(img, dtype=bool)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return np.asarray(img)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+    a = np.asarray(img)
+    return a[..., :3].max(axis=2) if a.ndim == 3 else a  # 24-bit masks: any channel counts
+
+
+def mask_foreground(levels: np.ndarray) -> np.ndarray:
+    """Lesion pixels of :func:`mask_levels`: a mask whose values all lie in [0, 1] (0/1 label
+    masks, float masks) is thresholded at 0.5; others at > 127 on the 8-bit scale (> 32767 when a
+    16-bit or wider mask holds values above 255)."""
+    if levels.dtype == bool:
+        return levels
+    top = levels.max() if levels.size else 0
+    if top <= 1:
+        return levels > 0.5
+    return levels > (32767 if top > 255 else 127)
+
+
 def load_mask(path: str | Path, size: tuple[int, int] | None = None
               ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Read a mask as float32 (1, H, W) in {0, 1} (nearest resize); returns (mask, orig_size)."""
+    """Read a mask as float32 (1, H, W) in {0, 1} (nearest resize); returns (mask, orig_size).
+
+    Lesion pixels are those of :func:`mask_foreground`: > 127 for 0/255 masks, 1 for 0/1 masks."""
     path = Path(path)
     img = _open(path)
     with img:
         orig = _oriented_size(img)
         try:
             img = ImageOps.exif_transpose(img)
-            if img.mode == "1":
-                fg = np.array(img, dtype=bool)
-            elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                a = np.asarray(img)
-                fg = a > (32767 if a.max() > 255 else 127)
-            else:
-                if img.mode not in ("L", "RGB"):
-                    img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
-                a = np.asarray(img)
-                if a.ndim == 3:
-                    a = a[..., :3].max(axis=2)  # 24-bit masks: any channel above 127 is lesion
-                fg = a > 127
+            fg = mask_foreground(mask_levels(img))
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot decode mask file {path}: {e}") from e
     m = torch.from_numpy(np.ascontiguousarray(fg)).float()[None]
