@@ -90,3 +90,21 @@ def test_train_fails_before_the_first_epoch_on_a_broken_file(tmp_path, capsys):
 def test_datasets_without_files_have_nothing_to_check(capsys):
     code, out, _ = run_cli(capsys, "data", "check", "synthetic:4")
     assert code == 0 and "no image / mask files to check" in out
+
+
+def test_masks_are_read_as_the_loader_reads_them(tmp_path):
+    # 1-bit (PH2), palette and 0/1 label masks: the loader reads their lesion, so must the check.
+    root = write_folder(tmp_path)
+    clean = check_dataset(FolderDataset(root), workers=1, progress=False).lesion_fractions
+    for i, p in enumerate(sorted((root / "masks").iterdir())):
+        lesion = np.asarray(Image.open(p)) > 0
+        if i % 3 == 0:
+            img = Image.fromarray(lesion)  # mode "1"
+        elif i % 3 == 1:
+            img = Image.fromarray(lesion.astype(np.uint8), "P")  # indices 0/1, white lesion
+            img.putpalette([0, 0, 0, 255, 255, 255])
+        else:
+            img = Image.fromarray(lesion.astype(np.uint8))
+        img.save(p)
+    report = check_dataset(FolderDataset(root), workers=1, progress=False)
+    assert report.findings == [] and report.lesion_fractions == clean

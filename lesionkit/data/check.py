@@ -31,7 +31,7 @@ WARNINGS = ("non_binary_mask", "empty_mask", "lesion_fraction_outlier")
 FIXES = {
     "unreadable": "re-export or re-download the file, or remove the sample",
     "size_mismatch": "resize the mask to the image's size with nearest-neighbour interpolation, or pair the right files",
-    "non_binary_mask": "threshold the mask (lesionkit reads > 127 as lesion) and save it as 0/255 PNG",
+    "non_binary_mask": "threshold the mask (lesionkit reads > 127 as lesion, 1 in 0/1 masks) and save it as 0/255 PNG",
     "empty_mask": "check the annotation: the image has no lesion pixel",
     "lesion_fraction_outlier": "check the annotation: the lesion covers an unusual share of the image",
 }
@@ -124,6 +124,8 @@ def check_files(dataset, spec: str) -> None:
 
 
 def _decode(sample: tuple[str, Path, Path]) -> tuple[list[Finding], float | None]:
+    from lesionkit.data.image_io import mask_foreground, mask_levels
+
     sid, image, mask = sample
     found = _header_findings(sid, image, mask)
     if found:
@@ -134,19 +136,18 @@ def _decode(sample: tuple[str, Path, Path]) -> tuple[list[Finding], float | None
     except Exception as err:  # truncated data only shows when decoding
         return [Finding(sid, "unreadable", str(image), f"decoding failed: {err}")], None
     try:
+        # The loader's own reading (1-bit, palette, 24-bit, 16-bit, 0/1 masks), so the check sees
+        # the lesion the training run will see.
         with Image.open(mask) as img:
-            a = np.asarray(img)
+            a = mask_levels(img)
     except Exception as err:
         return [Finding(sid, "unreadable", str(mask), f"decoding failed: {err}")], None
-    if a.ndim == 3:
-        a = a[..., :3].max(axis=2)
     values = np.unique(a)
     findings = []
     if values.size > 2 or (values.size == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:6]) + (", ..." if values.size > 6 else "")
         findings.append(Finding(sid, "non_binary_mask", str(mask), f"{values.size} distinct values ({shown})"))
-    threshold = 32767 if a.dtype.itemsize > 1 and a.max() > 255 else 127
-    fraction = float((a > threshold).mean()) if a.size else 0.0
+    fraction = float(mask_foreground(a).mean()) if a.size else 0.0
     if fraction == 0.0:
         findings.append(Finding(sid, "empty_mask", str(mask), "no pixel above the lesion threshold"))
     return findings, fraction
