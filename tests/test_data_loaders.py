@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lesionkit.data import (
     FolderDataset,
@@ -23,6 +23,7 @@ from lesionkit.data import (
     write_dataset,
 )
 from lesionkit.data import synth
+from lesionkit.data.image_io import apply_orientation
 
 REAL_ISIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2018-dev"
 
@@ -132,6 +133,41 @@ def test_exif_orientation_is_applied(tmp_path):
     assert size == (50, 30) and t.shape == (3, 50, 30)
     t2, size2 = load_image(tmp_path / "o.jpg", (25, 15))
     assert size2 == (50, 30) and t2.shape == (3, 25, 15)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_turns_as_pil_does(tmp_path, orientation):
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a, "L").save(tmp_path / "o.png", exif=exif)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "o.png")))
+    turned = apply_orientation(torch.from_numpy(a), orientation)
+    assert np.array_equal(turned.numpy(), want)
+    assert torch.equal(apply_orientation(turned, orientation, inverse=True), torch.from_numpy(a))
+
+
+@pytest.mark.parametrize("h, w", [(40, 40), (30, 50)])
+def test_exif_orientation_turns_the_mask_with_its_image(tmp_path, h, w):
+    # A phone or camera JPEG with an orientation tag; its mask drawn on the stored pixels (no tag).
+    # Square images used to load misaligned, non-square ones to fail as a size mismatch.
+    a = np.zeros((h, w, 3), np.uint8)
+    a[2:12, 3:20] = 255  # bright lesion near the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    (tmp_path / "train" / "masks").mkdir()
+    Image.fromarray(a).save(tmp_path / "train" / "images" / "p.jpg", exif=exif, quality=95)
+    Image.fromarray(a[..., 0]).save(tmp_path / "train" / "masks" / "p.png")
+    for size in (None, (20, 20)):
+        item = FolderDataset(tmp_path, "train", image_size=size)[0]
+        assert item["orig_size"] == (w, h)
+        lesion = item["image"].mean(0) > 0.5
+        assert (lesion == (item["mask"][0] > 0.5)).float().mean() > 0.97
+    if h != w:  # a mask drawn on the displayed image: an error saying so
+        Image.fromarray(np.rot90(a[..., 0], -1)).save(tmp_path / "train" / "masks" / "p.png")
+        with pytest.raises(ValueError, match=r"p\.png is 50x30.*fits the image as displayed \(EXIF orientation 6\)"):
+            FolderDataset(tmp_path, "train")[0]
 
 
 def test_grayscale_rgba_and_16bit_images(tmp_path):

@@ -91,17 +91,19 @@ def _samples(dataset) -> list[tuple[str, Path, Path]]:
 
 
 def _header_findings(sid: str, image: Path, mask: Path) -> list[Finding]:
-    from lesionkit.data.image_io import image_size_of
+    from lesionkit.data.image_io import image_header, orientation_hint
 
-    sizes = {}
+    headers = {}
     for kind, path in (("image", image), ("mask", mask)):
         try:
-            sizes[kind] = image_size_of(path)
+            headers[kind] = image_header(path)
         except (ValueError, OSError) as err:
             return [Finding(sid, "unreadable", str(path), str(err).removeprefix(f"cannot read image file {path}: "))]
-    if sizes["image"] != sizes["mask"]:
-        (ih, iw), (mh, mw) = sizes["image"], sizes["mask"]
-        return [Finding(sid, "size_mismatch", str(mask), f"image {ih}x{iw}, mask {mh}x{mw} (HxW)")]
+    # Stored sizes: the mask is drawn on the image's stored pixels (the loader turns both alike).
+    ((ih, iw), orientation), ((mh, mw), _) = headers["image"], headers["mask"]
+    if (ih, iw) != (mh, mw):
+        return [Finding(sid, "size_mismatch", str(mask), f"image {ih}x{iw}, mask {mh}x{mw} (HxW)"
+                        f"{orientation_hint((ih, iw), (mh, mw), orientation)}")]
     return []
 
 

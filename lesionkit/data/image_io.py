@@ -30,20 +30,62 @@ def _open(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image file {path}: {e}") from e
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (as stored) when absent or invalid."""
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a corrupt EXIF block must not make a readable image unreadable
+        orientation = 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
     """(H, W) after EXIF orientation."""
     w, h = img.size
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # a corrupt EXIF block must not make a readable image unreadable
-        orientation = 1
-    return (w, h) if orientation in _SWAPPING_ORIENTATIONS else (h, w)
+    return (w, h) if _orientation(img) in _SWAPPING_ORIENTATIONS else (h, w)
 
 
 def image_size_of(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file (after EXIF orientation) from its header."""
     with _open(Path(path)) as img:
         return _oriented_size(img)
+
+
+def image_header(path: str | Path) -> tuple[tuple[int, int], int]:
+    """((H, W) as stored, EXIF orientation 1-8) of an image file, from its header."""
+    with _open(Path(path)) as img:
+        return (img.size[1], img.size[0]), _orientation(img)
+
+
+def apply_orientation(t: torch.Tensor, orientation: int, inverse: bool = False) -> torch.Tensor:
+    """``t`` (..., H, W) turned from its stored pixels to the display of EXIF orientation
+    `orientation` (as ``ImageOps.exif_transpose``); inverse=True turns a displayed one back."""
+    if inverse and orientation in (6, 8):  # the two turns are each other's inverse; the rest their own
+        orientation = 14 - orientation
+    if orientation == 2:
+        return t.flip(-1)
+    if orientation == 3:
+        return t.flip((-2, -1))
+    if orientation == 4:
+        return t.flip(-2)
+    if orientation == 5:
+        return t.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(t, -1, (-2, -1))
+    if orientation == 7:
+        return t.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return torch.rot90(t, 1, (-2, -1))
+    return t
+
+
+def orientation_hint(image_hw: tuple[int, int], mask_hw: tuple[int, int], orientation: int) -> str:
+    """Why a mask of stored size `mask_hw` that fits the displayed image does not fit, or ""."""
+    if orientation in _SWAPPING_ORIENTATIONS and tuple(mask_hw) == tuple(image_hw)[::-1]:
+        return (f"; the mask fits the image as displayed (EXIF orientation {orientation}), but masks are read "
+                "on the image's stored pixels: save the mask in the image's stored orientation, or the image "
+                "turned and without the orientation tag")
+    return ""
 
 
 def _to_float_array(img: Image.Image) -> np.ndarray:
@@ -121,21 +163,26 @@ def mask_foreground(levels: np.ndarray) -> np.ndarray:
     return levels > (32767 if top > 255 else 127)
 
 
-def load_mask(path: str | Path, size: tuple[int, int] | None = None
+def load_mask(path: str | Path, size: tuple[int, int] | None = None, orientation: int | None = None
               ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Read a mask as float32 (1, H, W) in {0, 1} (nearest resize); returns (mask, orig_size).
 
-    Lesion pixels are those of :func:`mask_foreground`: > 127 for 0/255 masks, 1 for 0/1 masks."""
+    Lesion pixels are those of :func:`mask_foreground`: > 127 for 0/255 masks, 1 for 0/1 masks.
+    orientation: the EXIF orientation of the mask's image, applied to the mask's stored pixels
+    instead of the mask file's own tag (masks are drawn on the image's stored pixels); None
+    applies the mask file's own tag.
+    """
     path = Path(path)
     img = _open(path)
     with img:
-        orig = _oriented_size(img)
+        if orientation is None:
+            orientation = _orientation(img)
         try:
-            img = ImageOps.exif_transpose(img)
             fg = mask_foreground(mask_levels(img))
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot decode mask file {path}: {e}") from e
-    m = torch.from_numpy(np.ascontiguousarray(fg)).float()[None]
+    m = apply_orientation(torch.from_numpy(np.ascontiguousarray(fg)).float()[None], orientation).contiguous()
+    orig = (m.shape[1], m.shape[2])
     if size is not None and tuple(m.shape[1:]) != tuple(size):
         m = F.interpolate(m[None], size=size, mode="nearest-exact")[0]
     return m, orig
