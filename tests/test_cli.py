@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lesionkit.cli import main
+from lesionkit.engine.prediction import expand_inputs, predict_files
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.kwargs.widths=[4,8,16]", "data.num_workers=0"]
@@ -145,3 +147,33 @@ def test_data_synth_then_evaluate_on_the_written_isic_layout(trained, tmp_path):
                      "--out", tmp_path / "eval", "--no-progress")
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 4
     assert "isic_jaccard" in result.stdout
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in model: lesion where the image it is given is bright."""
+
+    def forward(self, x):
+        return (x.mean(1, keepdim=True) - 0.5) * 20
+
+
+def test_predict_reads_images_as_the_datasets_do(tmp_path):
+    # 16-bit, transparent (composited on white, as in training) and WebP images, and a JPEG with an
+    # EXIF orientation tag: the model sees the turned image, the mask is written on stored pixels.
+    bright = np.zeros((24, 40), bool)
+    bright[2:10, 3:15] = True
+    Image.fromarray(np.where(bright, 60000, 3000).astype(np.uint16)).save(tmp_path / "deep.png")
+    rgba = np.zeros((24, 40, 4), np.uint8)
+    rgba[..., 3] = np.where(bright, 0, 255)  # transparent where bright
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    gray = np.where(bright, 250, 5).astype(np.uint8)
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "web.webp", lossless=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    files = expand_inputs([str(tmp_path)])
+    assert [p.name for p in files] == ["clear.png", "deep.png", "turned.jpg", "web.webp"]
+    results = predict_files(Brightness().eval(), files, tmp_path / "out", 32, torch.device("cpu"))
+    for r in results:
+        mask = np.asarray(Image.open(r.mask_path)) > 127
+        assert r.orig_size == (24, 40) and (mask == bright).mean() > 0.97, r.path.name
+        assert Image.open(r.overlay_path).size == (40, 24)
