@@ -110,16 +110,17 @@ def test_masks_are_read_as_the_loader_reads_them(tmp_path):
     assert report.findings == [] and report.lesion_fractions == clean
 
 
-def test_masks_of_exif_rotated_images_are_checked_on_the_stored_pixels(tmp_path):
-    # The loader turns the mask with its image (masks are drawn on the stored pixels): a stored-
-    # orientation mask is fine, one drawn on the displayed image is a mismatch that says so.
+def test_masks_of_exif_rotated_images_are_paired_as_the_loader_pairs_them(tmp_path):
+    # The loader takes a mask drawn on the displayed image or, when only those fit, on the stored
+    # pixels of a turned non-square image; the header check accepts the same two and nothing else.
     root = write_folder(tmp_path, n=2)
     exif = Image.Exif()
     exif[0x0112] = 8
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "images" / "c00.jpg", exif=exif)
     (root / "images" / "c00.png").unlink()
-    Image.new("L", (60, 40), 255).save(root / "masks" / "c00.png")
-    assert check_headers(FolderDataset(root)).findings == []
-    Image.new("L", (40, 60), 255).save(root / "masks" / "c00.png")
+    for stored_size in ((60, 40), (40, 60)):  # PIL sizes (W, H): stored pixels, displayed view
+        Image.new("L", stored_size, 255).save(root / "masks" / "c00.png")
+        assert check_headers(FolderDataset(root)).findings == []
+    Image.new("L", (40, 40), 255).save(root / "masks" / "c00.png")
     (finding,) = check_headers(FolderDataset(root)).findings
     assert finding.problem == "size_mismatch" and "EXIF orientation 8" in finding.detail

@@ -148,9 +148,11 @@ def test_apply_orientation_turns_as_pil_does(tmp_path, orientation):
 
 
 @pytest.mark.parametrize("h, w", [(40, 40), (30, 50)])
-def test_exif_orientation_turns_the_mask_with_its_image(tmp_path, h, w):
-    # A phone or camera JPEG with an orientation tag; its mask drawn on the stored pixels (no tag).
-    # Square images used to load misaligned, non-square ones to fail as a size mismatch.
+def test_exif_orientation_pairs_the_mask_with_the_displayed_image(tmp_path, h, w):
+    # A phone or camera JPEG with an orientation tag (6: turned a quarter clockwise for display).
+    # A mask drawn on the displayed image (annotation tools, OpenCV) is read as it is; one drawn on
+    # the stored pixels of a non-square image (it fits only those) is turned with the image. The
+    # second used to fail as a size mismatch; a mask of neither size is an error naming both.
     a = np.zeros((h, w, 3), np.uint8)
     a[2:12, 3:20] = 255  # bright lesion near the stored top-left corner
     exif = Image.Exif()
@@ -158,16 +160,19 @@ def test_exif_orientation_turns_the_mask_with_its_image(tmp_path, h, w):
     (tmp_path / "train" / "images").mkdir(parents=True)
     (tmp_path / "train" / "masks").mkdir()
     Image.fromarray(a).save(tmp_path / "train" / "images" / "p.jpg", exif=exif, quality=95)
-    Image.fromarray(a[..., 0]).save(tmp_path / "train" / "masks" / "p.png")
-    for size in (None, (20, 20)):
-        item = FolderDataset(tmp_path, "train", image_size=size)[0]
-        assert item["orig_size"] == (w, h)
-        lesion = item["image"].mean(0) > 0.5
-        assert (lesion == (item["mask"][0] > 0.5)).float().mean() > 0.97
-    if h != w:  # a mask drawn on the displayed image: an error saying so
-        Image.fromarray(np.rot90(a[..., 0], -1)).save(tmp_path / "train" / "masks" / "p.png")
-        with pytest.raises(ValueError, match=r"p\.png is 50x30.*fits the image as displayed \(EXIF orientation 6\)"):
-            FolderDataset(tmp_path, "train")[0]
+    drawn_on = {"displayed": np.rot90(a[..., 0], -1)}
+    if h != w:
+        drawn_on["stored"] = a[..., 0]
+    for view, mask in drawn_on.items():
+        Image.fromarray(np.ascontiguousarray(mask)).save(tmp_path / "train" / "masks" / "p.png")
+        for size in (None, (20, 20)):
+            item = FolderDataset(tmp_path, "train", image_size=size)[0]
+            assert item["orig_size"] == (w, h)
+            lesion = item["image"].mean(0) > 0.5
+            assert (lesion == (item["mask"][0] > 0.5)).float().mean() > 0.97, (view, size)
+    Image.fromarray(np.zeros((h + 2, w), np.uint8)).save(tmp_path / "train" / "masks" / "p.png")
+    with pytest.raises(ValueError, match=rf"p\.jpg is {w}x{h} \(HxW\) as displayed \(EXIF orientation 6.*p\.png is {h + 2}x{w}"):
+        FolderDataset(tmp_path, "train")[0]
 
 
 def test_grayscale_rgba_and_16bit_images(tmp_path):

@@ -91,19 +91,17 @@ def _samples(dataset) -> list[tuple[str, Path, Path]]:
 
 
 def _header_findings(sid: str, image: Path, mask: Path) -> list[Finding]:
-    from lesionkit.data.image_io import image_header, orientation_hint
+    from lesionkit.data.image_io import image_header, mask_orientation
 
-    headers = {}
-    for kind, path in (("image", image), ("mask", mask)):
+    for path in (image, mask):
         try:
-            headers[kind] = image_header(path)
+            image_header(path)
         except (ValueError, OSError) as err:
             return [Finding(sid, "unreadable", str(path), str(err).removeprefix(f"cannot read image file {path}: "))]
-    # Stored sizes: the mask is drawn on the image's stored pixels (the loader turns both alike).
-    ((ih, iw), orientation), ((mh, mw), _) = headers["image"], headers["mask"]
-    if (ih, iw) != (mh, mw):
-        return [Finding(sid, "size_mismatch", str(mask), f"image {ih}x{iw}, mask {mh}x{mw} (HxW)"
-                        f"{orientation_hint((ih, iw), (mh, mw), orientation)}")]
+    try:
+        mask_orientation(image, mask)  # the loader's pairing of the two sizes (EXIF orientation included)
+    except ValueError as err:
+        return [Finding(sid, "size_mismatch", str(mask), str(err).removeprefix("image and mask sizes differ: "))]
     return []
 
 

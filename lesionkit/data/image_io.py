@@ -79,13 +79,30 @@ def apply_orientation(t: torch.Tensor, orientation: int, inverse: bool = False) 
     return t
 
 
-def orientation_hint(image_hw: tuple[int, int], mask_hw: tuple[int, int], orientation: int) -> str:
-    """Why a mask of stored size `mask_hw` that fits the displayed image does not fit, or ""."""
-    if orientation in _SWAPPING_ORIENTATIONS and tuple(mask_hw) == tuple(image_hw)[::-1]:
-        return (f"; the mask fits the image as displayed (EXIF orientation {orientation}), but masks are read "
-                "on the image's stored pixels: save the mask in the image's stored orientation, or the image "
-                "turned and without the orientation tag")
-    return ""
+def _displayed_hw(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (hw[1], hw[0]) if orientation in _SWAPPING_ORIENTATIONS else (hw[0], hw[1])
+
+
+def mask_orientation(image_path: str | Path, mask_path: str | Path) -> int:
+    """The EXIF orientation that turns ``mask_path``'s stored pixels onto ``image_path`` as
+    :func:`load_image` returns it (its own orientation tag applied).
+
+    A mask whose displayed size (its own tag applied, if any) is the image's displayed size was
+    drawn on the image as viewers, annotation tools and OpenCV's ``imread`` show it: the mask's
+    own tag (1 when it has none). Otherwise, a mask with the image's stored size was drawn on the
+    stored pixels of a turned, non-square image: the image's tag. A square image's two views have
+    one size, so there the first reading holds (docs/data.md). Raises ValueError naming both files
+    when the mask fits neither."""
+    image_hw, image_tag = image_header(image_path)
+    mask_hw, mask_tag = image_header(mask_path)
+    shown = _displayed_hw(image_hw, image_tag)
+    if _displayed_hw(mask_hw, mask_tag) == shown:
+        return mask_tag
+    if mask_hw == image_hw:
+        return image_tag
+    turned = f" as displayed (EXIF orientation {image_tag}; {image_hw[0]}x{image_hw[1]} as stored)" if image_tag != 1 else ""
+    raise ValueError(f"image and mask sizes differ: {image_path} is {shown[0]}x{shown[1]} (HxW){turned}, "
+                     f"{mask_path} is {mask_hw[0]}x{mask_hw[1]}")
 
 
 def _to_float_array(img: Image.Image) -> np.ndarray:
@@ -168,9 +185,8 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, orientation
     """Read a mask as float32 (1, H, W) in {0, 1} (nearest resize); returns (mask, orig_size).
 
     Lesion pixels are those of :func:`mask_foreground`: > 127 for 0/255 masks, 1 for 0/1 masks.
-    orientation: the EXIF orientation of the mask's image, applied to the mask's stored pixels
-    instead of the mask file's own tag (masks are drawn on the image's stored pixels); None
-    applies the mask file's own tag.
+    orientation: the EXIF orientation applied to the mask's stored pixels (see
+    :func:`mask_orientation`); None applies the mask file's own tag.
     """
     path = Path(path)
     img = _open(path)

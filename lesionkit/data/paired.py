@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from lesionkit.data.image_io import image_header, load_image, load_mask, orientation_hint
+from lesionkit.data.image_io import load_image, load_mask, mask_orientation
 from lesionkit.data.sizes import as_hw
 
 
@@ -39,19 +39,14 @@ class PairedImageDataset(FileSamplesDataset):
     ``transform(item)`` if given.
 
     image_size None keeps the native resolution; an int or (h, w) resizes (area-like bilinear for
-    images, nearest for masks; JPEGs are decoded at reduced scale when possible). The image's EXIF
-    orientation turns the image and its mask alike: the mask is read on the image's stored pixels.
+    images, nearest for masks; JPEGs are decoded at reduced scale when possible). Images come
+    turned by their EXIF orientation; a mask is taken as drawn on the image as displayed, or on
+    its stored pixels when only those fit (:func:`~lesionkit.data.image_io.mask_orientation`).
     """
 
     def __getitem__(self, index: int) -> dict:
         sid, image_path, mask_path = self.samples[index]
-        # Sizes as stored: the mask is drawn on the image's stored pixels and turned with them.
-        image_hw, orientation = image_header(image_path)
-        mask_hw, _ = image_header(mask_path)
-        if image_hw != mask_hw:
-            raise ValueError(f"image and mask sizes differ: {image_path} is {image_hw[0]}x{image_hw[1]} "
-                             f"(HxW), {mask_path} is {mask_hw[0]}x{mask_hw[1]}"
-                             f"{orientation_hint(image_hw, mask_hw, orientation)}")
+        orientation = mask_orientation(image_path, mask_path)  # or a size-mismatch error naming both
         image, size = load_image(image_path, self.image_size)
         mask, _ = load_mask(mask_path, self.image_size, orientation=orientation)
         return self._finish({"image": image, "mask": mask, "id": sid, "orig_size": size})

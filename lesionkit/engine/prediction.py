@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from lesionkit.data.image_io import IMAGE_EXTENSIONS, apply_orientation, image_header, load_image
+from lesionkit.data.image_io import IMAGE_EXTENSIONS, load_image
 from lesionkit.engine.evaluation import autocast_context
 from lesionkit.engine.overlays import overlay
 from lesionkit.models import segmentation_logits
@@ -57,8 +57,7 @@ def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size
     results = []
     for path in files:
         # Read as the datasets read it (any mode, EXIF orientation applied), so the model sees what
-        # evaluation shows it; the mask is written on the stored pixels, as masks are drawn.
-        _, orientation = image_header(path)
+        # evaluation shows it; the mask is written on that displayed view, as masks are read.
         x, (h, w) = load_image(path, (image_size, image_size))
         if transform is not None:
             x = transform({"image": x, "mask": torch.zeros(1, image_size, image_size)})["image"]
@@ -66,8 +65,7 @@ def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size
             logits = segmentation_logits(model(x[None].to(device)))
         # Upsample logits, not the thresholded mask, so the boundary is smooth at full size.
         logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        shown = (torch.sigmoid(logits[0, 0]) > threshold).cpu()
-        mask = apply_orientation(shown, orientation, inverse=True)
+        mask = (torch.sigmoid(logits[0, 0]) > threshold).cpu()
         stem = path.stem
         stems[stem] = stems.get(stem, 0) + 1
         if stems[stem] > 1:  # same file name from two folders
@@ -77,8 +75,7 @@ def predict_files(model: nn.Module, files: list[Path], out_dir: Path, image_size
         scale = min(1.0, overlay_max_side / max(h, w))
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         full, _ = load_image(path, size if scale < 1.0 else None)  # reduced-scale decode is enough for a picture
-        small = F.interpolate(shown[None, None].float(), size=size, mode="nearest")[0, 0] if scale < 1.0 else shown
-        overlay(apply_orientation(full, orientation, inverse=True),
-                apply_orientation(small, orientation, inverse=True)).save(overlay_path)
-        results.append(Prediction(path, mask_path, overlay_path, tuple(mask.shape), float(mask.float().mean())))
+        small = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] if scale < 1.0 else mask
+        overlay(full, small).save(overlay_path)
+        results.append(Prediction(path, mask_path, overlay_path, (h, w), float(mask.float().mean())))
     return results
