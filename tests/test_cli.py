@@ -171,6 +171,8 @@ def test_predict_reads_images_as_the_datasets_do(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(gray).convert("RGB").save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    Image.fromarray(gray).save(tmp_path / "web_overlay.png")  # predict's own outputs are not inputs
+    Image.fromarray(gray).save(tmp_path / "web_mask.png")
     files = expand_inputs([str(tmp_path)])
     assert [p.name for p in files] == ["clear.png", "deep.png", "turned.jpg", "web.webp"]
     results = predict_files(Brightness().eval(), files, tmp_path / "out", 32, torch.device("cpu"))

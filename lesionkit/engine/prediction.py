@@ -17,13 +17,18 @@ from lesionkit.engine.overlays import overlay
 from lesionkit.models import segmentation_logits
 
 
+# Files of a folder that are not inputs: ISIC's ground truth and superpixels, and predict's own
+# outputs (a second run on an output folder predicts nothing twice).
+SKIPPED_STEMS = ("_segmentation", "_superpixels", "_mask", "_overlay")
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Image files named directly or found (non-recursively) in named folders; sorted per folder."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.lower().endswith(("_segmentation", "_superpixels", "_mask")))
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.lower().endswith(SKIPPED_STEMS))
             if not found:
                 raise ValueError(f"folder {str(path)!r} holds no images with suffixes {IMAGE_EXTENSIONS}")
             files += found
