@@ -13,7 +13,8 @@
 #   python benchmarks/grcsf_dev_table.py OUT_DIR        # the tables of docs/grcsf.md
 # DEV_PATH defaults to $LESIONKIT_ISIC2018_DEV, then ../shared/data/isic2018-dev. Finished runs
 # (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes
-# (A and B: the runs above; C and D: the recipe choice below; E and F: the three seeds of each arm only).
+# (A and B: the runs above; C and D: the recipe choice below; E and F: the three seeds of each arm only;
+# G and H: grcsf_tiny given unetpp_tiny's 7 epochs at seeds 0-2, to run after E and F in the same OUT_DIR).
 set -euo pipefail
 DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
 OUT=${2:-runs/grcsf_isic2018_dev}
@@ -28,12 +29,14 @@ NO_MAE="grcsf.mae_checkpoint=null grcsf.residual_maps=null"
 FOCAL="loss.name=dice_focal loss.kwargs.focal_alpha=0.25 loss.kwargs.focal_gamma=2.0"
 # GRCSF's first tiny recipe, to choose the shared one on the baseline
 OLD_GRCSF="$FOCAL optim.name=adam optim.lr=1e-3 optim.weight_decay=0 scheduler.warmup_epochs=0.5"
+# As many epochs as unetpp_tiny trains in 600 s (7), with the cosine over those epochs
+STEPS="time_budget=null scheduler.horizon=epochs epochs=7"
 # name|config|seed|overrides
 LANE_A=(
   "grcsf_s0|grcsf_tiny_isic2018|0|$MAPS" "grcsf_s1|grcsf_tiny_isic2018|1|$MAPS" "grcsf_s2|grcsf_tiny_isic2018|2|$MAPS"
   "no_rcu_s0|grcsf_tiny_isic2018|0|$NO_MAE model.kwargs.use_rcu=false"
   "grcsf_focal_s0|grcsf_tiny_isic2018|0|$MAPS $FOCAL"
-  "grcsf_steps_s0|grcsf_tiny_isic2018|0|$MAPS time_budget=null scheduler.horizon=epochs epochs=7"
+  "grcsf_steps_s0|grcsf_tiny_isic2018|0|$MAPS $STEPS"
 )
 LANE_B=(
   "unetpp_s0|unetpp_tiny_isic2018|0|" "unetpp_s1|unetpp_tiny_isic2018|1|" "unetpp_s2|unetpp_tiny_isic2018|2|"
@@ -49,6 +52,9 @@ LANE_D=("unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF" "unetpp_oldgrcsf_
 # The three-seed table alone (LANES="E F"): lanes A and B cut to their first three runs.
 LANE_E=("${LANE_A[@]:0:3}")
 LANE_F=("${LANE_B[@]:0:3}")
+# GRCSF at UNet++'s step count on three seeds (LANES="G H"; its seed 0 is lane A's grcsf_steps_s0).
+LANE_G=("grcsf_steps_s0|grcsf_tiny_isic2018|0|$MAPS $STEPS" "grcsf_steps_s2|grcsf_tiny_isic2018|2|$MAPS $STEPS")
+LANE_H=("grcsf_steps_s1|grcsf_tiny_isic2018|1|$MAPS $STEPS")
 LANES=${LANES:-"A B"}
 
 pretrain() {  # the MAE and the maps, once; lane A waits for them, lane B starts with unetpp
@@ -95,7 +101,9 @@ for l in $LANES; do
     D) lane "${LANE_D[@]}" & ;;
     E) (pretrain && lane "${LANE_E[@]}") & ;;
     F) lane "${LANE_F[@]}" & ;;
-    *) echo "unknown lane $l (A, B, C, D, E, F)" >&2; exit 2 ;;
+    G) (pretrain && lane "${LANE_G[@]}") & ;;
+    H) lane "${LANE_H[@]}" & ;;
+    *) echo "unknown lane $l (A, B, C, D, E, F, G, H)" >&2; exit 2 ;;
   esac
   pids+=($!)
 done
