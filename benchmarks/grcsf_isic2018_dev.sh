@@ -53,7 +53,7 @@ LANE_D=("unetpp_oldgrcsf_s0|unetpp_tiny_isic2018|0|$OLD_GRCSF" "unetpp_oldgrcsf_
 LANE_E=("${LANE_A[@]:0:3}")
 LANE_F=("${LANE_B[@]:0:3}")
 # GRCSF at UNet++'s step count on three seeds (LANES="G H"; its seed 0 is lane A's grcsf_steps_s0).
-LANE_G=("grcsf_steps_s0|grcsf_tiny_isic2018|0|$MAPS $STEPS" "grcsf_steps_s2|grcsf_tiny_isic2018|2|$MAPS $STEPS")
+LANE_G=("${LANE_A[5]}" "grcsf_steps_s2|grcsf_tiny_isic2018|2|$MAPS $STEPS")
 LANE_H=("grcsf_steps_s1|grcsf_tiny_isic2018|1|$MAPS $STEPS")
 LANES=${LANES:-"A B"}
 

@@ -93,13 +93,14 @@ def _samples(dataset) -> list[tuple[str, Path, Path]]:
 def _header_findings(sid: str, image: Path, mask: Path) -> list[Finding]:
     from lesionkit.data.image_io import image_header, mask_orientation
 
+    headers = []
     for path in (image, mask):
         try:
-            image_header(path)
+            headers.append(image_header(path))
         except (ValueError, OSError) as err:
             return [Finding(sid, "unreadable", str(path), str(err).removeprefix(f"cannot read image file {path}: "))]
-    try:
-        mask_orientation(image, mask)  # the loader's pairing of the two sizes (EXIF orientation included)
+    try:  # the loader's pairing of the two sizes (EXIF orientation included)
+        mask_orientation(image, mask, *headers)
     except ValueError as err:
         return [Finding(sid, "size_mismatch", str(mask), str(err).removeprefix("image and mask sizes differ: "))]
     return []

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose the image
+Header = tuple[tuple[int, int], int]  # (stored (H, W), EXIF orientation), as image_header reads it
 
 
 def _open(path: Path) -> Image.Image:
@@ -39,22 +40,19 @@ def _orientation(img: Image.Image) -> int:
     return orientation if 1 <= orientation <= 8 else 1
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    """(H, W) after EXIF orientation."""
-    w, h = img.size
-    return (w, h) if _orientation(img) in _SWAPPING_ORIENTATIONS else (h, w)
+def _displayed_hw(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(H, W) of stored size ``hw`` once EXIF ``orientation`` is applied."""
+    return (hw[1], hw[0]) if orientation in _SWAPPING_ORIENTATIONS else (hw[0], hw[1])
 
 
-def image_size_of(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file (after EXIF orientation) from its header."""
-    with _open(Path(path)) as img:
-        return _oriented_size(img)
+def _stored_hw(img: Image.Image) -> tuple[int, int]:
+    return img.size[1], img.size[0]
 
 
-def image_header(path: str | Path) -> tuple[tuple[int, int], int]:
+def image_header(path: str | Path) -> Header:
     """((H, W) as stored, EXIF orientation 1-8) of an image file, from its header."""
     with _open(Path(path)) as img:
-        return (img.size[1], img.size[0]), _orientation(img)
+        return _stored_hw(img), _orientation(img)
 
 
 def apply_orientation(t: torch.Tensor, orientation: int, inverse: bool = False) -> torch.Tensor:
@@ -79,13 +77,11 @@ def apply_orientation(t: torch.Tensor, orientation: int, inverse: bool = False) 
     return t
 
 
-def _displayed_hw(hw: tuple[int, int], orientation: int) -> tuple[int, int]:
-    return (hw[1], hw[0]) if orientation in _SWAPPING_ORIENTATIONS else (hw[0], hw[1])
-
-
-def mask_orientation(image_path: str | Path, mask_path: str | Path) -> int:
+def mask_orientation(image_path: str | Path, mask_path: str | Path, image: Header | None = None,
+                     mask: Header | None = None) -> int:
     """The EXIF orientation that turns ``mask_path``'s stored pixels onto ``image_path`` as
-    :func:`load_image` returns it (its own orientation tag applied).
+    :func:`load_image` returns it (its own orientation tag applied). ``image`` / ``mask``: the
+    files' :func:`image_header` where the caller has read it already.
 
     A mask whose displayed size (its own tag applied, if any) is the image's displayed size was
     drawn on the image as viewers, annotation tools and OpenCV's ``imread`` show it: the mask's
@@ -93,8 +89,8 @@ def mask_orientation(image_path: str | Path, mask_path: str | Path) -> int:
     stored pixels of a turned, non-square image: the image's tag. A square image's two views have
     one size, so there the first reading holds (docs/data.md). Raises ValueError naming both files
     when the mask fits neither."""
-    image_hw, image_tag = image_header(image_path)
-    mask_hw, mask_tag = image_header(mask_path)
+    (image_hw, image_tag) = image if image is not None else image_header(image_path)
+    (mask_hw, mask_tag) = mask if mask is not None else image_header(mask_path)
     shown = _displayed_hw(image_hw, image_tag)
     if _displayed_hw(mask_hw, mask_tag) == shown:
         return mask_tag
@@ -134,11 +130,11 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None
     path = Path(path)
     img = _open(path)
     with img:
-        orig = _oriented_size(img)
+        orig = _displayed_hw(_stored_hw(img), _orientation(img))
         try:
             if size is not None and img.format == "JPEG":
                 # draft() takes the size in the file's own orientation.
-                want = (size[1], size[0]) if orig == (img.size[1], img.size[0]) else (size[0], size[1])
+                want = (size[1], size[0]) if orig == _stored_hw(img) else (size[0], size[1])
                 img.draft("RGB", want)
             img = ImageOps.exif_transpose(img)
             if size is not None and img.mode in ("RGB", "L", "RGBA", "P") and img.size != (size[1], size[0]):
@@ -180,19 +176,21 @@ def mask_foreground(levels: np.ndarray) -> np.ndarray:
     return levels > (32767 if top > 255 else 127)
 
 
-def load_mask(path: str | Path, size: tuple[int, int] | None = None, orientation: int | None = None
+def load_mask(path: str | Path, size: tuple[int, int] | None = None, image: str | Path | None = None
               ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Read a mask as float32 (1, H, W) in {0, 1} (nearest resize); returns (mask, orig_size).
 
     Lesion pixels are those of :func:`mask_foreground`: > 127 for 0/255 masks, 1 for 0/1 masks.
-    orientation: the EXIF orientation applied to the mask's stored pixels (see
-    :func:`mask_orientation`); None applies the mask file's own tag.
+    image: the image file the mask belongs to; the mask is then turned to fit it as
+    :func:`load_image` returns it (:func:`mask_orientation`'s rule, a ValueError naming both files
+    when it fits neither view). Without it the mask file's own EXIF tag is applied.
     """
     path = Path(path)
     img = _open(path)
     with img:
-        if orientation is None:
-            orientation = _orientation(img)
+        orientation = _orientation(img)
+        if image is not None:  # the mask file is open: its header comes from here
+            orientation = mask_orientation(image, path, mask=(_stored_hw(img), orientation))
         try:
             fg = mask_foreground(mask_levels(img))
         except (OSError, SyntaxError, ValueError) as e:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from lesionkit.data.image_io import load_image, load_mask, mask_orientation
+from lesionkit.data.image_io import load_image, load_mask
 from lesionkit.data.sizes import as_hw
 
 
@@ -46,9 +46,8 @@ class PairedImageDataset(FileSamplesDataset):
 
     def __getitem__(self, index: int) -> dict:
         sid, image_path, mask_path = self.samples[index]
-        orientation = mask_orientation(image_path, mask_path)  # or a size-mismatch error naming both
+        mask, _ = load_mask(mask_path, self.image_size, image=image_path)  # or a size mismatch naming both
         image, size = load_image(image_path, self.image_size)
-        mask, _ = load_mask(mask_path, self.image_size, orientation=orientation)
         return self._finish({"image": image, "mask": mask, "id": sid, "orig_size": size})
 
 

@@ -204,9 +204,10 @@ def _maps_of_chunk(mae: nn.Module, images: torch.Tensor, settings: ResidualMapSe
             total = _sum_over_maskings(feats.float(), pm.mask, n, dense=x.device.type != "cpu")
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 pixels = mae.patch_pixels(total / count.clamp_min(1))
-            if settings.kind in ("absdiff", "mse"):  # pixelwise: taken in the patches' layout
-                diff = image_patches - pixels.float()
-                res = (diff.abs_() if settings.kind == "absdiff" else diff.square_()).view(-1, p * p, c).mean(-1)
+            if settings.kind in ("absdiff", "mse"):  # pixelwise: taken in the patches' layout,
+                # each patch's pixels as a (C, P * P, 1) image for residual()
+                as_images = [t.view(-1, p * p, c).transpose(1, 2)[..., None] for t in (image_patches, pixels.float())]
+                res = residual(*as_images, settings.kind)[:, 0, :, 0]
                 res = torch.where(count > 0, res, 0.0)  # an unhidden patch keeps its pixels: residual 0
                 maps.append(unpatchify(res.view(b, num, p * p), p, grid, 1)[:, 0])
             else:
