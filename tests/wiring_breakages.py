@@ -148,6 +148,12 @@ BREAKAGES: list[Breakage] = [
         "kv = nn.functional.linear(h, w[width:]", "kv = nn.functional.linear(x, w[width:]",
         ("tests/test_residual_maps.py", "-k", "not command"),
         "the decoder's selected-token last block takes keys and values from the un-normalised tokens"),
+    Breakage(
+        "onednn_linear_weight_grad_transposed", "lesionkit/layers/linear.py",
+        "return _onednn_linear(x.t(), g.t()).t().contiguous()  # (x^T g)^T",
+        "return _onednn_linear(g.t(), x.t()).t().contiguous().view(g.shape[1], x.shape[1])",
+        ("tests/test_linear.py",),
+        "the oneDNN linear's weight gradient laid out as (K, N) read as (N, K)"),
 ]
 
 

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from lesionkit.kernels import selective_scan_2d
 from lesionkit.layers.layer_norm import LayerNorm
+from lesionkit.layers.linear import Linear, bmm
 
 DIRECTIONS = 4
 
@@ -55,7 +56,7 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         d_inner, k = self.d_inner, DIRECTIONS
 
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=bias)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
         # Stacked per-direction projections, as VM-UNet stores them (its x_proj / dt_projs lists
         # are stacked and deleted at construction).
@@ -72,7 +73,7 @@ class SS2D(nn.Module):
         self.A_logs = mark_no_weight_decay(nn.Parameter(a_log))
         self.Ds = mark_no_weight_decay(nn.Parameter(torch.ones(k * d_inner)))
         self.out_norm = LayerNorm(d_inner)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.out_proj = Linear(d_inner, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward_core(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +89,10 @@ class SS2D(nn.Module):
         length = height * width
         rows = k * (r + 2 * n)
         weight = self.x_proj_weight.to(x.dtype).reshape(1, rows, d).expand(batch, rows, d)
-        x_dbl = torch.bmm(weight, x.reshape(batch, d, length)).view(batch, k, r + 2 * n, length)
+        x_dbl = bmm(weight, x.reshape(batch, d, length)).view(batch, k, r + 2 * n, length)
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
         dt_weight = self.dt_projs_weight.to(x.dtype).unsqueeze(0).expand(batch, k, d, r).reshape(batch * k, d, r)
-        dts = torch.bmm(dt_weight, dts.reshape(batch * k, r, length))  # (B * 4, D, L)
+        dts = bmm(dt_weight, dts.reshape(batch * k, r, length))  # (B * 4, D, L)
         A = -torch.exp(self.A_logs.float()).view(k, d, n)
         return selective_scan_2d(x, dts.view(batch, k, d, height, width), A,
                                  Bs.unflatten(-1, (height, width)), Cs.unflatten(-1, (height, width)),

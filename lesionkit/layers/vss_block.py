@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from lesionkit.layers.ss2d import SS2D
 from lesionkit.layers.layer_norm import LayerNorm
+from lesionkit.layers.linear import Linear
 
 
 def gate_logit(gate: float) -> float:
@@ -47,8 +48,8 @@ class SqueezeExcitation(nn.Module):
     def __init__(self, dim: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(1, dim // reduction)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(1, 2), keepdim=True)))))
@@ -72,9 +73,9 @@ class ChannelMixing(nn.Module):
     def __init__(self, dim: int, ratio: float = 4.0) -> None:
         super().__init__()
         hidden = int(dim * ratio)
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lesionkit.layers.layer_norm import LayerNorm
+from lesionkit.layers.linear import Linear
 
 
 def _pixel_unshuffle_channels_last(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -35,7 +36,7 @@ class PatchMerging2D(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = LayerNorm(4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ class PatchExpand2D(nn.Module):
         super().__init__()
         self.dim = 2 * dim
         self.dim_scale = dim_scale
-        self.expand = nn.Linear(self.dim, dim_scale * self.dim, bias=False)
+        self.expand = Linear(self.dim, dim_scale * self.dim, bias=False)
         self.norm = LayerNorm(self.dim // dim_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ class FinalPatchExpand2D(nn.Module):
         super().__init__()
         self.dim = dim
         self.dim_scale = dim_scale
-        self.expand = nn.Linear(dim, dim_scale * dim, bias=False)
+        self.expand = Linear(dim, dim_scale * dim, bias=False)
         self.norm = LayerNorm(dim // dim_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
