@@ -4,7 +4,9 @@ One step = forward (with the block outputs when distilling) + the recipe's loss 
 Dice 0.7 + CFD + IFD for cmssm_tiny; BCE + Dice for unet_tiny) + backward + AdamW, at 128 px,
 batch 8, one thread by default, each model in the precision given (``fp32``, ``bf16`` =
 CPU autocast, as the trainer runs it, or ``auto``, as the recipes resolve it; ``+cl`` adds
-channels-last input and weights, ``+compile`` runs the model through ``torch.compile``).
+channels-last input and weights, ``+compile`` runs the model through ``torch.compile``,
+``+aten`` / ``+onednn`` run its float32 linears and bmms on that backend of
+``lesionkit.layers.linear``, set around each step, so both can alternate in one process).
 torch.profiler records ``--steps`` steps after two warm-up steps; every op is put in one
 category (below) by its name, the inclusive time of the ops listed in ``WHOLE`` (their
 internal copies are theirs), the self time of the rest. Steps are also timed without the
@@ -26,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from cmssm_step_time import machine, round_robin, step_arguments  # the side-by-side step timing of docs/cmssm.md
 
 from lesionkit.engine.evaluation import autocast_context
+from lesionkit.layers.linear import set_fp32_matmul_backend
 from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
 from lesionkit.engine.config import OptimConfig
 from lesionkit.losses import create_loss
@@ -37,8 +40,11 @@ from lesionkit.models import create_model
 WHOLE = [
     ("scan (fwd)", ("lesionkit::selective_scan_2d",)),
     ("scan (bwd)", ("selective_scan_2d_backward", "lesionkit_selective_scan_2d")),
-    ("linear / einsum (fwd)", ("aten::linear", "aten::einsum", "aten::matmul", "aten::addmm", "aten::mm", "aten::bmm")),
-    ("linear / einsum (bwd)", ("AddmmBackward", "MmBackward", "BmmBackward", "LinearBackward", "MatmulBackward")),
+    # lesionkit.layers.linear's oneDNN products: _LinearFn / _BmmFn forward, their "...Backward" nodes
+    ("linear / einsum (bwd)", ("AddmmBackward", "MmBackward", "BmmBackward", "LinearBackward", "MatmulBackward",
+                               "_LinearFnBackward", "_BmmFnBackward")),
+    ("linear / einsum (fwd)", ("aten::linear", "aten::einsum", "aten::matmul", "aten::addmm", "aten::mm", "aten::bmm",
+                               "_LinearFn", "_BmmFn")),
     ("conv (fwd)", ("aten::conv2d", "aten::convolution")),
     ("conv (bwd)", ("ConvolutionBackward",)),
     ("layer norm (fwd)", ("aten::layer_norm",)),
@@ -92,9 +98,10 @@ def attribute(events) -> dict[str, float]:
 def make_step(spec: str, size: int, batch: int):
     model_name, _, precision = spec.partition(":")
     precision, *flags = (precision or "fp32").split("+")
-    if precision not in ("fp32", "bf16", "auto") or not set(flags) <= {"cl", "compile"}:
-        raise SystemExit(f"case {spec!r}: expected MODEL:PRECISION[+cl][+compile] with PRECISION fp32, "
-                         f"bf16 or auto")
+    if precision not in ("fp32", "bf16", "auto") or not set(flags) <= {"cl", "compile", "aten", "onednn"}:
+        raise SystemExit(f"case {spec!r}: expected MODEL:PRECISION[+cl][+compile][+aten|+onednn] with "
+                         f"PRECISION fp32, bf16 or auto")
+    matmul = "aten" if "aten" in flags else "onednn" if "onednn" in flags else None
     channels_last = "cl" in flags
     torch.manual_seed(0)
     model = create_model(model_name).train()
@@ -114,15 +121,18 @@ def make_step(spec: str, size: int, batch: int):
     device = torch.device("cpu")
 
     def step():
+        set_fp32_matmul_backend(matmul)
         with autocast_context(device, precision):
             if fd is None:
-                loss = loss_fn(forward(x), y)
+                out = forward(x)
+                loss = loss_fn(getattr(out, "logits", out), y)  # SegMAE's output holds its logits
             else:
                 logits, features = forward(x, intermediates=True)
                 loss = loss_fn(logits, y) + sum(fd(features, model.block_names()).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        set_fp32_matmul_backend(None)
 
     return step
 
