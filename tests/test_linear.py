@@ -144,12 +144,13 @@ def test_backend_choice(backend, monkeypatch):
     monkeypatch.setenv("LESIONKIT_FP32_MATMUL", "auto")
     monkeypatch.setattr(L.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(L, "_onednn_available", lambda: True)
-    for vendor, flags, expected in [("AuthenticAMD", {"avx2", "avx512f"}, "onednn"),
-                                    ("AuthenticAMD", {"avx2"}, "aten"),
-                                    ("GenuineIntel", {"avx2", "avx512f"}, "aten"),
-                                    ("", set(), "aten")]:
-        monkeypatch.setattr(L, "_cpu_flags", lambda v=vendor, f=flags: (v, frozenset(f)))
-        assert L.fp32_matmul_backend() == expected, (vendor, flags)
+    for vendor, family, flags, expected in [("AuthenticAMD", 26, {"avx2", "avx512f"}, "onednn"),  # Zen 5
+                                            ("AuthenticAMD", 25, {"avx2", "avx512f"}, "aten"),  # Zen 4
+                                            ("AuthenticAMD", 26, {"avx2"}, "aten"),
+                                            ("GenuineIntel", 6, {"avx2", "avx512f"}, "aten"),
+                                            ("", 0, set(), "aten")]:
+        monkeypatch.setattr(L, "_cpu_flags", lambda v=vendor, c=family, f=flags: (v, c, frozenset(f)))
+        assert L.fp32_matmul_backend() == expected, (vendor, family, flags)
     monkeypatch.setattr(L.platform, "machine", lambda: "arm64")
     assert L.fp32_matmul_backend() == "aten"
 

@@ -14,9 +14,10 @@ state dict) send float32 CPU products to oneDNN when the backend says so, and ev
 PyTorch op. The backend (:func:`set_fp32_matmul_backend`, or the environment variable
 ``LESIONKIT_FP32_MATMUL``):
 
-- ``auto`` (default): oneDNN on x86 processors that are not Intel's and have AVX-512 (where
-  MKL's vendor dispatch leaves the wide units idle); PyTorch's own path elsewhere, Intel
-  included, where MKL takes its AVX-512 path;
+- ``auto`` (default): oneDNN on AMD processors whose cores run AVX-512 at full width (Zen 5
+  and later, where MKL's vendor dispatch leaves the wide units idle); PyTorch's own path
+  elsewhere: Intel, where MKL takes its AVX-512 path, and Zen 4 or older AMD, where MKL's AVX2
+  path has the core's peak (not measured there);
 - ``onednn``: oneDNN wherever PyTorch has it;
 - ``aten``: always PyTorch's own path.
 
@@ -47,9 +48,9 @@ def _onednn_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> tuple[str, frozenset[str]]:
-    """(vendor id, flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none."""
-    vendor, flags = "", frozenset()
+def _cpu_flags() -> tuple[str, int, frozenset[str]]:
+    """(vendor id, cpu family, flags) of the first CPU in /proc/cpuinfo; ("", 0, {}) where there is none."""
+    vendor, family, flags = "", 0, frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -57,19 +58,28 @@ def _cpu_flags() -> tuple[str, frozenset[str]]:
                 key = key.strip()
                 if key == "vendor_id" and not vendor:
                     vendor = value.strip()
+                elif key == "cpu family" and not family:
+                    family = int(value) if value.strip().isdigit() else 0
                 elif key == "flags":
                     flags = frozenset(value.split())
                     break
     except OSError:
         pass
-    return vendor, flags
+    return vendor, family, flags
+
+
+# AMD's first family whose cores execute 512-bit instructions at full width (Zen 5, family 0x1A).
+# Zen 4 (0x19) has AVX-512 on 256-bit units, the same peak as MKL's AVX2 path there, and is not
+# measured, so ``auto`` leaves it on PyTorch's path.
+AMD_FULL_WIDTH_FAMILY = 26
 
 
 def _auto_backend() -> str:
     if platform.machine().lower() not in ("x86_64", "amd64") or not _onednn_available():
         return "aten"
-    vendor, flags = _cpu_flags()
-    return "onednn" if vendor and vendor != "GenuineIntel" and "avx512f" in flags else "aten"
+    vendor, family, flags = _cpu_flags()
+    wide = vendor == "AuthenticAMD" and family >= AMD_FULL_WIDTH_FAMILY and "avx512f" in flags
+    return "onednn" if wide else "aten"
 
 
 def set_fp32_matmul_backend(name: str | None) -> None:
