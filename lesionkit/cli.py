@@ -270,6 +270,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             version = __import__(name).__version__
         lines.append(f"{name:<11} {version}")
     lines.append(f"cpu         {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    from lesionkit.layers.linear import describe_fp32_matmul_backend
+
+    lines.append(f"fp32 matmul {describe_fp32_matmul_backend()}: the CPU's float32 linears / bmm (docs/ops.md)")
     if torch.cuda.is_available():
         gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         lines.append(f"device      cuda ({gpus})")

@@ -108,6 +108,17 @@ def test_info_reports_versions_and_kernels():
         assert "kernels package is missing" in out
 
 
+def test_info_names_the_fp32_matmul_backend(monkeypatch):
+    from lesionkit.layers import linear as L
+
+    for env, expected in [("aten", "fp32 matmul aten (LESIONKIT_FP32_MATMUL=aten)"),
+                          ("auto", f"fp32 matmul {L._auto_backend()} (LESIONKIT_FP32_MATMUL=auto on ")]:
+        monkeypatch.setenv("LESIONKIT_FP32_MATMUL", env)
+        assert expected in run_cli("info").stdout
+    monkeypatch.setenv("LESIONKIT_FP32_MATMUL", "fast")  # a bad value is reported, not a crash
+    assert "LESIONKIT_FP32_MATMUL must be one of" in run_cli("info").stdout
+
+
 def test_user_error_exits_2_with_one_line():
     # Through the interpreter: `python -m lesionkit` passes main()'s exit code on, no traceback.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Linear", "bmm", "convert_linears", "fp32_matmul_backend", "linear", "set_fp32_matmul_backend"]
+__all__ = ["Linear", "bmm", "convert_linears", "describe_fp32_matmul_backend", "fp32_matmul_backend", "linear",
+           "set_fp32_matmul_backend"]
 
 BACKENDS = ("auto", "onednn", "aten")
 _choice: str | None = None  # set_fp32_matmul_backend's choice; None: the environment variable
@@ -112,6 +113,21 @@ def _plain_graph() -> bool:
     """Tracing, scripting, ONNX export, torch.compile: they see PyTorch's own ops."""
     return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
             or torch.onnx.is_in_onnx_export())
+
+
+def describe_fp32_matmul_backend() -> str:
+    """One line for ``lesionkit info``: the backend in force and why."""
+    name = _choice if _choice is not None else os.environ.get("LESIONKIT_FP32_MATMUL", "auto")
+    try:
+        resolved = fp32_matmul_backend()
+    except ValueError as err:
+        return str(err)
+    source = "set_fp32_matmul_backend" if _choice is not None else "LESIONKIT_FP32_MATMUL"
+    if name == "auto":
+        vendor, family, flags = _cpu_flags()
+        cpu = f"{vendor or 'unknown vendor'} family {family}, {'with' if 'avx512f' in flags else 'no'} AVX-512"
+        return f"{resolved} ({source}=auto on {cpu})"
+    return f"{resolved} ({source}={name})"
 
 
 def _use_onednn(macs: int, *tensors: torch.Tensor) -> bool:
