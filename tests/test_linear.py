@@ -72,6 +72,11 @@ def test_what_stays_on_pytorchs_path(backend):
         y = L.linear(big, w)
     assert y.dtype == torch.bfloat16
     assert not L.linear(big.double(), w.double()).grad_fn.name().startswith("_LinearFn")
+    torch.backends.mkldnn.enabled = False  # the user switched oneDNN off
+    try:
+        assert not L.linear(big, w).grad_fn.name().startswith("_LinearFn")
+    finally:
+        torch.backends.mkldnn.enabled = True
     backend("aten")
     assert not L.linear(big, w).grad_fn.name().startswith("_LinearFn")
 

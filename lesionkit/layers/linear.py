@@ -44,8 +44,10 @@ _choice: str | None = None  # set_fp32_matmul_backend's choice; None: the enviro
 
 
 def _onednn_available() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "mkldnn")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN built into this torch, its linear op present, and not switched off by the user
+    (``torch.backends.mkldnn.enabled = False`` / ``torch.backends.mkldnn.flags(enabled=False)``)."""
+    return (torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled)
+            and hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 @functools.lru_cache(maxsize=1)
