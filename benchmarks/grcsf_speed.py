@@ -6,8 +6,9 @@ the path as it was first built (one image per MAE forward, whole reconstructions
 pixel space, fp32 with PyTorch's own float32 products; written out below with the library's
 masks so it draws the same maskings); against it, the library's path in fp32 and bf16 with
 ``IMAGES_PER_FORWARD`` images per forward and fp32 with one (float32 products on the backend
-``lesionkit.layers.linear`` picks for this CPU; once more with PyTorch's, to separate the two). Cases alternate over the same images; reported images/s (median of the runs),
-the speed-ups over "before" and the largest difference of each case's maps from it.
+``lesionkit.layers.linear`` picks for this CPU; once more with PyTorch's, to separate the two).
+Cases alternate over the same images; reported images/s (median of the runs), the speed-ups
+over "before" and the largest difference of each case's maps from it.
 
 Step: forward + Dice/BCE + backward + AdamW, batch 8 at 128 px, in the tiny recipes' precision
 (bf16 autocast, channels-last), GRCSF with two residual maps as input (cached maps, as in
@@ -30,8 +31,8 @@ from cmssm_step_time import machine, round_robin, step_arguments, step_rows  # t
 
 from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
 from lesionkit.engine.config import OptimConfig
+from lesionkit.layers.linear import use_fp32_matmul_backend
 from lesionkit.layers.patch_masking import patch_mask_to_pixels, random_patch_mask
-from lesionkit.layers.linear import set_fp32_matmul_backend
 from lesionkit.layers.residual_maps import (IMAGES_PER_FORWARD, ResidualMapSettings, _image_generator, image_hash,
                                             residual, residual_maps)
 from lesionkit.losses import create_loss
@@ -72,13 +73,11 @@ def maps_speed(images: int, runs: int, size: int) -> dict:
     mae = create_model("mae_vit_tiny", img_size=size).eval()
     x = torch.rand(images, 3, size, size)
     fp32, bf16 = ResidualMapSettings(), ResidualMapSettings(precision="bf16")
+
     def aten(fn):  # PyTorch's own float32 products, as the path ran before lesionkit.layers.linear
         def run():
-            set_fp32_matmul_backend("aten")
-            try:
+            with use_fp32_matmul_backend("aten"):
                 return fn()
-            finally:
-                set_fp32_matmul_backend(None)
         return run
 
     cases = {

@@ -27,10 +27,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from cmssm_step_time import machine, round_robin, step_arguments  # the side-by-side step timing of docs/cmssm.md
 
-from lesionkit.engine.evaluation import autocast_context
-from lesionkit.layers.linear import set_fp32_matmul_backend
 from lesionkit.engine.builders import build_optimizer  # as the trainer builds it (fused AdamW where torch has it)
 from lesionkit.engine.config import OptimConfig
+from lesionkit.engine.evaluation import autocast_context
+from lesionkit.layers.linear import use_fp32_matmul_backend
 from lesionkit.losses import create_loss
 from lesionkit.losses.feature_distillation import FeatureDistillation
 from lesionkit.models import create_model
@@ -121,18 +121,17 @@ def make_step(spec: str, size: int, batch: int):
     device = torch.device("cpu")
 
     def step():
-        set_fp32_matmul_backend(matmul)
-        with autocast_context(device, precision):
-            if fd is None:
-                out = forward(x)
-                loss = loss_fn(getattr(out, "logits", out), y)  # SegMAE's output holds its logits
-            else:
-                logits, features = forward(x, intermediates=True)
-                loss = loss_fn(logits, y) + sum(fd(features, model.block_names()).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        set_fp32_matmul_backend(None)
+        with use_fp32_matmul_backend(matmul):
+            with autocast_context(device, precision):
+                if fd is None:
+                    out = forward(x)
+                    loss = loss_fn(getattr(out, "logits", out), y)  # SegMAE's output holds its logits
+                else:
+                    logits, features = forward(x, intermediates=True)
+                    loss = loss_fn(logits, y) + sum(fd(features, model.block_names()).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     return step
 

@@ -255,6 +255,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import lesionkit
+    from lesionkit.layers.linear import describe_fp32_matmul_backend
     from lesionkit.models import list_models
 
     lines = [
@@ -270,8 +271,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             version = __import__(name).__version__
         lines.append(f"{name:<11} {version}")
     lines.append(f"cpu         {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    from lesionkit.layers.linear import describe_fp32_matmul_backend
-
     lines.append(f"fp32 matmul {describe_fp32_matmul_backend()}: the CPU's float32 linears / bmm (docs/ops.md)")
     if torch.cuda.is_available():
         gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

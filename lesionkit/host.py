@@ -6,6 +6,7 @@ both ask the same questions the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -20,4 +21,21 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["available_cpus", "on_terminal"]
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("vendor_id", "cpu family", "model name",
+    "flags", ...), read once; empty where there is no such file (not Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():  # the blank line after the first processor
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+__all__ = ["available_cpus", "cpu_info", "on_terminal"]

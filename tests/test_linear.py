@@ -178,3 +178,15 @@ def test_create_model_converts_timm_linears(backend):
     finally:
         L._LinearFn.apply = orig
     assert len(calls) >= len(linears) // 2  # the ViT's qkv / proj / fc1 / fc2 (the smallest stay on aten)
+
+
+def test_use_fp32_matmul_backend_restores_the_previous_choice(backend):
+    backend("aten")
+    with L.use_fp32_matmul_backend(None):
+        assert L._requested()[1] == "LESIONKIT_FP32_MATMUL"
+        with pytest.raises(RuntimeError):
+            with L.use_fp32_matmul_backend("aten"):
+                assert L.fp32_matmul_backend() == "aten"
+                raise RuntimeError
+        assert L._requested()[1] == "LESIONKIT_FP32_MATMUL"
+    assert L._requested() == ("aten", "set_fp32_matmul_backend")

@@ -27,6 +27,7 @@ from lesionkit.engine.config import TrainConfig
 from lesionkit.engine.evaluation import evaluate
 from lesionkit.engine.registry import build_trainer, load_train_config
 from lesionkit.engine.reporting import best_worst_grid, metrics_table, write_metrics_json
+from lesionkit.host import cpu_info
 
 DEMO_RECIPE = "demo_unet_tiny_synthetic"
 # Held-out synthetic images are drawn with a seed the training and validation data never use.
@@ -110,13 +111,7 @@ def is_slow(images_per_s: float | None) -> bool:
 
 def _cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def _load_average() -> float | None:

@@ -28,16 +28,19 @@ oneDNN products, and are not differentiable twice.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lesionkit.host import cpu_info
+
 __all__ = ["Linear", "bmm", "convert_linears", "describe_fp32_matmul_backend", "fp32_matmul_backend", "linear",
-           "set_fp32_matmul_backend"]
+           "set_fp32_matmul_backend", "use_fp32_matmul_backend"]
 
 BACKENDS = ("auto", "onednn", "aten")
 _choice: str | None = None  # set_fp32_matmul_backend's choice; None: the environment variable
@@ -50,25 +53,11 @@ def _onednn_available() -> bool:
             and hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> tuple[str, int, frozenset[str]]:
-    """(vendor id, cpu family, flags) of the first CPU in /proc/cpuinfo; ("", 0, {}) where there is none."""
-    vendor, family, flags = "", 0, frozenset()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "vendor_id" and not vendor:
-                    vendor = value.strip()
-                elif key == "cpu family" and not family:
-                    family = int(value) if value.strip().isdigit() else 0
-                elif key == "flags":
-                    flags = frozenset(value.split())
-                    break
-    except OSError:
-        pass
-    return vendor, family, flags
+    """(vendor id, cpu family, flags) of the first CPU (lesionkit.host.cpu_info); ("", 0, {}) where unknown."""
+    info = cpu_info()
+    family = info.get("cpu family", "")
+    return info.get("vendor_id", ""), int(family) if family.isdigit() else 0, frozenset(info.get("flags", "").split())
 
 
 # AMD's first family whose cores execute 512-bit instructions at full width (Zen 5, family 0x1A).
@@ -77,12 +66,23 @@ def _cpu_flags() -> tuple[str, int, frozenset[str]]:
 AMD_FULL_WIDTH_FAMILY = 26
 
 
-def _auto_backend() -> str:
-    if platform.machine().lower() not in ("x86_64", "amd64") or not _onednn_available():
-        return "aten"
+def _full_width_amd() -> bool:
+    """An x86 AMD processor of family >= AMD_FULL_WIDTH_FAMILY with AVX-512 ."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     vendor, family, flags = _cpu_flags()
-    wide = vendor == "AuthenticAMD" and family >= AMD_FULL_WIDTH_FAMILY and "avx512f" in flags
-    return "onednn" if wide else "aten"
+    return vendor == "AuthenticAMD" and family >= AMD_FULL_WIDTH_FAMILY and "avx512f" in flags
+
+
+def _auto_backend() -> str:
+    return "onednn" if _full_width_amd() and _onednn_available() else "aten"
+
+
+def _requested() -> tuple[str, str]:
+    """(the backend asked for, where it was asked): set_fp32_matmul_backend's choice, else the environment's."""
+    if _choice is not None:
+        return _choice, "set_fp32_matmul_backend"
+    return os.environ.get("LESIONKIT_FP32_MATMUL", "auto"), "LESIONKIT_FP32_MATMUL"
 
 
 def set_fp32_matmul_backend(name: str | None) -> None:
@@ -93,9 +93,21 @@ def set_fp32_matmul_backend(name: str | None) -> None:
     _choice = name
 
 
+@contextlib.contextmanager
+def use_fp32_matmul_backend(name: str | None) -> Iterator[None]:
+    """:func:`set_fp32_matmul_backend` inside a ``with`` block; the previous choice comes back after it."""
+    global _choice
+    previous = _choice
+    set_fp32_matmul_backend(name)
+    try:
+        yield
+    finally:
+        _choice = previous
+
+
 def fp32_matmul_backend() -> str:
     """The backend in force, resolved: ``onednn`` or ``aten``."""
-    name = _choice if _choice is not None else os.environ.get("LESIONKIT_FP32_MATMUL", "auto")
+    name, _ = _requested()
     if name not in BACKENDS:
         raise ValueError(f"LESIONKIT_FP32_MATMUL must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
@@ -119,12 +131,11 @@ def _plain_graph() -> bool:
 
 def describe_fp32_matmul_backend() -> str:
     """One line for ``lesionkit info``: the backend in force and why."""
-    name = _choice if _choice is not None else os.environ.get("LESIONKIT_FP32_MATMUL", "auto")
+    name, source = _requested()
     try:
         resolved = fp32_matmul_backend()
     except ValueError as err:
         return str(err)
-    source = "set_fp32_matmul_backend" if _choice is not None else "LESIONKIT_FP32_MATMUL"
     if name == "auto":
         vendor, family, flags = _cpu_flags()
         cpu = f"{vendor or 'unknown vendor'} family {family}, {'with' if 'avx512f' in flags else 'no'} AVX-512"
@@ -210,7 +221,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` with float32 CPU products through oneDNN where the backend says so (module doc)."""
     if _plain_graph() or weight.dim() != 2:
         return F.linear(x, weight, bias)
-    if _use_onednn(x.numel() * weight.shape[0], x, weight) and (bias is None or bias.dtype == torch.float32):
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if _use_onednn(x.numel() * weight.shape[0], *tensors):
         return _LinearFn.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
