@@ -5,7 +5,9 @@ directory, the entry's text substitution is applied to the copy (a target that i
 found more than once, is an error: the breakage would silently test nothing), and the entry's
 tests run against the copy in a fresh process. A breakage is *caught* when pytest reports failed
 tests (exit code 1); a collection or usage error does not count. The same tests are first run
-on the unmodified copy and must pass there, so that a failure is the breakage's doing.
+on the unmodified copy and must pass there, so that a failure is the breakage's doing (in one
+pytest process, their selections joined into one -k expression: 10 s instead of 69 s for
+fifteen processes).
 
     python tests/wiring_breakages.py            # every breakage
     python tests/wiring_breakages.py cra_height_gate_dropped vmunet_skips_zeroed
@@ -204,6 +206,40 @@ def check_import(root: Path) -> None:
         raise RuntimeError(f"the copy in {root} imports lesionkit from {out}, not from the copy")
 
 
+def _selection_term(tests: tuple[str, ...]) -> str | None:
+    """``tests`` as one term of a pytest -k expression, or None where it has no such form: files
+    (matched by their names, which -k sees as a parent of each test) and at most one -k."""
+    files, expr, rest = [], None, list(tests)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "-k" and rest and expr is None:
+            expr = rest.pop(0)
+        elif arg.endswith(".py") and "::" not in arg and not arg.startswith("-") and " " not in arg:
+            files.append(arg)
+        else:
+            return None
+    if not files:
+        return None
+    term = " or ".join(Path(f).name for f in files)
+    return f"(({term}) and ({expr}))" if expr else f"({term})"
+
+
+def baseline_runs(selections: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The pytest argument lists that together run every selection once: the selections that
+    combine (:func:`_selection_term`) as one run, the others as they are."""
+    combined_files: dict[str, None] = {}
+    terms, alone = [], []
+    for tests in dict.fromkeys(selections):
+        term = _selection_term(tests)
+        if term is None:
+            alone.append(tests)
+            continue
+        terms.append(term)
+        combined_files.update(dict.fromkeys(a for a in tests if a.endswith(".py")))
+    runs = [(*combined_files, "-k", " or ".join(terms))] if terms else []
+    return runs + alone
+
+
 def run_breakages(breakages: list[Breakage] = BREAKAGES, log=print) -> list[Outcome]:
     with tempfile.TemporaryDirectory(prefix="lesionkit-breakages-") as tmp:
         clean = Path(tmp) / "clean"
@@ -212,9 +248,10 @@ def run_breakages(breakages: list[Breakage] = BREAKAGES, log=print) -> list[Outc
         for b in breakages:  # every target must be there before anything runs
             if (clean / b.file).read_text().count(b.old) != 1:
                 apply(b, clean)  # raises, naming the entry
-        # Each entry's tests must pass on the unmodified copy.
+        # Each entry's tests must pass on the unmodified copy: one pytest process for all of them
+        # where their selections combine into one -k expression (a process costs seconds to start).
         start = time.perf_counter()
-        for tests in dict.fromkeys(b.tests for b in breakages):
+        for tests in baseline_runs([b.tests for b in breakages]):
             baseline = run_pytest(clean, tests)
             if baseline.returncode != 0:
                 raise RuntimeError(f"tests {' '.join(tests)} fail on the unmodified copy:\n{baseline.stdout[-4000:]}")
