@@ -21,36 +21,31 @@ import subprocess
 import sys
 import time
 
+import torch
+from cmssm_step_time import machine
+from quick_bench import make_inputs  # the op's inputs as the GPU check builds them
+
 SHAPES = [(2, 192, 64), (8, 48, 32)]  # (batch, channels, side)
 
 
 def measure(reps: int) -> list[dict]:
-    import torch
-
-    import lesionkit.kernels  # noqa: F401 - registers torch.ops.lesionkit
-
-    op = torch.ops.lesionkit
+    """Median forward and backward time per scan step of ``lesionkit.kernels.selective_scan_2d``
+    (the op and its registered backward, as a model calls them) at each of SHAPES."""
     rows = []
     for batch, dim, side in SHAPES:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, dim, side, side, generator=g)
-        dt = torch.randn(batch, 4, dim, side, side, generator=g) * 0.5 - 1
-        A = -torch.rand(4, dim, 16, generator=g) - 0.5
-        B = torch.randn(batch, 4, 16, side, side, generator=g)
-        C = torch.randn(batch, 4, 16, side, side, generator=g)
-        D = torch.randn(4, dim, generator=g)
-        bias = torch.randn(4, dim, generator=g) * 0.1
-        args = (x, dt, A, B, C, D, bias, True)
-        out, ckpt = op.selective_scan_2d(*args, None)
-        grad = torch.randn_like(out)
+        fn, tensors, _ = make_inputs("selective_scan_2d", (batch, dim, side, side, 16), torch.device("cpu"))
+        tensors = [t.requires_grad_() for t in tensors]
+        grad = torch.randn(batch, dim, side, side, generator=torch.Generator().manual_seed(0))
         fwd, bwd = [], []
-        for _ in range(reps):
+        for i in range(reps + 1):  # the first call warms up
             t0 = time.perf_counter()
-            out, ckpt = op.selective_scan_2d(*args, None)
-            fwd.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            op.selective_scan_2d_backward(grad, *args, ckpt)
-            bwd.append(time.perf_counter() - t0)
+            out = fn(*tensors)
+            t1 = time.perf_counter()
+            torch.autograd.grad(out, tensors, grad)
+            t2 = time.perf_counter()
+            if i:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
         steps = batch * 4 * dim * side * side
         rows.append({"shape": f"({batch}, {dim}, {side} x {side})",
                      "forward_ns_per_step": statistics.median(fwd) / steps * 1e9,
@@ -69,8 +64,6 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        import torch
-
         torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.reps)))
         return
@@ -88,9 +81,6 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"load before {load_before}, after {load_after}")
     if args.out:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from cmssm_step_time import machine
-
         with open(args.out, "w") as f:
             json.dump({"machine": machine(load_before, load_after), "threads": args.threads, "reps": args.reps,
                        "results": results}, f, indent=1)

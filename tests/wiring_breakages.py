@@ -206,22 +206,23 @@ def check_import(root: Path) -> None:
         raise RuntimeError(f"the copy in {root} imports lesionkit from {out}, not from the copy")
 
 
-def _selection_term(tests: tuple[str, ...]) -> str | None:
-    """``tests`` as one term of a pytest -k expression, or None where it has no such form: files
-    (matched by their names, which -k sees as a parent of each test) and at most one -k."""
+def _selection_term(tests: tuple[str, ...]) -> tuple[list[str], str] | None:
+    """``tests`` as (its files, one term of a pytest -k expression), or None where it has no
+    such form: files (matched by their names, which -k sees as a parent of each test) and at
+    most one -k."""
     files, expr, rest = [], None, list(tests)
     while rest:
         arg = rest.pop(0)
         if arg == "-k" and rest and expr is None:
             expr = rest.pop(0)
-        elif arg.endswith(".py") and "::" not in arg and not arg.startswith("-") and " " not in arg:
+        elif arg.endswith(".py") and not arg.startswith("-"):
             files.append(arg)
         else:
             return None
     if not files:
         return None
     term = " or ".join(Path(f).name for f in files)
-    return f"(({term}) and ({expr}))" if expr else f"({term})"
+    return files, (f"(({term}) and ({expr}))" if expr else f"({term})")
 
 
 def baseline_runs(selections: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
@@ -230,12 +231,13 @@ def baseline_runs(selections: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     combined_files: dict[str, None] = {}
     terms, alone = [], []
     for tests in dict.fromkeys(selections):
-        term = _selection_term(tests)
-        if term is None:
+        parsed = _selection_term(tests)
+        if parsed is None:
             alone.append(tests)
             continue
+        files, term = parsed
         terms.append(term)
-        combined_files.update(dict.fromkeys(a for a in tests if a.endswith(".py")))
+        combined_files.update(dict.fromkeys(files))
     runs = [(*combined_files, "-k", " or ".join(terms))] if terms else []
     return runs + alone
 

@@ -29,6 +29,7 @@ oneDNN products, and are not differentiable twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from collections.abc import Iterator
@@ -53,8 +54,10 @@ def _onednn_available() -> bool:
             and hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> tuple[str, int, frozenset[str]]:
-    """(vendor id, cpu family, flags) of the first CPU (lesionkit.host.cpu_info); ("", 0, {}) where unknown."""
+    """(vendor id, cpu family, flags) of the first CPU (lesionkit.host.cpu_info); ("", 0, {}) where
+    unknown. Cached: ``auto`` asks on every large float32 product, and the flag set took 4 us to build."""
     info = cpu_info()
     family = info.get("cpu family", "")
     return info.get("vendor_id", ""), int(family) if family.isdigit() else 0, frozenset(info.get("flags", "").split())
