@@ -8,6 +8,7 @@ from torch import nn
 
 import lesionkit.kernels as K
 from lesionkit.kernels import _library
+from lesionkit.kernels.layer_norm import channels_first_view
 from lesionkit.layers.layer_norm import LayerNorm
 from lesionkit.models import create_model
 
@@ -101,3 +102,77 @@ def test_ss2d_models_take_the_kernel_under_autocast(name):
     names = [e.name for e in prof.events()]
     assert names.count("lesionkit::layer_norm_last") >= len(norms) - 1  # the final expand's norm is channels-first
     assert "aten::native_layer_norm" not in names
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 48, 8, 8), (3, 24, 5, 7), (2, 5, 1, 33)])  # 64, 35, 33 positions: tiles of 16 and tails
+def test_channels_first_view_is_read_in_place(dtype, shape):
+    """x = y.permute(0, 2, 3, 1) of a contiguous (B, C, H, W) y, as SS2D's out_norm receives the
+    scan's output: the kernel reads it without a copy, matches the float64 LayerNorm, writes
+    contiguous rows, and returns dx in y's channels-first layout (so the scan's backward needs no
+    copy either)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    batch, channels, height, width = shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    y = (3 * torch.randn(shape, generator=g) + 1).to(dtype).requires_grad_()
+    w = torch.randn(channels, generator=g, dtype=acc).requires_grad_()
+    b = torch.randn(channels, generator=g, dtype=acc).requires_grad_()
+    x = y.permute(0, 2, 3, 1)
+    with K.use_backend("cpu"):
+        out = K.layer_norm_last(x, w, b, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    cotangent = torch.randn(out.shape, generator=g).to(dtype)
+    dy, dw, db = torch.autograd.grad(out, (y, w, b), cotangent)
+    assert dy.stride() == y.stride()
+    y64 = y.detach().double().requires_grad_()
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    want = nn.functional.layer_norm(y64.permute(0, 2, 3, 1), (channels,), w64, b64, 1e-5)
+    want_grads = torch.autograd.grad(want, (y64, w64, b64), cotangent.double())
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    for got_g, want_g in zip((dy, dw, db), want_grads):
+        torch.testing.assert_close(got_g.double(), want_g, rtol=tol, atol=tol * want_g.abs().max().item())
+
+
+@needs_ops
+def test_channels_first_view_opcheck_and_gradcheck():
+    y = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    x = y.permute(0, 2, 3, 1).requires_grad_()
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert channels_first_view(x)
+    with K.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda *a: K.layer_norm_last(*a, 1e-5), (x, w, b))
+    xf = torch.randn(2, 24, 4, 5).permute(0, 2, 3, 1).requires_grad_()
+    wf, bf = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last.default, (xf, wf, bf, 1e-5, torch.float32))
+    out, mean, rstd = torch.ops.lesionkit.layer_norm_last(xf, wf, bf, 1e-5, torch.float32)
+    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last_backward.default,
+                          (torch.randn_like(out), xf.detach(), wf.detach(), mean, rstd))
+
+
+@needs_ops
+def test_float32_ss2d_out_norm_takes_the_kernel_on_channels_first_input():
+    """In float32 the layer defers to nn.LayerNorm on rows, and takes the kernel only where its
+    input is a channels-first view (SS2D's out_norm): vmunet_tiny's forward runs it at least once
+    per SS2D layer, every out_norm sees such a view, and the output is nn.LayerNorm's."""
+    model = create_model("vmunet_tiny").eval()
+    ss2d = [m for m in model.modules() if type(m).__name__ == "SS2D"]
+    assert ss2d
+    seen = []
+    for m in ss2d:
+        m.out_norm.register_forward_pre_hook(lambda _m, args: seen.append(channels_first_view(args[0])))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        got = model(x)
+    assert seen == [True] * len(ss2d)
+    names = [e.name for e in prof.events()]
+    # one per SS2D layer, and any other LayerNorm that sees a channels-first view
+    assert names.count("lesionkit::layer_norm_last") >= len(ss2d)
+    for m in model.modules():  # the same model with every LayerNorm PyTorch's
+        if isinstance(m, LayerNorm):
+            m.__class__ = nn.LayerNorm
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

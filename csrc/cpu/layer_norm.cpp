@@ -16,6 +16,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -157,6 +158,146 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::
   });
 }
 
+
+// Channels-first input: x is a (..., C) view of memory laid out (outer, C, inner), e.g. the
+// (B, H, W, C) permute of a (B, C, H, W) tensor, as the SS2D layer's out_norm receives the
+// scan's output. Tiles of kTile positions of one outer index are read as C rows of kTile
+// contiguous values (C x kTile in the accumulation dtype, lanes = positions), the statistics are
+// taken per lane, and the output rows (position-major, contiguous) are written out of the
+// tile; the backward writes dx back in x's channels-first layout. No copy of x is made.
+constexpr int64_t kTile = 16;
+constexpr int64_t kTilesPerBlock = kRowsPerBlock / kTile;  // weight-gradient partials per block of rows
+
+template <typename in_t, typename out_t>
+void forward_kernel_cf(const in_t* x_p, const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t outer,
+                       int64_t C, int64_t inner, out_t* o_p, at::Tensor& mean, at::Tensor& rstd) {
+  using acc_t = at::opmath_type<in_t>;
+  const acc_t *w_p = weight.const_data_ptr<acc_t>(), *b_p = bias.const_data_ptr<acc_t>();
+  acc_t *mean_p = mean.mutable_data_ptr<acc_t>(), *rstd_p = rstd.mutable_data_ptr<acc_t>();
+  const acc_t e = static_cast<acc_t>(eps), inv_c = acc_t(1) / static_cast<acc_t>(C);
+  const int64_t tiles = (inner + kTile - 1) / kTile;
+  at::parallel_for(0, outer * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(C * kTile), row(C);
+    acc_t* X = buf.data();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o = task / tiles, p0 = (task % tiles) * kTile, m = std::min(kTile, inner - p0);
+      const in_t* xs = x_p + o * C * inner + p0;
+      for (int64_t c = 0; c < C; ++c) load_tile(xs + c * inner, X + c * kTile, m);
+      if (m < kTile) {
+        for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
+      }
+      acc_t mu[kTile] = {}, var[kTile] = {}, s[kTile];
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) mu[l] += X[c * kTile + l];
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < kTile; ++l) mu[l] *= inv_c;
+      for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) {
+          const acc_t v = X[c * kTile + l] - mu[l];
+          var[l] += v * v;
+        }
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < kTile; ++l) s[l] = acc_t(1) / std::sqrt(var[l] * inv_c + e);
+      const int64_t r0 = o * inner + p0;  // first output row of the tile
+      for (int64_t l = 0; l < m; ++l) {
+        const acc_t ml = mu[l], sl = s[l];
+        for (int64_t c = 0; c < C; ++c) row[c] = (X[c * kTile + l] - ml) * sl * w_p[c] + b_p[c];
+        store_tile(row.data(), o_p + (r0 + l) * C, C);
+        mean_p[r0 + l] = ml;
+        rstd_p[r0 + l] = sl;
+      }
+    }
+  });
+}
+
+template <typename in_t, typename out_t>
+void backward_kernel_cf(const out_t* g_p, const in_t* x_p, const at::Tensor& weight, const at::Tensor& mean,
+                        const at::Tensor& rstd, int64_t outer, int64_t C, int64_t inner, in_t* dx_p,
+                        at::Tensor& dw_blocks, at::Tensor& db_blocks) {
+  using acc_t = at::opmath_type<in_t>;
+  const acc_t* w_p = weight.const_data_ptr<acc_t>();
+  const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
+  acc_t *dw_p = dw_blocks.mutable_data_ptr<acc_t>(), *db_p = db_blocks.mutable_data_ptr<acc_t>();
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  const int64_t tiles = (inner + kTile - 1) / kTile;
+  const int64_t blocks_per_outer = (tiles + kTilesPerBlock - 1) / kTilesPerBlock;
+  at::parallel_for(0, outer * blocks_per_outer, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(C * kTile), gbuf(C * kTile), row(C), dwl(C * kTile), dbl(C * kTile);
+    acc_t *X = xbuf.data(), *G = gbuf.data();
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o = blk / blocks_per_outer, t0 = (blk % blocks_per_outer) * kTilesPerBlock;
+      const int64_t t_end = std::min(tiles, t0 + kTilesPerBlock);
+      std::fill(dwl.begin(), dwl.end(), acc_t(0));  // per-lane partials of this block
+      std::fill(dbl.begin(), dbl.end(), acc_t(0));
+      for (int64_t t = t0; t < t_end; ++t) {
+        const int64_t p0 = t * kTile, m = std::min(kTile, inner - p0), r0 = o * inner + p0;
+        const in_t* xs = x_p + o * C * inner + p0;
+        for (int64_t c = 0; c < C; ++c) load_tile(xs + c * inner, X + c * kTile, m);
+        if (m < kTile) {  // lanes past the last position: x 0, grad 0, so they add nothing
+          for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
+        }
+        std::fill(G, G + C * kTile, acc_t(0));
+        for (int64_t l = 0; l < m; ++l) {
+          load_tile(g_p + (r0 + l) * C, row.data(), C);
+          for (int64_t c = 0; c < C; ++c) G[c * kTile + l] = row[c];
+        }
+        acc_t mu[kTile] = {}, s[kTile] = {}, a[kTile] = {}, b[kTile] = {};
+        for (int64_t l = 0; l < m; ++l) {
+          mu[l] = mean_p[r0 + l];
+          s[l] = rstd_p[r0 + l];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t* xc = X + c * kTile;
+          const acc_t* gc = G + c * kTile;
+          acc_t *dwc = dwl.data() + c * kTile, *dbc = dbl.data() + c * kTile;
+          const acc_t wc = w_p[c];
+#pragma omp simd
+          for (int64_t l = 0; l < kTile; ++l) {
+            xc[l] = (xc[l] - mu[l]) * s[l];  // x hat
+            dbc[l] += gc[l];
+            dwc[l] += gc[l] * xc[l];
+            a[l] += gc[l] * wc;
+            b[l] += gc[l] * wc * xc[l];
+          }
+        }
+#pragma omp simd
+        for (int64_t l = 0; l < kTile; ++l) {
+          a[l] *= inv_c;
+          b[l] *= inv_c;
+        }
+        // dx = rstd (w dy - mean(w dy) - x hat mean(w dy x hat)), back in x's layout
+        in_t* dxs = dx_p + o * C * inner + p0;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t* xc = X + c * kTile;
+          const acc_t* gc = G + c * kTile;
+          const acc_t wc = w_p[c];
+#pragma omp simd
+          for (int64_t l = 0; l < kTile; ++l) xc[l] = s[l] * (gc[l] * wc - a[l] - xc[l] * b[l]);
+          store_tile(xc, dxs + c * inner, m);
+        }
+      }
+      acc_t* dw = dw_p + blk * C;
+      acc_t* db = db_p + blk * C;
+      for (int64_t c = 0; c < C; ++c) {
+        dw[c] = lane_total(dwl.data() + c * kTile);
+        db[c] = lane_total(dbl.data() + c * kTile);
+      }
+    }
+  });
+}
+
+// (outer, C, inner) when x (..., C) is a view of channels-first memory (x.movedim(-1, 1)
+// contiguous, the last dimension not already contiguous); {0, 0, 0} otherwise.
+std::tuple<int64_t, int64_t, int64_t> channels_first_layout(const at::Tensor& x) {
+  if (x.dim() < 3 || x.size(-1) < 2 || x.stride(-1) == 1 || !x.movedim(-1, 1).is_contiguous()) return {0, 0, 0};
+  const int64_t outer = x.size(0), C = x.size(-1);
+  return {outer, C, x.numel() / (outer * C)};
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1, "x should have at least one dimension, got a scalar");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x should be a floating tensor, got ", x.scalar_type());
@@ -175,13 +316,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_last_cpu(const at::Ten
   check_inputs(x_in, weight, bias);
   TORCH_CHECK(at::isFloatingType(out_dtype), "out_dtype should be a floating dtype, got ", out_dtype);
   TORCH_CHECK(eps > 0, "eps should be > 0, got ", eps);
-  const auto x = x_in.contiguous();
   const auto acc = weight.scalar_type();
-  const auto stats_shape = x.sizes().slice(0, x.dim() - 1);
-  auto out = at::empty(x.sizes(), x.options().dtype(out_dtype));
-  auto mean = at::empty(stats_shape, x.options().dtype(acc));
-  auto rstd = at::empty(stats_shape, x.options().dtype(acc));
-  if (x.numel() == 0) return {out, mean, rstd};
+  const auto stats_shape = x_in.sizes().slice(0, x_in.dim() - 1);
+  auto out = at::empty(x_in.sizes(), x_in.options().dtype(out_dtype));
+  auto mean = at::empty(stats_shape, x_in.options().dtype(acc));
+  auto rstd = at::empty(stats_shape, x_in.options().dtype(acc));
+  if (x_in.numel() == 0) return {out, mean, rstd};
+  int64_t outer, channels, inner;
+  std::tie(outer, channels, inner) = channels_first_layout(x_in);
+  if (outer > 0) {  // read in place, output rows contiguous
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "layer_norm_last_cpu_cf", [&] {
+      using in_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "layer_norm_last_cpu_cf_out", [&] {
+        forward_kernel_cf<in_t, scalar_t>(x_in.const_data_ptr<in_t>(), weight.contiguous(), bias.contiguous(), eps,
+                                          outer, channels, inner, out.mutable_data_ptr<scalar_t>(), mean, rstd);
+      });
+    });
+    return {out, mean, rstd};
+  }
+  const auto x = x_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_last_cpu", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "layer_norm_last_cpu_out", [&] {
@@ -207,8 +360,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_last_backward_cpu(cons
                 weight.scalar_type(), " tensors of shape ", stats_shape, ", got ", t->scalar_type(), " ",
                 t->sizes());
   }
-  const auto x = x_in.contiguous(), grad_out = grad_out_in.contiguous();
+  const auto grad_out = grad_out_in.contiguous();
   const auto mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  int64_t outer, channels, inner;
+  std::tie(outer, channels, inner) = channels_first_layout(x_in);
+  if (outer > 0) {  // dx in x's channels-first layout (its strides), as x was read
+    const int64_t tiles = (inner + kTile - 1) / kTile;
+    const int64_t blocks = outer * ((tiles + kTilesPerBlock - 1) / kTilesPerBlock);
+    auto dx = at::empty_like(x_in);
+    auto dw_blocks = at::empty({blocks, channels}, weight.options());
+    auto db_blocks = at::empty({blocks, channels}, weight.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "layer_norm_last_backward_cpu_cf",
+                                    [&] {
+      using in_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
+                                      "layer_norm_last_backward_cpu_cf_out", [&] {
+        backward_kernel_cf<in_t, scalar_t>(grad_out.const_data_ptr<scalar_t>(), x_in.const_data_ptr<in_t>(),
+                                           weight.contiguous(), mean, rstd, outer, channels, inner,
+                                           dx.mutable_data_ptr<in_t>(), dw_blocks, db_blocks);
+      });
+    });
+    return {dx, dw_blocks.sum(0), db_blocks.sum(0)};
+  }
+  const auto x = x_in.contiguous();
   const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   auto dx = at::empty(x.sizes(), x.options());

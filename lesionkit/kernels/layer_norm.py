@@ -27,7 +27,9 @@ if _library.HAS_OPS:
 
     @torch.library.register_fake("lesionkit::layer_norm_last_backward")
     def _(grad_out, x, weight, mean, rstd):
-        return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
+        # dx keeps x's strides where the kernel read x in place (a channels-first view), as the CPU op
+        dx = torch.empty_like(x) if channels_first_view(x) else x.new_empty(x.shape)
+        return dx, torch.empty_like(weight), torch.empty_like(weight)
 
     def _setup_context(ctx, inputs, output):
         x, weight, _bias, _eps, _out_dtype = inputs
@@ -45,12 +47,22 @@ if _library.HAS_OPS:
     torch.library.register_autograd("lesionkit::layer_norm_last", _backward, setup_context=_setup_context)
 
 
+def channels_first_view(x: torch.Tensor) -> bool:
+    """Whether x (..., C) is a view of channels-first memory, (B, C, ...) contiguous with the
+    channels moved last (e.g. ``y.permute(0, 2, 3, 1)`` of a contiguous (B, C, H, W) ``y``): the
+    CPU kernel reads such an x in place, tile by tile, and returns dx with x's strides."""
+    return (x.dim() >= 3 and x.shape[-1] >= 2 and x.stride(-1) != 1
+            and x.movedim(-1, 1).is_contiguous())
+
+
 def layer_norm_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * weight + bias.
 
     Args:
-        x: (..., C) in any floating dtype, read as it is (a float32 residual stream needs no cast).
+        x: (..., C) in any floating dtype, read as it is (a float32 residual stream needs no cast);
+            on a CPU a channels-first view (:func:`channels_first_view`) is read in place, with no
+            copy, and its gradient comes back in x's layout.
         weight, bias: (C,); cast to the accumulation dtype (float32, float64 for float64 x).
         eps: added to the variance (biased, as ``torch.nn.LayerNorm``).
         out_dtype: dtype of the result; None means x's. Under bf16 autocast the SS2D layers pass
