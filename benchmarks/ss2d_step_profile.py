@@ -6,7 +6,9 @@ batch 8, one thread by default, each model in the precision given (``fp32``, ``b
 CPU autocast, as the trainer runs it, or ``auto``, as the recipes resolve it; ``+cl`` adds
 channels-last input and weights, ``+compile`` runs the model through ``torch.compile``,
 ``+aten`` / ``+onednn`` run its float32 linears and bmms on that backend of
-``lesionkit.layers.linear``, set around each step, so both can alternate in one process).
+``lesionkit.layers.linear``, set around each step, so both can alternate in one process;
+``+rowln`` gives every lesionkit LayerNorm a row-major copy of a channels-first input, as
+before SS2D's out_norm read the scan's output in place, also set around each step).
 torch.profiler records ``--steps`` steps after two warm-up steps; every op is put in one
 category (below) by its name, the inclusive time of the ops listed in ``WHOLE`` (their
 internal copies are theirs), the self time of the rest. Steps are also timed without the
@@ -18,6 +20,7 @@ where that time goes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -95,11 +98,29 @@ def attribute(events) -> dict[str, float]:
     return dict(out)
 
 
+@contextlib.contextmanager
+def row_major_layer_norm():
+    """Inside, lesionkit's LayerNorm copies a channels-first input to rows first (PyTorch's
+    LayerNorm in float32, the kernel on the copy in bf16), as it ran before it read such an
+    input in place (docs/cmssm.md)."""
+    from lesionkit.layers import layer_norm as ln
+    forward, view = ln.LayerNorm.forward, ln.channels_first_view
+
+    def rows_first(self, x):
+        return forward(self, x.contiguous() if x.dtype in ln._HALF else x)
+
+    ln.LayerNorm.forward, ln.channels_first_view = rows_first, (lambda x: False)
+    try:
+        yield
+    finally:
+        ln.LayerNorm.forward, ln.channels_first_view = forward, view
+
+
 def make_step(spec: str, size: int, batch: int):
     model_name, _, precision = spec.partition(":")
     precision, *flags = (precision or "fp32").split("+")
-    if precision not in ("fp32", "bf16", "auto") or not set(flags) <= {"cl", "compile", "aten", "onednn"}:
-        raise SystemExit(f"case {spec!r}: expected MODEL:PRECISION[+cl][+compile][+aten|+onednn] with "
+    if precision not in ("fp32", "bf16", "auto") or not set(flags) <= {"cl", "compile", "aten", "onednn", "rowln"}:
+        raise SystemExit(f"case {spec!r}: expected MODEL:PRECISION[+cl][+compile][+aten|+onednn][+rowln] with "
                          f"PRECISION fp32, bf16 or auto")
     matmul = "aten" if "aten" in flags else "onednn" if "onednn" in flags else None
     channels_last = "cl" in flags
@@ -120,8 +141,10 @@ def make_step(spec: str, size: int, batch: int):
     y = (torch.rand(batch, 1, size, size) > 0.5).float()
     device = torch.device("cpu")
 
+    row_ln = row_major_layer_norm if "rowln" in flags else contextlib.nullcontext
+
     def step():
-        with use_fp32_matmul_backend(matmul):
+        with use_fp32_matmul_backend(matmul), row_ln():
             with autocast_context(device, precision):
                 if fd is None:
                     out = forward(x)

@@ -168,6 +168,48 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::
 constexpr int64_t kTile = 16;
 constexpr int64_t kTilesPerBlock = kRowsPerBlock / kTile;  // weight-gradient partials per block of rows
 
+// One tile row of kTile values (m of them in the last tile): with the length a constant the
+// float copies and bf16 conversions are inlined vector moves; through load_tile / store_tile
+// with a run-time length GCC turned each 16-value float copy into a memcpy call, which took
+// most of the backward's time.
+template <typename scalar_t, typename acc_t>
+inline void load_lanes(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t m) {
+  if (m == kTile) {
+    load_tile(src, dst, kTile);
+  } else {
+    load_tile(src, dst, m);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_lanes(const acc_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t m) {
+  if (m == kTile) {
+    store_tile(src, dst, kTile);
+  } else {
+    store_tile(src, dst, m);
+  }
+}
+
+// dst[c * kTile + l] = src[l * C + c] for the m rows of C values at src: the tile's rows
+// turned channel-major, converted to the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+inline void load_rows_transposed(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t m, int64_t C) {
+  for (int64_t l = 0; l < m; ++l) {
+    const scalar_t* row = src + l * C;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const auto* bits = reinterpret_cast<const uint16_t*>(row);
+      for (int64_t c = 0; c < C; ++c) {
+        const uint32_t u = static_cast<uint32_t>(bits[c]) << 16;
+        float f;
+        std::memcpy(&f, &u, sizeof(f));
+        dst[c * kTile + l] = f;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) dst[c * kTile + l] = static_cast<acc_t>(row[c]);
+    }
+  }
+}
+
 template <typename in_t, typename out_t>
 void forward_kernel_cf(const in_t* x_p, const at::Tensor& weight, const at::Tensor& bias, double eps, int64_t outer,
                        int64_t C, int64_t inner, out_t* o_p, at::Tensor& mean, at::Tensor& rstd) {
@@ -182,7 +224,7 @@ void forward_kernel_cf(const in_t* x_p, const at::Tensor& weight, const at::Tens
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o = task / tiles, p0 = (task % tiles) * kTile, m = std::min(kTile, inner - p0);
       const in_t* xs = x_p + o * C * inner + p0;
-      for (int64_t c = 0; c < C; ++c) load_tile(xs + c * inner, X + c * kTile, m);
+      for (int64_t c = 0; c < C; ++c) load_lanes(xs + c * inner, X + c * kTile, m);
       if (m < kTile) {
         for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
       }
@@ -226,7 +268,7 @@ void backward_kernel_cf(const out_t* g_p, const in_t* x_p, const at::Tensor& wei
   const int64_t tiles = (inner + kTile - 1) / kTile;
   const int64_t blocks_per_outer = (tiles + kTilesPerBlock - 1) / kTilesPerBlock;
   at::parallel_for(0, outer * blocks_per_outer, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(C * kTile), gbuf(C * kTile), row(C), dwl(C * kTile), dbl(C * kTile);
+    std::vector<acc_t> xbuf(C * kTile), gbuf(C * kTile), dwl(C * kTile), dbl(C * kTile);
     acc_t *X = xbuf.data(), *G = gbuf.data();
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t o = blk / blocks_per_outer, t0 = (blk % blocks_per_outer) * kTilesPerBlock;
@@ -236,15 +278,12 @@ void backward_kernel_cf(const out_t* g_p, const in_t* x_p, const at::Tensor& wei
       for (int64_t t = t0; t < t_end; ++t) {
         const int64_t p0 = t * kTile, m = std::min(kTile, inner - p0), r0 = o * inner + p0;
         const in_t* xs = x_p + o * C * inner + p0;
-        for (int64_t c = 0; c < C; ++c) load_tile(xs + c * inner, X + c * kTile, m);
+        for (int64_t c = 0; c < C; ++c) load_lanes(xs + c * inner, X + c * kTile, m);
         if (m < kTile) {  // lanes past the last position: x 0, grad 0, so they add nothing
           for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
+          std::fill(G, G + C * kTile, acc_t(0));
         }
-        std::fill(G, G + C * kTile, acc_t(0));
-        for (int64_t l = 0; l < m; ++l) {
-          load_tile(g_p + (r0 + l) * C, row.data(), C);
-          for (int64_t c = 0; c < C; ++c) G[c * kTile + l] = row[c];
-        }
+        load_rows_transposed(g_p + r0 * C, G, m, C);
         acc_t mu[kTile] = {}, s[kTile] = {}, a[kTile] = {}, b[kTile] = {};
         for (int64_t l = 0; l < m; ++l) {
           mu[l] = mean_p[r0 + l];
@@ -277,7 +316,7 @@ void backward_kernel_cf(const out_t* g_p, const in_t* x_p, const at::Tensor& wei
           const acc_t wc = w_p[c];
 #pragma omp simd
           for (int64_t l = 0; l < kTile; ++l) xc[l] = s[l] * (gc[l] * wc - a[l] - xc[l] * b[l]);
-          store_tile(xc, dxs + c * inner, m);
+          store_lanes(xc, dxs + c * inner, m);
         }
       }
       acc_t* dw = dw_p + blk * C;
