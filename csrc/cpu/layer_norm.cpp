@@ -11,6 +11,10 @@
 // Row sums use kLanes independent partial sums (lane_total); the weight and bias gradients are
 // summed per fixed block of rows and the blocks' sums added afterwards, so results do not
 // depend on how the rows were split between threads.
+//
+// A channels-first view (x (..., C) over (outer, C, inner) memory, as SS2D's out_norm gets the
+// scan's output permuted) is read in place by forward_kernel_cf / backward_kernel_cf below,
+// and its dx is written back in that layout; any other strided x is copied to rows first.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
