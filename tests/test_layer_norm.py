@@ -73,6 +73,15 @@ def test_float32_input_to_bfloat16_output_matches_the_reference():
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
 
 
+def _opcheck_forward_and_backward(x, out_dtype):
+    """torch.library.opcheck of the op and of its backward on x (..., 24) with random weights."""
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last.default, (x, w, b, 1e-5, out_dtype))
+    out, mean, rstd = torch.ops.lesionkit.layer_norm_last(x, w, b, 1e-5, out_dtype)
+    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last_backward.default,
+                          (torch.randn_like(out), x.detach(), w.detach(), mean, rstd))
+
+
 @needs_ops
 def test_opcheck_and_gradcheck():
     x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
@@ -80,12 +89,7 @@ def test_opcheck_and_gradcheck():
     b = torch.randn(24, dtype=torch.float64, requires_grad=True)
     with K.use_backend("cpu"):
         assert torch.autograd.gradcheck(lambda *a: K.layer_norm_last(*a, 1e-5), (x, w, b))
-    xf = torch.randn(3, 7, 24, requires_grad=True)
-    wf, bf = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
-    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last.default, (xf, wf, bf, 1e-5, torch.bfloat16))
-    out, mean, rstd = torch.ops.lesionkit.layer_norm_last(xf, wf, bf, 1e-5, torch.bfloat16)
-    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last_backward.default,
-                          (torch.randn_like(out), xf.detach(), wf.detach(), mean, rstd))
+    _opcheck_forward_and_backward(torch.randn(3, 7, 24, requires_grad=True), torch.bfloat16)
 
 
 @needs_ops
@@ -144,12 +148,7 @@ def test_channels_first_view_opcheck_and_gradcheck():
     assert channels_first_view(x)
     with K.use_backend("cpu"):
         assert torch.autograd.gradcheck(lambda *a: K.layer_norm_last(*a, 1e-5), (x, w, b))
-    xf = torch.randn(2, 24, 4, 5).permute(0, 2, 3, 1).requires_grad_()
-    wf, bf = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
-    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last.default, (xf, wf, bf, 1e-5, torch.float32))
-    out, mean, rstd = torch.ops.lesionkit.layer_norm_last(xf, wf, bf, 1e-5, torch.float32)
-    torch.library.opcheck(torch.ops.lesionkit.layer_norm_last_backward.default,
-                          (torch.randn_like(out), xf.detach(), wf.detach(), mean, rstd))
+    _opcheck_forward_and_backward(torch.randn(2, 24, 4, 5).permute(0, 2, 3, 1).requires_grad_(), torch.float32)
 
 
 @needs_ops

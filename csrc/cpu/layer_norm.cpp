@@ -172,25 +172,28 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::
 constexpr int64_t kTile = 16;
 constexpr int64_t kTilesPerBlock = kRowsPerBlock / kTile;  // weight-gradient partials per block of rows
 
-// One tile row of kTile values (m of them in the last tile): with the length a constant the
-// float copies and bf16 conversions are inlined vector moves; through load_tile / store_tile
-// with a run-time length GCC turned each 16-value float copy into a memcpy call, which took
-// most of the backward's time.
-template <typename scalar_t, typename acc_t>
-inline void load_lanes(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t m) {
+// copy(n) for a tile row of m positions, n = m: with n the constant kTile for a full tile the
+// float copies and bf16 conversions of load_tile / store_tile are inlined vector moves; with a
+// run-time length GCC turned each 16-value float copy into a memcpy call, which took most of
+// the backward's time.
+template <typename Copy>
+inline void with_lanes(int64_t m, Copy&& copy) {
   if (m == kTile) {
-    load_tile(src, dst, kTile);
+    copy(kTile);
   } else {
-    load_tile(src, dst, m);
+    copy(m);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-inline void store_lanes(const acc_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t m) {
-  if (m == kTile) {
-    store_tile(src, dst, kTile);
-  } else {
-    store_tile(src, dst, m);
+// The C rows of m positions at xs (row stride `inner`) into the C x kTile tile X; the lanes
+// past m are zeroed, so they add nothing to the sums over positions.
+template <typename in_t, typename acc_t>
+inline void load_channel_tile(const in_t* xs, int64_t inner, int64_t C, int64_t m, acc_t* X) {
+  for (int64_t c = 0; c < C; ++c) {
+    with_lanes(m, [&](int64_t n) { load_tile(xs + c * inner, X + c * kTile, n); });
+  }
+  if (m < kTile) {
+    for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
   }
 }
 
@@ -228,10 +231,7 @@ void forward_kernel_cf(const in_t* x_p, const at::Tensor& weight, const at::Tens
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o = task / tiles, p0 = (task % tiles) * kTile, m = std::min(kTile, inner - p0);
       const in_t* xs = x_p + o * C * inner + p0;
-      for (int64_t c = 0; c < C; ++c) load_lanes(xs + c * inner, X + c * kTile, m);
-      if (m < kTile) {
-        for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
-      }
+      load_channel_tile(xs, inner, C, m, X);
       acc_t mu[kTile] = {}, var[kTile] = {}, s[kTile];
       for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
@@ -282,11 +282,8 @@ void backward_kernel_cf(const out_t* g_p, const in_t* x_p, const at::Tensor& wei
       for (int64_t t = t0; t < t_end; ++t) {
         const int64_t p0 = t * kTile, m = std::min(kTile, inner - p0), r0 = o * inner + p0;
         const in_t* xs = x_p + o * C * inner + p0;
-        for (int64_t c = 0; c < C; ++c) load_lanes(xs + c * inner, X + c * kTile, m);
-        if (m < kTile) {  // lanes past the last position: x 0, grad 0, so they add nothing
-          for (int64_t c = 0; c < C; ++c) std::fill(X + c * kTile + m, X + (c + 1) * kTile, acc_t(0));
-          std::fill(G, G + C * kTile, acc_t(0));
-        }
+        load_channel_tile(xs, inner, C, m, X);
+        if (m < kTile) std::fill(G, G + C * kTile, acc_t(0));  // no gradient past the last position
         load_rows_transposed(g_p + r0 * C, G, m, C);
         acc_t mu[kTile] = {}, s[kTile] = {}, a[kTile] = {}, b[kTile] = {};
         for (int64_t l = 0; l < m; ++l) {
@@ -320,7 +317,7 @@ void backward_kernel_cf(const out_t* g_p, const in_t* x_p, const at::Tensor& wei
           const acc_t wc = w_p[c];
 #pragma omp simd
           for (int64_t l = 0; l < kTile; ++l) xc[l] = s[l] * (gc[l] * wc - a[l] - xc[l] * b[l]);
-          store_lanes(xc, dxs + c * inner, m);
+          with_lanes(m, [&](int64_t n) { store_tile(xc, dxs + c * inner, n); });
         }
       }
       acc_t* dw = dw_p + blk * C;
