@@ -1,4 +1,5 @@
-"""The tables of docs/cmssm.md from the runs of benchmarks/cmssm_isic2018_dev.sh.
+"""The tables of docs/cmssm.md from the runs of benchmarks/cmssm_isic2018_dev.sh (and of
+benchmarks/vmunet_bf16_isic2018_dev.sh).
 
     python benchmarks/cmssm_dev_table.py runs/cmssm_isic2018_dev
 
@@ -21,7 +22,9 @@ ARMS = {"vmunet": "`vmunet_tiny` (VM-UNet)", "cmssm": "`cmssm_tiny` (CM-SSM U-Ne
         "fdstart1": "`cmssm_tiny`, distillation from epoch 1 (`cmssm.fd_start_epochs: 1`)",
         "cmssm_steps": "`cmssm_tiny` at equal steps (744 s, as many steps as `vmunet_tiny` in 600 s)",
         "vmunet_bf16": "`vmunet_tiny`, bf16 recipe (December 2026 kernels)",
-        "cmssm_bf16": "`cmssm_tiny`, bf16 recipe (December 2026 kernels)"}
+        "cmssm_bf16": "`cmssm_tiny`, bf16 recipe (December 2026 kernels)",
+        # benchmarks/vmunet_bf16_isic2018_dev.sh: the paper-scale model, 256 px, equal epochs
+        "vmunet256_fp32": "`vmunet` (paper scale), 256 px, fp32", "vmunet256_bf16": "`vmunet` (paper scale), 256 px, bf16"}
 
 
 def main(out: str, arms: dict[str, str] = ARMS) -> None:
