@@ -6,6 +6,7 @@ resume and the CLI."""
 import itertools
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,3 +397,25 @@ def test_cmssm_trains_and_resumes_through_the_cli(tmp_path, capsys):
     assert "cfd_loss" in "".join(header) and len(log) == 3
     cfd = [float(row.split(",")[[i for i, h in enumerate(header) if "cfd_loss" in h][0]]) for row in log[1:]]
     assert cfd[0] > 0 and cfd[1] > 0  # epoch 1 averages the warm-up step (0) and a distilled one
+
+
+@pytest.mark.parametrize("method, baseline", [("cmssm_tiny_isic2018", "vmunet_tiny_isic2018"),
+                                              ("cmssm_isic2018", "vmunet_isic2018"),
+                                              ("cmssm_isic2017", "vmunet_isic2017"),
+                                              *((f"cmssm_ablation_{row}", "vmunet_isic2017") for row in (
+                                                  "t4_row1_baseline", "t4_row8_se_cmn_cra", "t5_row1_no_fd"))])
+def test_method_and_baseline_recipes_differ_only_in_model_trainer_and_cmssm(method, baseline):
+    """CM-SSM is compared with VM-UNet under one recipe (its Sec. 4.2 trains both alike): data,
+    optimiser, schedule, loss, epochs and precision shared; only the model, its trainer and the
+    cmssm: block (the distillation losses) differ."""
+    from lesionkit.engine.registry import load_train_config
+
+    configs = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
+
+    def shared(name):
+        data = load_train_config(configs / f"{name}.yaml").to_dict()
+        for key in ("model", "trainer", "cmssm", "out_dir"):
+            data.pop(key, None)
+        return data
+
+    assert shared(method) == shared(baseline)
