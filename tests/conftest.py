@@ -51,6 +51,19 @@ def assert_same_state(a, b, where: str = "state") -> None:
         assert a == b, (where, a, b)
 
 
+def recipe_without(name: str, *keys: str) -> dict:
+    """The shipped recipe ``name`` as a plain dict without ``keys`` (and its out_dir): what a
+    method's recipe must share with its baseline's."""
+    from pathlib import Path
+
+    from lesionkit.engine.registry import load_train_config
+
+    data = load_train_config(Path(__file__).resolve().parents[1] / "lesionkit" / "configs" / f"{name}.yaml").to_dict()
+    for key in (*keys, "out_dir"):
+        data.pop(key, None)
+    return data
+
+
 def build_meta(name: str, **kwargs) -> torch.nn.Module:
     """A registered model on the meta device: full-size models get their shapes checked at no memory or init cost."""
     from lesionkit.models import create_model

@@ -6,10 +6,10 @@ resume and the CLI."""
 import itertools
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import recipe_without
 
 from lesionkit.layers.cross_region_attention import CrossRegionAttention
 from lesionkit.layers.vss_block import ChannelMixing, SqueezeExcitation, VSSBlock
@@ -408,14 +408,5 @@ def test_method_and_baseline_recipes_differ_only_in_model_trainer_and_cmssm(meth
     """CM-SSM is compared with VM-UNet under one recipe (its Sec. 4.2 trains both alike): data,
     optimiser, schedule, loss, epochs and precision shared; only the model, its trainer and the
     cmssm: block (the distillation losses) differ."""
-    from lesionkit.engine.registry import load_train_config
-
-    configs = Path(__file__).resolve().parents[1] / "lesionkit" / "configs"
-
-    def shared(name):
-        data = load_train_config(configs / f"{name}.yaml").to_dict()
-        for key in ("model", "trainer", "cmssm", "out_dir"):
-            data.pop(key, None)
-        return data
-
-    assert shared(method) == shared(baseline)
+    keys = ("model", "trainer", "cmssm")
+    assert recipe_without(method, *keys) == recipe_without(baseline, *keys)

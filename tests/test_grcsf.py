@@ -8,7 +8,7 @@ import torch
 from lesionkit.models import create_model, segmentation_logits
 from lesionkit.models.grcsf import GRCSF, scaled_patch_sizes
 
-from conftest import build_meta
+from conftest import build_meta, recipe_without
 
 SMALL = {"widths": (8, 16, 32, 64, 128), "img_size": 64}
 
@@ -325,15 +325,8 @@ def test_method_and_baseline_recipes_differ_only_in_model_trainer_and_grcsf(meth
     """GRCSF Table 3 compares UNet++ and GRCSF under one recipe: optimiser, schedule, loss,
     augmentation, batch, precision and budget shared; only the model, its trainer and the
     grcsf section (MAE, maps) differ."""
-    from lesionkit.engine.registry import load_train_config
-
-    def shared(name):
-        data = load_train_config(CONFIGS / f"{name}.yaml").to_dict()
-        for key in ("model", "trainer", "grcsf", "out_dir"):
-            data.pop(key, None)
-        return data
-
-    assert shared(method) == shared(baseline)
+    keys = ("model", "trainer", "grcsf")
+    assert recipe_without(method, *keys) == recipe_without(baseline, *keys)
 
 
 def test_paper_recipe_follows_sec_4():
