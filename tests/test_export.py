@@ -47,6 +47,40 @@ def test_onnx_round_trip_through_the_cli(checkpoint, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     assert "reproduces the checkpoint" in out and (tmp_path / "m.onnx").stat().st_size > 10_000
+    assert "graph optimize light" in out  # the default
+    code = main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "n.onnx"),
+                 "--image-size", "64", "--no-optimize"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "graph optimize none" in out, err[-2000:]
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="the onnx extra (onnx, onnxscript, onnxruntime) is not installed")
+def test_onnx_optimize_levels(tmp_path):
+    """--optimize light (the default) folds the translated graph to fewer nodes than none, full
+    to no more than light; each file reproduces PyTorch."""
+    import onnx
+
+    model = LogitsOnly(CrossScanModel()).eval()
+    sample = torch.rand(1, 3, 8, 8)
+    nodes = {}
+    with K.use_backend("cpu"), torch.no_grad():
+        for level in ("none", "light", "full"):
+            got, details = _export_onnx(model, sample, tmp_path / f"{level}.onnx", "xs", optimize=level)
+            torch.testing.assert_close(got, model(sample), rtol=1e-6, atol=1e-6)
+            assert details["optimize"] == level
+            nodes[level] = len(onnx.load(str(tmp_path / f"{level}.onnx")).graph.node)
+    assert nodes["light"] < nodes["none"] and nodes["full"] <= nodes["light"], nodes
+    with pytest.raises(ExportError, match=r"--optimize should be one of \['light', 'full', 'none'\], got 'fast'"):
+        _export_onnx(model, sample, tmp_path / "x.onnx", "xs", optimize="fast")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_optimize_is_checked(checkpoint, tmp_path, capsys):
+    with pytest.raises(ExportError, match=r"--optimize applies to --format onnx only"):
+        export_checkpoint(checkpoint, "torchscript", tmp_path / "m.ts", optimize="none")
+    with pytest.raises(ExportError, match=r"--optimize should be one of"):
+        export_checkpoint(checkpoint, "onnx", tmp_path / "m.onnx", optimize="fast")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 class CrossScanModel(torch.nn.Module):

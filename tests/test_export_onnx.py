@@ -166,9 +166,10 @@ def test_export_mode_traces_plain_ops_with_no_loop_over_the_length():
 # --- whole models through ONNX Runtime ------------------------------------------------------
 
 
-def _onnx_vs_torch(name, size, tmp_path, batches=(3,), optimize=False):
+def _onnx_vs_torch(name, size, tmp_path, batches=(3,), optimize="light"):
     """Export a fresh (seeded) model with export_mode and return the probabilities' max |difference|
-    over batches of 1 and 2 (the export's own check) and of each size in ``batches``."""
+    over batches of 1 and 2 (the export's own check) and of each size in ``batches``, the graph tidied
+    as `lesionkit export` does by default (``optimize="light"``)."""
     import onnxruntime
 
     from lesionkit.engine.export import LogitsOnly, _export_onnx, probabilities
