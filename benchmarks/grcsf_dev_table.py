@@ -17,6 +17,7 @@ ARMS = {
     "no_rcu": "`grcsf_tiny` w/o RCU (Table 3 row 2)", "no_importance": "`grcsf_tiny` w/o importance score (Table 3 row 3)",
     "unetpp_focal": "`unetpp_tiny`, Dice + focal (the paper's loss)", "grcsf_focal": "`grcsf_tiny`, Dice + focal (the paper's loss)",
     "grcsf_steps": "`grcsf_tiny` given `unetpp_tiny`'s 7 epochs (its steps in 600 s)",
+    "grcsf_notop": "`grcsf_tiny`, RCU disconnected from the top stage (`rcu_disconnected: [0]`)",
     "unetpp_oldgrcsf": "`unetpp_tiny` under GRCSF's first tiny recipe (Adam 1e-3, Dice + focal, 0.5-epoch warm-up)",
 }
 

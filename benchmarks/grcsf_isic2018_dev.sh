@@ -14,7 +14,8 @@
 # DEV_PATH defaults to $LESIONKIT_ISIC2018_DEV, then ../shared/data/isic2018-dev. Finished runs
 # (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes
 # (A and B: the runs above; C and D: the recipe choice below; E and F: the three seeds of each arm only;
-# G and H: grcsf_tiny given unetpp_tiny's 7 epochs at seeds 0-2, to run after E and F in the same OUT_DIR).
+# G and H: grcsf_tiny given unetpp_tiny's 7 epochs at seeds 0-2, to run after E and F in the same OUT_DIR;
+# J: grcsf_tiny with the top stage's RCU disconnected (Sec. 4), seeds 0-2, beside lane F).
 set -euo pipefail
 DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
 OUT=${2:-runs/grcsf_isic2018_dev}
@@ -55,6 +56,10 @@ LANE_F=("${LANE_B[@]:0:3}")
 # GRCSF at UNet++'s step count on three seeds (LANES="G H"; its seed 0 is lane A's grcsf_steps_s0).
 LANE_G=("${LANE_A[5]}" "grcsf_steps_s2|grcsf_tiny_isic2018|2|$MAPS $STEPS")
 LANE_H=("grcsf_steps_s1|grcsf_tiny_isic2018|1|$MAPS $STEPS")
+# GRCSF without the RCU at the input's resolution, the costliest of the three (LANES="F J").
+NOTOP="model.kwargs.rcu_disconnected=[0]"
+LANE_J=("grcsf_notop_s0|grcsf_tiny_isic2018|0|$MAPS $NOTOP" "grcsf_notop_s1|grcsf_tiny_isic2018|1|$MAPS $NOTOP"
+        "grcsf_notop_s2|grcsf_tiny_isic2018|2|$MAPS $NOTOP")
 LANES=${LANES:-"A B"}
 
 pretrain() {  # the MAE and the maps, once; lane A waits for them, lane B starts with unetpp
@@ -103,7 +108,8 @@ for l in $LANES; do
     F) lane "${LANE_F[@]}" & ;;
     G) (pretrain && lane "${LANE_G[@]}") & ;;
     H) lane "${LANE_H[@]}" & ;;
-    *) echo "unknown lane $l (A, B, C, D, E, F, G, H)" >&2; exit 2 ;;
+    J) (pretrain && lane "${LANE_J[@]}") & ;;
+    *) echo "unknown lane $l (A, B, C, D, E, F, G, H, J)" >&2; exit 2 ;;
   esac
   pids+=($!)
 done

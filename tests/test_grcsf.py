@@ -169,6 +169,24 @@ def test_fewer_rcu_stages():
     assert m(x, rm).shape == (2, 1, 64, 64)
 
 
+@pytest.mark.parametrize("disconnected, levels, sizes", [((), (2, 1, 0), [16, 32, 64]), ((0,), (2, 1), [16, 32]),
+                                                          ((1,), (2, 0), [16, 64]), ((2, 0), (1,), [32])])
+def test_rcu_disconnected_from_chosen_levels(disconnected, levels, sizes):
+    """rcu_disconnected leaves the named levels' U as it is (0 = the top, at the input's size):
+    the RCUs that remain run at the other levels' sizes, deepest first, and the maps still
+    reach the logits through them."""
+    m = small(rcu_disconnected=disconnected)
+    open_rcus(m)
+    seen = []
+    for rcu in m.rcus:
+        rcu.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[-1]))
+    x, rm = inputs()
+    with torch.no_grad():
+        out = m(x, rm)
+        assert seen == sizes and m.rcu_levels == levels
+        assert differs(out, m(x, rm.flip(0)))
+
+
 def test_gradients_reach_every_parameter_and_input():
     # SE reduction 1: at these widths the default 16 leaves SE one hidden ReLU unit and 2 leaves
     # four, which a seed can leave all dead on these two similar images (zero gradient; seen with
@@ -215,6 +233,8 @@ def test_bad_inputs_name_the_argument():
     ("img_size", 100, "img_size should be a positive multiple of 16"),
     ("mae", "mae_vit_tiny", "mae should be a dict"),
     ("residual_kind", "gradcam", "kind should be one of"),
+    ("rcu_disconnected", (3,), r"rcu_disconnected should list decoder levels of the 3 RCU stage\(s\), 0 to 2"),
+    ("rcu_disconnected", (0, 1, 2), "leaves no RCU stage; set use_rcu=False"),
 ])
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

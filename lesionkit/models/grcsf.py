@@ -71,6 +71,9 @@ class GRCSFConfig:
     # Patch sizes, deepest of the RCU stages first, at patch_reference_size px (Sec. 4 / Table 6);
     # scaled to img_size. Set patch_reference_size = img_size to use them as they are.
     patch_sizes: tuple[int, ...] = (8, 8, 16)
+    # Decoder levels of those stages left without an RCU (0 = the top, at the input's resolution;
+    # 1 and 2 the next): "it can be selectively disconnected from specific layers" (Sec. 4).
+    rcu_disconnected: tuple[int, ...] = ()
     patch_reference_size: int = 224
     img_size: int = 224
     rcu_heads: int = 1
@@ -99,6 +102,13 @@ class GRCSFConfig:
         if not 1 <= len(self.patch_sizes) <= depth or any(int(p) < 1 for p in self.patch_sizes):
             raise ValueError(f"patch_sizes should list 1 to {depth} positive sizes (one per RCU stage), "
                              f"got {self.patch_sizes}")
+        stages = len(self.patch_sizes)
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < stages for v in self.rcu_disconnected):
+            raise ValueError(f"rcu_disconnected should list decoder levels of the {stages} RCU stage(s), "
+                             f"0 to {stages - 1} (0 = the top), got {list(self.rcu_disconnected)}")
+        if self.use_rcu and len(set(self.rcu_disconnected)) == stages:
+            raise ValueError(f"rcu_disconnected {list(self.rcu_disconnected)} leaves no RCU stage; "
+                             f"set use_rcu=False for GRCSF without the RCU")
         if self.num_residual_maps < 1 or self.residual_channels < 1:
             raise ValueError(f"num_residual_maps and residual_channels should be >= 1, got "
                              f"{self.num_residual_maps} and {self.residual_channels}")
@@ -153,9 +163,11 @@ class GRCSF(nn.Module):
         self.patch_sizes = scaled_patch_sizes(tuple(int(p) for p in cfg.patch_sizes),
                                               cfg.patch_reference_size, cfg.img_size)
         n = len(self.patch_sizes)
-        # rcus[k] serves the up-sampled input of x[level][depth - level], level = n - 1 - k,
-        # whose channels are those of level + 1.
-        self.rcu_levels = tuple(n - 1 - k for k in range(n))
+        # rcus[k] serves the up-sampled input of x[level][depth - level] for the k-th connected
+        # level, deepest first, whose channels are those of level + 1.
+        stages = [(n - 1 - k, p) for k, p in enumerate(self.patch_sizes) if n - 1 - k not in cfg.rcu_disconnected]
+        self.rcu_levels = tuple(level for level, _ in stages)
+        self.patch_sizes = tuple(p for _, p in stages)
         self.rcus = nn.ModuleList(
             RegionalCompensationUnit(w[level + 1], p, cfg.residual_channels, cfg.num_residual_maps,
                                      cfg.rcu_heads, cfg.score_hidden, cfg.use_importance_score,
