@@ -13,7 +13,8 @@ over "before" and the largest difference of each case's maps from it.
 Step: forward + Dice/BCE + backward + AdamW, batch 8 at 128 px, in the tiny recipes' precision
 (bf16 autocast, channels-last), GRCSF with two residual maps as input (cached maps, as in
 training); cases round-robin, one step each per round, median over rounds. Also GRCSF without
-RCU, without GCU and without the top stage's RCU, so the docs can say where the time goes. Load recorded before and after.
+RCU, without GCU and without the top stage's RCU, so the docs can say where the time goes. Load
+recorded before and after.
 
     python benchmarks/grcsf_speed.py --threads 1 --out benchmarks/results/cpu-2core-xeon-grcsf-speed-1thread.json
     python benchmarks/grcsf_speed.py --threads 1 --maps-only     # the maps part alone

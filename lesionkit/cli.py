@@ -222,7 +222,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if result.format == "onnx":
         d = result.details
         print(f"onnx: opset {d['opset']}, {d['size_bytes'] / 2**20:.1f} MiB, batch dynamic, image size fixed at "
-              f"{result.input_shape[-2]}x{result.input_shape[-1]}, scan chunk {d['scan_chunk']}, graph optimize {d['optimize']}; ONNX Runtime "
+              f"{result.input_shape[-2]}x{result.input_shape[-1]}, scan chunk {d['scan_chunk']}, "
+              f"graph optimize {d['optimize']}; ONNX Runtime "
               f"{d['onnxruntime']} (CPU) reproduces PyTorch at batch {' and '.join(map(str, d['batches_checked']))}: "
               f"logits to {max(result.max_abs_diff, d['max_abs_diff_batch_2']):.2g}, probabilities to "
               f"{d['probabilities_max_abs_diff']:.2g} (max |difference|)")
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: the checkpoint's name with .onnx / .ts / .pt2)")
     p.add_argument("--image-size", type=int, help="sample input size (default: the size the checkpoint was trained at)")
     p.add_argument("--scan-chunk", type=int, help="onnx: steps per chunk of the exported selective scan (default 16)")
-    p.add_argument("--optimize", choices=["light", "full", "none"], default="light",
+    p.add_argument("--optimize", choices=["light", "full", "none"],
                    help="onnx: how the graph is tidied - light (default: constants folded, duplicates and unused "
                         "nodes removed), full (onnxscript's whole optimizer: 40-50 s more for an SS2D model, ONNX "
                         "Runtime 0-5%% faster), none (twice the file)")

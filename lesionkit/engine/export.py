@@ -96,7 +96,9 @@ def _op_base_name(name: str) -> str:
 ONNX_OPTIMIZE = ("light", "full", "none")
 
 
-def _onnx_optimize_level(optimize: str | bool) -> str:
+def _onnx_optimize_level(optimize: str | bool | None) -> str:
+    if optimize is None:
+        return "light"
     if isinstance(optimize, bool):  # the former flag: True ran the whole optimizer
         return "full" if optimize else "none"
     if optimize not in ONNX_OPTIMIZE:
@@ -104,21 +106,17 @@ def _onnx_optimize_level(optimize: str | bool) -> str:
     return optimize
 
 
-def _optimize_onnx(model, level: str) -> None:
-    """Tidy the translated ``onnx_ir`` model in place at ``level`` (:data:`ONNX_OPTIMIZE`)."""
-    if level == "none":
-        return
-    import onnxscript.optimizer
-
+def _optimize_onnx(program: torch.onnx.ONNXProgram, level: str) -> None:
+    """Tidy the translated ``program`` in place at ``level`` (:data:`ONNX_OPTIMIZE`)."""
     if level == "full":
-        from onnxscript import rewriter  # torch.onnx's own optimize=True: the optimizer, then fusions
-
-        onnxscript.optimizer.optimize_ir(model)
-        rewriter.onnx_fusions.fuse(model)
+        program.optimize()  # what torch.onnx.export(optimize=True) runs
+    if level != "light":
         return
     import onnx_ir as ir
+    import onnxscript.optimizer
     from onnx_ir.passes import common
 
+    model = program.model
     onnxscript.optimizer.inline(model)
     for _ in range(2):  # as the full optimizer's loop, without its rewrite rules
         folded = onnxscript.optimizer.fold_constants(model)
@@ -134,20 +132,20 @@ def _optimize_onnx(model, level: str) -> None:
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None = None,
                       image_size: int | None = None, batch: int = 1, scan_chunk: int | None = None,
-                      optimize: str | bool = "light") -> ExportResult:
+                      optimize: str | bool | None = None) -> ExportResult:
     """Export ``checkpoint``'s model to ``fmt`` (one of :data:`FORMATS`) and check it reproduces the model.
 
     `scan_chunk` (onnx only): steps per chunk of the exported selective scan (default
     :data:`lesionkit.kernels.reference.export_scan.DEFAULT_CHUNK`). `optimize` (onnx only): how
-    the graph is tidied, one of :data:`ONNX_OPTIMIZE` (True / False: "full" / "none").
+    the graph is tidied, one of :data:`ONNX_OPTIMIZE` (None: "light"; True / False: "full" / "none").
     """
     from lesionkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     if fmt not in FORMATS:
         raise ExportError(f"--format should be one of {list(FORMATS)}, got {fmt!r}")
-    optimize = _onnx_optimize_level(optimize)
-    if optimize != "light" and fmt != "onnx":
+    if optimize is not None and fmt != "onnx":
         raise ExportError(f"--optimize applies to --format onnx only, got --format {fmt}")
+    optimize = _onnx_optimize_level(optimize)
     if scan_chunk is not None and fmt != "onnx":
         raise ExportError(f"--scan-chunk applies to --format onnx only, got --format {fmt}")
     if scan_chunk is not None and (isinstance(scan_chunk, bool) or not isinstance(scan_chunk, int) or scan_chunk < 1):
@@ -224,7 +222,7 @@ def check_onnx_lowerable(program: torch.export.ExportedProgram, name: str) -> No
 
 
 def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
-                 scan_chunk: int | None = None, optimize: str | bool = "light") -> tuple[torch.Tensor, dict]:
+                 scan_chunk: int | None = None, optimize: str | bool | None = None) -> tuple[torch.Tensor, dict]:
     """Write ``model`` as ONNX (batch dynamic) and run it in ONNX Runtime on ``sample``.
 
     Call :func:`check_onnx_lowerable` first. Returns ONNX Runtime's logits for ``sample`` and
@@ -252,7 +250,7 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
             program = torch.onnx.export(model, (pair,), None, input_names=["images"], output_names=["logits"],
                                         dynamo=True, optimize=False, verbose=False,
                                         dynamic_shapes={"images": {0: batch}})
-            _optimize_onnx(program.model, optimize)
+            _optimize_onnx(program, optimize)
             program.save(str(out), external_data=False)
     except Exception as err:
         out.unlink(missing_ok=True)

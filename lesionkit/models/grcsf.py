@@ -160,12 +160,11 @@ class GRCSF(nn.Module):
             nn.ModuleList(GlobalCompensationUnit(w[i], w[i + 1], w[i + 1], cfg.se_reduction)
                           for _ in range(depth - i))
             for i in range(depth)) if cfg.use_gcu else None
-        self.patch_sizes = scaled_patch_sizes(tuple(int(p) for p in cfg.patch_sizes),
-                                              cfg.patch_reference_size, cfg.img_size)
-        n = len(self.patch_sizes)
+        sizes = scaled_patch_sizes(tuple(int(p) for p in cfg.patch_sizes), cfg.patch_reference_size, cfg.img_size)
+        n = len(sizes)
         # rcus[k] serves the up-sampled input of x[level][depth - level] for the k-th connected
         # level, deepest first, whose channels are those of level + 1.
-        stages = [(n - 1 - k, p) for k, p in enumerate(self.patch_sizes) if n - 1 - k not in cfg.rcu_disconnected]
+        stages = [(n - 1 - k, p) for k, p in enumerate(sizes) if n - 1 - k not in cfg.rcu_disconnected]
         self.rcu_levels = tuple(level for level, _ in stages)
         self.patch_sizes = tuple(p for _, p in stages)
         self.rcus = nn.ModuleList(
