@@ -17,7 +17,8 @@ PyTorch op. The backend (:func:`set_fp32_matmul_backend`, or the environment var
 - ``auto`` (default): oneDNN on AMD processors whose cores run AVX-512 at full width (Zen 5
   and later, where MKL's vendor dispatch leaves the wide units idle); PyTorch's own path
   elsewhere: Intel, where MKL takes its AVX-512 path, and Zen 4 or older AMD, where MKL's AVX2
-  path has the core's peak (not measured there);
+  path has the core's peak (on a Zen 4, oneDNN was 1.03-1.11x on single products and 0.87-1.08x
+  on whole training steps: docs/cmssm.md);
 - ``onednn``: oneDNN wherever PyTorch has it;
 - ``aten``: always PyTorch's own path.
 
@@ -64,8 +65,9 @@ def _cpu_flags() -> tuple[str, int, frozenset[str]]:
 
 
 # AMD's first family whose cores execute 512-bit instructions at full width (Zen 5, family 0x1A).
-# Zen 4 (0x19) has AVX-512 on 256-bit units, the same peak as MKL's AVX2 path there, and is not
-# measured, so ``auto`` leaves it on PyTorch's path.
+# Zen 4 (0x19) has AVX-512 on 256-bit units, the same peak as MKL's AVX2 path there: measured,
+# oneDNN gained 0-8 % on whole fp32 training steps and lost 13 % on one (docs/cmssm.md), so
+# ``auto`` leaves it on PyTorch's path.
 AMD_FULL_WIDTH_FAMILY = 26
 
 
