@@ -18,6 +18,7 @@ ARMS = {
     "unetpp_focal": "`unetpp_tiny`, Dice + focal (the paper's loss)", "grcsf_focal": "`grcsf_tiny`, Dice + focal (the paper's loss)",
     "grcsf_steps": "`grcsf_tiny` given `unetpp_tiny`'s 7 epochs (its steps in 600 s)",
     "grcsf_notop": "`grcsf_tiny`, RCU disconnected from the top stage (`rcu_disconnected: [0]`)",
+    "grcsf_notop_longmae": "`grcsf_tiny`, `rcu_disconnected: [0]`, MAE pre-trained 540 s instead of 180 s",
     "unetpp_oldgrcsf": "`unetpp_tiny` under GRCSF's first tiny recipe (Adam 1e-3, Dice + focal, 0.5-epoch warm-up)",
 }
 

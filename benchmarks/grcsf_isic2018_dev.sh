@@ -15,7 +15,8 @@
 # (an existing eval/metrics.json) are skipped, so the script can be restarted. LANES selects lanes
 # (A and B: the runs above; C and D: the recipe choice below; E and F: the three seeds of each arm only;
 # G and H: grcsf_tiny given unetpp_tiny's 7 epochs at seeds 0-2, to run after E and F in the same OUT_DIR;
-# J: grcsf_tiny with the top stage's RCU disconnected (Sec. 4), seeds 0-2, beside lane F).
+# J: grcsf_tiny with the top stage's RCU disconnected (Sec. 4), seeds 0-2, beside lane F;
+# K: the same as J on an MAE pre-trained three times as long (540 s, its own maps), beside lane F).
 set -euo pipefail
 DEV=${1:-${LESIONKIT_ISIC2018_DEV:-../shared/data/isic2018-dev}}
 OUT=${2:-runs/grcsf_isic2018_dev}
@@ -60,23 +61,31 @@ LANE_H=("grcsf_steps_s1|grcsf_tiny_isic2018|1|$MAPS $STEPS")
 NOTOP="model.kwargs.rcu_disconnected=[0]"
 LANE_J=("grcsf_notop_s0|grcsf_tiny_isic2018|0|$MAPS $NOTOP" "grcsf_notop_s1|grcsf_tiny_isic2018|1|$MAPS $NOTOP"
         "grcsf_notop_s2|grcsf_tiny_isic2018|2|$MAPS $NOTOP")
+MAPS_LONG="grcsf.mae_checkpoint=$OUT/mae_long/last.pt grcsf.residual_maps=$OUT/maps_long"
+LANE_K=("grcsf_notop_longmae_s0|grcsf_tiny_isic2018|0|$MAPS_LONG $NOTOP"
+        "grcsf_notop_longmae_s1|grcsf_tiny_isic2018|1|$MAPS_LONG $NOTOP"
+        "grcsf_notop_longmae_s2|grcsf_tiny_isic2018|2|$MAPS_LONG $NOTOP")
 LANES=${LANES:-"A B"}
 
 pretrain() {  # the MAE and the maps, once; lane A waits for them, lane B starts with unetpp
-  if [ ! -f "$OUT/mae/last.pt" ]; then
-    log "start mae"
-    "$PY" -m lesionkit train --config grcsf_mae_tiny_isic2018 --data "isic:$DEV:train" --out "$OUT/mae" \
-      --no-progress --set data.num_workers=1 > "$OUT/mae.log" 2>&1
-    log "done mae: $(tail -1 "$OUT/mae.log" | cut -c1-100)"
+  # pretrain [TAG SECONDS]: another MAE ($OUT/mae$TAG, maps in $OUT/maps$TAG) with that time budget
+  local tag=${1:-} budget=${2:-} extra=""
+  [ -n "$budget" ] && extra="time_budget=$budget"
+  if [ ! -f "$OUT/mae$tag/last.pt" ]; then
+    log "start mae$tag"
+    # shellcheck disable=SC2086
+    "$PY" -m lesionkit train --config grcsf_mae_tiny_isic2018 --data "isic:$DEV:train" --out "$OUT/mae$tag" \
+      --no-progress --set data.num_workers=1 $extra > "$OUT/mae$tag.log" 2>&1
+    log "done mae$tag: $(tail -1 "$OUT/mae$tag.log" | cut -c1-100)"
   fi
   local split
   for split in train val; do
-    if [ ! -f "$OUT/maps.$split.log" ]; then
-      log "start maps $split"
-      "$PY" -m lesionkit residual-maps --checkpoint "$OUT/mae/last.pt" --data "isic:$DEV:$split" --out "$OUT/maps" \
-        --image-size 128 --no-progress > "$OUT/maps.$split.log.tmp" 2>&1
-      mv "$OUT/maps.$split.log.tmp" "$OUT/maps.$split.log"
-      log "done maps $split: $(tail -1 "$OUT/maps.$split.log" | cut -c1-120)"
+    if [ ! -f "$OUT/maps$tag.$split.log" ]; then
+      log "start maps$tag $split"
+      "$PY" -m lesionkit residual-maps --checkpoint "$OUT/mae$tag/last.pt" --data "isic:$DEV:$split" \
+        --out "$OUT/maps$tag" --image-size 128 --no-progress > "$OUT/maps$tag.$split.log.tmp" 2>&1
+      mv "$OUT/maps$tag.$split.log.tmp" "$OUT/maps$tag.$split.log"
+      log "done maps$tag $split: $(tail -1 "$OUT/maps$tag.$split.log" | cut -c1-120)"
     fi
   done
 }
@@ -109,7 +118,8 @@ for l in $LANES; do
     G) (pretrain && lane "${LANE_G[@]}") & ;;
     H) lane "${LANE_H[@]}" & ;;
     J) (pretrain && lane "${LANE_J[@]}") & ;;
-    *) echo "unknown lane $l (A, B, C, D, E, F, G, H, J)" >&2; exit 2 ;;
+    K) (pretrain _long 540 && lane "${LANE_K[@]}") & ;;
+    *) echo "unknown lane $l (A, B, C, D, E, F, G, H, J, K)" >&2; exit 2 ;;
   esac
   pids+=($!)
 done
