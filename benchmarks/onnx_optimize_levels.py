@@ -33,8 +33,8 @@ def main() -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from lesionkit.engine.export import ONNX_OPTIMIZE, LogitsOnly, _optimize_onnx
-    from lesionkit.kernels import export_mode
+    from lesionkit.engine.export import ONNX_OPTIMIZE, LogitsOnly, _optimize_onnx, _translate_onnx
+    from lesionkit.kernels.reference.export_scan import DEFAULT_CHUNK
     from lesionkit.models import create_model
 
     torch.set_num_threads(1)
@@ -48,10 +48,8 @@ def main() -> None:
         pair = torch.rand(2, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
         x = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
         t = time.perf_counter()
-        with torch.no_grad(), export_mode(16):
-            program = torch.onnx.export(model, (pair,), None, input_names=["images"], output_names=["logits"],
-                                        dynamo=True, optimize=False, verbose=False,
-                                        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+        with torch.no_grad():
+            program = _translate_onnx(model, pair, DEFAULT_CHUNK)
         translate_s = time.perf_counter() - t
         with torch.no_grad():
             want = model(x).numpy()

@@ -108,9 +108,10 @@ def _onnx_optimize_level(optimize: str | bool | None) -> str:
 
 def _optimize_onnx(program: torch.onnx.ONNXProgram, level: str) -> None:
     """Tidy the translated ``program`` in place at ``level`` (:data:`ONNX_OPTIMIZE`)."""
+    if level == "none":
+        return
     if level == "full":
         program.optimize()  # what torch.onnx.export(optimize=True) runs
-    if level != "light":
         return
     import onnx_ir as ir
     import onnxscript.optimizer
@@ -221,6 +222,18 @@ def check_onnx_lowerable(program: torch.export.ExportedProgram, name: str) -> No
                           "exported-program (or torchscript)")
 
 
+def _translate_onnx(model: nn.Module, pair: torch.Tensor, chunk: int) -> torch.onnx.ONNXProgram:
+    """``model`` traced on ``pair`` under ``export_mode(chunk)`` and translated to ONNX, input
+    "images" with a dynamic batch, output "logits", not yet tidied (:func:`_optimize_onnx`)."""
+    from lesionkit.kernels import export_mode
+
+    with export_mode(chunk), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.onnx.export(model, (pair,), None, input_names=["images"], output_names=["logits"],
+                                 dynamo=True, optimize=False, verbose=False,
+                                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+
+
 def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
                  scan_chunk: int | None = None, optimize: str | bool | None = None) -> tuple[torch.Tensor, dict]:
     """Write ``model`` as ONNX (batch dynamic) and run it in ONNX Runtime on ``sample``.
@@ -229,7 +242,6 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
     the report's details; the export is also checked on a batch of two images against PyTorch,
     so the dynamic batch is proven too. Call it under ``torch.no_grad()``.
     """
-    from lesionkit.kernels import export_mode
     from lesionkit.kernels.reference.export_scan import DEFAULT_CHUNK
 
     try:
@@ -243,15 +255,10 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, out: Path, name: str,
     # Traced on a batch of two, not `sample`: a batch of one would be specialised to 1. ONNX
     # Runtime then runs `sample` and this pair, so the dynamic batch is checked at two sizes.
     pair = torch.rand(2, *sample.shape[1:], generator=torch.Generator().manual_seed(1))
-    batch = torch.export.Dim("batch", min=1)
     try:
-        with export_mode(chunk), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            program = torch.onnx.export(model, (pair,), None, input_names=["images"], output_names=["logits"],
-                                        dynamo=True, optimize=False, verbose=False,
-                                        dynamic_shapes={"images": {0: batch}})
-            _optimize_onnx(program, optimize)
-            program.save(str(out), external_data=False)
+        program = _translate_onnx(model, pair, chunk)
+        _optimize_onnx(program, optimize)
+        program.save(str(out), external_data=False)
     except Exception as err:
         out.unlink(missing_ok=True)
         raise ExportError(f"ONNX export of {name} failed: {err}") from err
