@@ -2,13 +2,16 @@
 (docs/ops.md, "Export to ONNX"; README, "Deploy").
 
 The model (``vmunet_tiny`` by default, seeded random weights: the time does not depend on their
-values) is exported as ``lesionkit export --format onnx`` does (batch dynamic, onnxscript's
-optimizer on) once per scan chunk size, then timed as the median of ``--repeats`` forward
+values) is exported as ``lesionkit export --format onnx`` does (batch dynamic, the graph tidied
+at the default level, "light") once per scan chunk size, then timed as the median of ``--repeats`` forward
 passes after one warm-up, at each batch size and thread count: PyTorch (eval, no_grad,
 ``torch.set_num_threads``) with the compiled cpu scan kernel, and ONNX Runtime's CPU provider
 (``intra_op_num_threads``, one inter-op thread). The first chunk size is the one timed across
 batches and threads; the others are timed at the first batch and thread count only, for the
-choice of the default chunk.
+choice of the default chunk. ``--baseline-build DIR``: files of the same names exported by an
+earlier lesionkit (``PYTHONPATH=OLD_CHECKOUT python benchmarks/onnx_inference.py --build DIR
+--export-only``), each timed right after this version's file of its chunk size, so the two
+lowerings are compared side by side in one run.
 
 Exporting is slow and not timed, so ``--build DIR`` writes the files first and a second call
 with the same ``--build DIR`` times them (under the quiet protocol's lock):
@@ -44,7 +47,7 @@ def build(name: str, size: int, chunks: list[int], folder: Path) -> tuple[torch.
         if not path.is_file():
             t0 = time.perf_counter()
             with torch.no_grad():
-                _export_onnx(model, torch.rand(1, 3, size, size), path, name, scan_chunk=chunk, optimize=True)
+                _export_onnx(model, torch.rand(1, 3, size, size), path, name, scan_chunk=chunk)
             print(f"exported {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
         files[chunk] = path
     return model, files
@@ -70,6 +73,8 @@ def main() -> None:
                         help="scan chunk sizes; the first is timed everywhere, the rest at the first batch / threads")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--build", required=True, help="folder for the exported files (kept between calls)")
+    parser.add_argument("--baseline-build", help="folder of files exported by an earlier lesionkit, timed beside these")
+    parser.add_argument("--baseline-label", default="", help="what exported the baseline files (recorded in the JSON)")
     parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
@@ -91,7 +96,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"machine": machine, "model": args.model, "image_size": args.size, "repeats": args.repeats,
-                           "results": rows}, f, indent=1)
+                           "baseline_export": args.baseline_label, "results": rows}, f, indent=1)
 
     def record(row):
         rows.append(row)
@@ -119,6 +124,12 @@ def main() -> None:
                 record({"runtime": "onnxruntime-cpu", "scan_chunk": chunk, "batch": batch, "threads": threads,
                         "s_median": med, "s_all": all_s, "images_per_s": batch / med,
                         "file_mib": files[chunk].stat().st_size / 2**20})
+                baseline = Path(args.baseline_build) / files[chunk].name if args.baseline_build else None
+                if baseline is not None and baseline.is_file():
+                    med, all_s = time_onnx(baseline, batch, threads)
+                    record({"runtime": "onnxruntime-cpu", "export": "baseline", "scan_chunk": chunk, "batch": batch,
+                            "threads": threads, "s_median": med, "s_all": all_s, "images_per_s": batch / med,
+                            "file_mib": baseline.stat().st_size / 2**20})
     machine["load_average_after"] = os.getloadavg()
     write()
 

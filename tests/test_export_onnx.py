@@ -158,9 +158,25 @@ def test_export_mode_traces_plain_ops_with_no_loop_over_the_length():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not [op for op in ops if "lesionkit" in op], ops
-    # 64 times the sequence (64 -> 4096 steps) adds log2(64) = 6 scan rounds per level, a few
-    # nodes each; a loop over the steps would add thousands.
+    # 64 times the sequence (64 -> 4096 steps) adds log2(64) = 6 rounds to the scan across the
+    # chunks, a few nodes each; a loop over the steps would add thousands.
     assert n_large - n_small < 120, (n_small, n_large)
+
+
+def test_export_scan_writes_the_states_a_fixed_number_of_times():
+    # The (b, 4 d, n, l) states are what ONNX Runtime spends its time on: stepping within the
+    # chunks writes them a fixed handful of times (decays, inputs, the stacked states, the
+    # decays from the chunk start, the entering states' share, the output products), where a
+    # prefix scan over the steps wrote them 26 times (pad, multiply, add in each of its rounds).
+    model = ScanModel(d=4, n=3).eval()
+    counts = []
+    for side in (8, 64):
+        with torch.no_grad(), K.export_mode(16):
+            program = torch.export.export(model, (torch.rand(1, 4, side, side),))
+        state_size = 4 * 4 * 3 * side * side  # 4 directions x d x n x l
+        counts.append(sum(1 for node in program.graph.nodes if node.op == "call_function"
+                          and isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].numel() >= state_size))
+    assert counts[0] == counts[1] <= 10, counts
 
 
 # --- whole models through ONNX Runtime ------------------------------------------------------

@@ -12,8 +12,8 @@ logits (N, classes, H, W) - multi-head models are reduced to their logits.
 - ``onnx`` (``.onnx``) holds models whose forward uses no lesionkit op (U-Net, TransUNet,
   SegMAE at inference) and the SS2D models (VM-UNet, CM-SSM U-Net): their ``selective_scan`` /
   ``selective_scan_2d`` / ``cross_scan`` / ``cross_merge`` calls are traced inside
-  :func:`lesionkit.kernels.export_mode` as plain tensor ops (the scan as a two-level parallel
-  prefix scan, :mod:`lesionkit.kernels.reference.export_scan`), so the file runs in plain ONNX
+  :func:`lesionkit.kernels.export_mode` as plain tensor ops (the scan in chunks, stepped within
+  each and composed across them by a prefix scan, :mod:`lesionkit.kernels.reference.export_scan`), so the file runs in plain ONNX
   Runtime without lesionkit. The batch size is dynamic, the image size fixed at export. Other
   lesionkit ops (patch cross-attention, k-means, the patch-wise loss) have no lowering and are
   refused by name. Needs the ``onnx`` extra (``pip install lesionkit[onnx]``: onnx, onnxscript,

@@ -80,7 +80,7 @@ def export_mode(chunk_size: int | None = None) -> Iterator[None]:
     """Run lesionkit ops inside the block as plain tensor ops that export to ONNX.
 
     Every op takes its pure-PyTorch reference, except ``selective_scan`` and ``selective_scan_2d``,
-    which take the two-level parallel prefix scan of
+    which take the two-level chunked scan of
     :mod:`lesionkit.kernels.reference.export_scan` with `chunk_size` steps per chunk (default
     :data:`~lesionkit.kernels.reference.export_scan.DEFAULT_CHUNK`): a graph without a loop over
     the sequence length. ``lesionkit export --format onnx`` traces the model inside this block.

@@ -2,28 +2,30 @@
 
 The recurrence h_t = a_t * h_{t-1} + b_t, with a_t = exp(dt_t * A) and b_t = dt_t * B_t * u_t
 (docs/ops.md, ``selective_scan``), is a first-order linear recurrence, and the pairs (a, b)
-compose associatively: applying (a1, b1) then (a2, b2) is (a1 * a2, a2 * b1 + b2). So every h_t
-comes out of a parallel prefix scan (Hillis-Steele): after the round with shift s, position t
-holds the composition of the 2s steps ending at t, and log2(T) rounds cover a chunk of T steps.
+compose associatively: applying (a1, b1) then (a2, b2) is (a1 * a2, a2 * b1 + b2).
 
 This module scans in two levels, with no Python loop over the sequence length:
 
 1. The sequence is cut into chunks of ``chunk_size`` T steps (the tail padded with dt = 0: decay
-   1, no input). Every chunk is scanned at once from a zero state in ceil(log2 T) rounds; the
-   rounds also leave, at each step, the decay from the chunk start to that step.
-2. The chunk-end (decay, state) pairs are scanned the same way across the chunks, which gives
-   the state entering each chunk; each step adds it times its decay from the chunk start.
+   1, no input). All chunks are scanned at once from a zero state, step by step: T - 1 updates
+   h = a_t * h + b_t, each on one (b, d, chunks, n) slice, unrolled in the graph. The decay from
+   the chunk start to step t is exp(A * (dt summed over the chunk's steps up to t)).
+2. The chunk-end (decay, state) pairs are composed across the chunks by a parallel prefix scan
+   (Hillis-Steele, :func:`prefix_scan`: after the round with shift s, position c holds the
+   composition of the 2s chunks ending at c, so ceil(log2(l / T)) rounds), which gives the
+   state entering each chunk; each step adds it times its decay from the chunk start.
 
-Each round is a pad, a slice, two multiplies and an add, so ``torch.export`` and the ONNX
-exporter trace it into a graph whose size grows with log2(T) + log2(l / T), not with l.
-Everything stays in the multiplicative form: only exp(dt * A) with dt * A <= 0 (for A < 0) is
-ever taken, and products of decays can only shrink toward zero, so nothing overflows on long
-sequences or for large |A| * dt (a log-space form would divide by exp of a cumulative sum, or
-subtract cumulative sums that lose float32 digits once they grow large). The price is memory
-and work: the states (b, d, n, l) are held in full, and each round reads and writes them.
+So the graph grows with T + log2(l / T), not with l, and the states (b, d, n, l) are written a
+fixed few times, not in each of the log2(T) rounds of a prefix scan within the chunks, which is
+how this module scanned before (ONNX Runtime ran the 256 px ``vmunet_tiny`` that way 1.5-2.2x
+slower; docs/ops.md, "Export"). Only exp(x) with x <= 0 (A < 0, dt >= 0) is ever taken, and nothing is
+divided by a decay or subtracted from a cumulative sum, so nothing overflows on long sequences
+or for large |A| * dt: a decay too small for float32 becomes zero, as in the recurrence.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,16 @@ def check_chunk_size(chunk_size) -> int:
 def _shifted(t: torch.Tensor, shift: int, fill: float) -> torch.Tensor:
     """t moved ``shift`` steps later along the last dimension, the first ``shift`` set to ``fill``."""
     return F.pad(t[..., :-shift], (shift, 0), value=fill)
+
+
+def _steps_first(t: torch.Tensor, shape: tuple[int, ...], chunks: int, T: int, pad: int) -> torch.Tensor:
+    """(b, ..., l) holding prod(shape) sequences -> (T, b, *shape[:-1], chunks, shape[-1]): padded
+    to chunks * T steps, the step within a chunk first. The transpose runs on this small tensor,
+    before any broadcast with the states; the flat reshape keeps ONNX Runtime's optimizer from
+    moving it past those broadcasts onto the states."""
+    batch, rest = t.shape[0], math.prod(shape)
+    t = F.pad(t, (0, pad)).reshape(batch, rest, chunks, T).permute(3, 0, 1, 2).reshape(T, batch, rest * chunks)
+    return t.view(T, batch, *shape, chunks).transpose(-1, -2)
 
 
 def prefix_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,20 +104,25 @@ def selective_scan_export(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     T = min(chunk_size, length)
     chunks = -(-length // T)
     pad = chunks * T - length
-    # Layout (b, g, d/g, n, chunks, T): steps last, so every round shifts the last dimension.
-    # The padded tail has dt = 0: decay exp(0) = 1 and no input, the state passes unchanged.
-    dt_c = F.pad(dt, (0, pad)).view(batch, groups, per_group, 1, chunks, T)
-    x_c = F.pad(dt * u.to(dt.dtype), (0, pad)).view(batch, groups, per_group, 1, chunks, T)
-    B_c, C_c = (F.pad(t, (0, pad)).view(batch, groups, 1, n, chunks, T) for t in (B, C))
-    decay = torch.exp(dt_c * A.view(1, groups, per_group, n, 1, 1))
-    # Level 1: every chunk from a zero state; `within` is the decay from the chunk start to t.
-    within, h = prefix_scan(decay, x_c * B_c)
+    # Layout (T, b, g, d/g, chunks, n): step t of every chunk is one contiguous slice. The
+    # padded tail has dt = 0: decay exp(0) = 1 and no input, the state passes unchanged.
+    dt_c = _steps_first(dt, (groups, per_group, 1), chunks, T, pad)
+    x_c = _steps_first(dt * u.to(dt.dtype), (groups, per_group, 1), chunks, T, pad)
+    B_c, C_c = (_steps_first(t, (groups, 1, n), chunks, T, pad) for t in (B, C))
+    A_c = A.view(1, groups, per_group, 1, n)
+    decays, inputs = torch.exp(dt_c * A_c).unbind(0), (x_c * B_c).unbind(0)
+    # Level 1: every chunk from a zero state, its T steps one after another, all chunks at once.
+    states = [inputs[0]]
+    for t in range(1, T):
+        states.append(decays[t] * states[-1] + inputs[t])
+    # The decay from the chunk start to each step, exp(A * (dt summed over at most T steps)).
+    within = torch.exp(torch.cumsum(dt_c, 0) * A_c)
     # Level 2: the chunk-end pairs across chunks give the state at each chunk's end; the state
     # entering chunk c is the one leaving chunk c - 1 (zero for the first).
-    _, ends = prefix_scan(within[..., -1], h[..., -1])
-    entering = _shifted(ends, 1, 0.0)
-    h = h + within * entering.unsqueeze(-1)
-    y = (h * C_c).sum(3).reshape(batch, dim, chunks * T)[..., :length]
+    _, ends = prefix_scan(within[-1].transpose(-1, -2), states[-1].transpose(-1, -2))  # (b, g, d/g, n, chunks)
+    entering = _shifted(ends, 1, 0.0).transpose(-1, -2)
+    h = torch.stack(states) + within * entering
+    y = (h * C_c).sum(-1).movedim(0, -1).reshape(batch, dim, chunks * T)[..., :length]
     out = _finish(y, u, D, z, out_dtype)
     return (out, ends[..., -1].reshape(batch, dim, n)) if return_last_state else out
 
