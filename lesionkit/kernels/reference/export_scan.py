@@ -17,10 +17,10 @@ This module scans in two levels, with no Python loop over the sequence length:
 
 So the graph grows with T + log2(l / T), not with l, and the states (b, d, n, l) are written a
 fixed few times, not in each of the log2(T) rounds of a prefix scan within the chunks, which is
-how this module scanned before (ONNX Runtime ran the 256 px ``vmunet_tiny`` that way 1.5-2.2x
-slower; docs/ops.md, "Export"). Only exp(x) with x <= 0 (A < 0, dt >= 0) is ever taken, and nothing is
-divided by a decay or subtracted from a cumulative sum, so nothing overflows on long sequences
-or for large |A| * dt: a decay too small for float32 becomes zero, as in the recurrence.
+how this module scanned before (ONNX Runtime ran the 256 px ``vmunet_tiny`` that way 1.45-2.5x
+slower; docs/ops.md, "Export"). Only exp(x) with x <= 0 (A < 0, dt >= 0) is ever taken, and
+nothing is divided by a decay or subtracted from a cumulative sum, so nothing overflows on long
+sequences or for large |A| * dt: a decay too small for float32 becomes zero, as in the recurrence.
 """
 
 from __future__ import annotations
