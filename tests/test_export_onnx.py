@@ -167,7 +167,7 @@ def test_export_scan_writes_the_states_a_fixed_number_of_times():
     # The (b, 4 d, n, l) states are what ONNX Runtime spends its time on: stepping within the
     # chunks writes them a fixed handful of times (decays, inputs, the stacked states, the
     # decays from the chunk start, the entering states' share, the output products), where a
-    # prefix scan over the steps wrote them 26 times (pad, multiply, add in each of its rounds).
+    # prefix scan over each chunk's steps wrote them 26 times (pad, multiply, add in each round).
     model = ScanModel(d=4, n=3).eval()
     counts = []
     for side in (8, 64):

@@ -87,7 +87,7 @@ def prefix_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def selective_scan_export(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, chunk_size=DEFAULT_CHUNK, out_dtype=None):
-    """:func:`lesionkit.kernels.selective_scan` as the two-level parallel prefix scan above.
+    """:func:`lesionkit.kernels.selective_scan` as the two-level chunked scan above.
 
     Same arguments and results as the selective scan, plus `chunk_size` (steps per chunk).
     """
