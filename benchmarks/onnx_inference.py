@@ -103,12 +103,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         write()
 
-    def time_onnx(path, batch, threads):
+    def time_onnx(path, chunk, batch, threads, **tags):
+        """Time ``path`` in ONNX Runtime and record the row (``tags`` after "runtime")."""
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).random((batch, 3, args.size, args.size), dtype=np.float32)
-        return median_seconds(lambda: session.run(None, {"images": x}), args.repeats)
+        med, all_s = median_seconds(lambda: session.run(None, {"images": x}), args.repeats)
+        record({"runtime": "onnxruntime-cpu", **tags, "scan_chunk": chunk, "batch": batch, "threads": threads,
+                "s_median": med, "s_all": all_s, "images_per_s": batch / med, "file_mib": path.stat().st_size / 2**20})
 
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -120,16 +123,10 @@ def main() -> None:
                     "s_all": all_s, "images_per_s": batch / med})
             chunks = args.chunks if (threads, batch) == (args.threads[0], args.batches[0]) else args.chunks[:1]
             for chunk in chunks:
-                med, all_s = time_onnx(files[chunk], batch, threads)
-                record({"runtime": "onnxruntime-cpu", "scan_chunk": chunk, "batch": batch, "threads": threads,
-                        "s_median": med, "s_all": all_s, "images_per_s": batch / med,
-                        "file_mib": files[chunk].stat().st_size / 2**20})
+                time_onnx(files[chunk], chunk, batch, threads)
                 baseline = Path(args.baseline_build) / files[chunk].name if args.baseline_build else None
                 if baseline is not None and baseline.is_file():
-                    med, all_s = time_onnx(baseline, batch, threads)
-                    record({"runtime": "onnxruntime-cpu", "export": "baseline", "scan_chunk": chunk, "batch": batch,
-                            "threads": threads, "s_median": med, "s_all": all_s, "images_per_s": batch / med,
-                            "file_mib": baseline.stat().st_size / 2**20})
+                    time_onnx(baseline, chunk, batch, threads, export="baseline")
     machine["load_average_after"] = os.getloadavg()
     write()
 
